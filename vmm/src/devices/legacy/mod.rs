@@ -1,0 +1,3 @@
+//! Legacy port I/O devices.
+
+pub mod serial;

@@ -1,0 +1,4 @@
+//! Devices the guest sees.
+
+pub mod bus;
+pub mod legacy;

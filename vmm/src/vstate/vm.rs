@@ -1,0 +1,111 @@
+//! The KVM VM: memory slots, in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::layout::KVM_TSS_ADDRESS;
+use crate::vstate::memory::GuestMemoryMmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    ApiVersion(i32),
+    #[error("KVM lacks a required capability: {0:?}")]
+    Capability(kvm_ioctls::Cap),
+    #[error("KVM_CREATE_VM: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("KVM_SET_TSS_ADDR: {0}")]
+    SetTss(kvm_ioctls::Error),
+    #[error("KVM_CREATE_IRQCHIP: {0}")]
+    CreateIrqchip(kvm_ioctls::Error),
+    #[error("KVM_CREATE_PIT2: {0}")]
+    CreatePit(kvm_ioctls::Error),
+    #[error("KVM_SET_USER_MEMORY_REGION: {0}")]
+    SetMemory(kvm_ioctls::Error),
+    #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+}
+
+/// Opens /dev/kvm and checks what the VMM relies on.
+pub fn open_kvm() -> Result<Kvm, Error> {
+    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(Error::ApiVersion(version));
+    }
+    for cap in [
+        kvm_ioctls::Cap::Irqchip,
+        kvm_ioctls::Cap::Ioeventfd,
+        kvm_ioctls::Cap::Irqfd,
+        kvm_ioctls::Cap::UserMemory,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::Capability(cap));
+        }
+    }
+    Ok(kvm)
+}
+
+pub struct Vm {
+    fd: VmFd,
+    supported_cpuid: CpuId,
+}
+
+impl Vm {
+    /// Creates a VM with the in-kernel irqchip and PIT.
+    pub fn new(kvm: &Kvm) -> Result<Self, Error> {
+        let fd = kvm.create_vm().map_err(Error::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(Error::SetTss)?;
+        fd.create_irq_chip().map_err(Error::CreateIrqchip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(Error::CreatePit)?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::SupportedCpuid)?;
+        Ok(Vm { fd, supported_cpuid })
+    }
+
+    /// A VM without irqchip or PIT, for the probe and hand-made test guests.
+    pub fn new_bare(kvm: &Kvm) -> Result<Self, Error> {
+        let fd = kvm.create_vm().map_err(Error::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(Error::SetTss)?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::SupportedCpuid)?;
+        Ok(Vm { fd, supported_cpuid })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Registers every guest memory region as a KVM memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|_| Error::SetMemory(kvm_ioctls::Error::new(libc::EFAULT)))?;
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region stays mapped for the VM's lifetime: `GuestMemoryMmap` is
+            // kept alive by the VMM until after the VM fd is closed.
+            unsafe { self.fd.set_user_memory_region(mem_region) }.map_err(Error::SetMemory)?;
+        }
+        Ok(())
+    }
+}
