@@ -1,0 +1,69 @@
+//! The KVM test host (tests/kvm-host/run): runs a command in a VM where /dev/kvm boots Linux,
+//! returns its status, and leaves nothing behind after a timeout.
+
+use std::process::Command;
+
+use kata_like_tests::repo_root;
+
+fn kvm_host() -> Command {
+    Command::new(repo_root().join("tests/kvm-host/run"))
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(bytes) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&bytes).replace('\0', " ");
+            if text.contains(needle) {
+                found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn runs_the_command_inside_and_returns_its_exit_status() {
+    let script = "echo inside:$(hostname):$(test -c /dev/kvm && echo kvm):$(stat -f -c %T /sys/fs/cgroup); exit 7";
+    let out = kvm_host()
+        .args(["--timeout", "300", "--", "sh", "-c", script])
+        .output()
+        .expect("run starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("inside:kvm-host:kvm:cgroup2fs"), "stdout: {stdout}");
+}
+
+#[test]
+fn a_timeout_stops_the_test_host_and_leaves_nothing_behind() {
+    // A private TMPDIR: the run directory (shared into the VM, named on QEMU's command line)
+    // lives under it, so it identifies this run's processes and files.
+    let tmp = std::env::temp_dir().join(format!("kvm-host-timeout-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("private tmp");
+    let out = kvm_host()
+        .env("TMPDIR", &tmp)
+        .args(["--timeout", "20", "--", "sleep", "3600"])
+        .output()
+        .expect("run starts");
+    let leftovers = processes_mentioning(tmp.to_str().expect("utf-8 tmp"));
+    let files: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("tmp")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "stderr: {stderr}");
+    assert!(stderr.contains("timed out"), "stderr: {stderr}");
+    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
+    assert!(files.is_empty(), "files left: {files:?}");
+}
+
+#[test]
+fn refuses_a_call_without_a_command() {
+    let out = kvm_host().arg("--").output().expect("run starts");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no command"));
+}
