@@ -31,3 +31,5 @@ pub fn artifact(var: &str) -> PathBuf {
     );
     path
 }
+
+pub mod console;

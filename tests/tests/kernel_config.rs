@@ -54,7 +54,10 @@ fn check_fails_when_an_option_of_the_fragment_is_missing() {
     let _ = std::fs::remove_file(&tmp);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("missing: CONFIG_VIRTIO_VSOCKETS=y"), "{stdout}");
+    assert!(
+        stdout.contains("missing: CONFIG_VIRTIO_VSOCKETS=y"),
+        "{stdout}"
+    );
 }
 
 #[test]

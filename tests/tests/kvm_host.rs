@@ -32,8 +32,15 @@ fn runs_the_command_inside_and_returns_its_exit_status() {
         .expect("run starts");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(7), "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("inside:kvm-host:kvm:cgroup2fs"), "stdout: {stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("inside:kvm-host:kvm:cgroup2fs"),
+        "stdout: {stdout}"
+    );
 }
 
 #[test]
