@@ -1,0 +1,542 @@
+//! Containers: the agent's side of the OCI lifecycle (create, start, exec, signal, wait, remove,
+//! pause/resume, update, list, stats). Forking work goes through the runtime helper
+//! (`runtime.rs`); cgroup work through `cgroups.rs`.
+
+pub mod spec;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kata_like_protocol::{is_valid_id, CreateContainerRequest, ExecProcessRequest};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tonic::Status;
+
+use crate::agent::Agent;
+use crate::cgroups::ContainerCgroup;
+use crate::process::{PreparedStdio, Process, StdioRequest};
+use crate::reaper::wait_exit;
+use crate::runtime::{run_helper, RuntimeRequest};
+use crate::storage;
+use spec::{adapt_spec, invalid, parse_process, SpecContext};
+
+/// Where a container is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Creating,
+    Created,
+    Running,
+    Removing,
+}
+
+pub struct Container {
+    pub id: String,
+    /// `<state>/containers/<id>`: bundle (config.json), rootfs and upper mounts, exec specs.
+    pub dir: PathBuf,
+    pub cgroup: ContainerCgroup,
+    /// Serializes lifecycle operations on this container.
+    pub lifecycle: tokio::sync::Mutex<Lifecycle>,
+    pub paused: AtomicBool,
+    has_poststart_hooks: AtomicBool,
+    processes: Mutex<HashMap<String, Arc<Process>>>,
+    oom_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+pub fn check_id(what: &str, id: &str) -> Result<(), Status> {
+    if is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{what} {id:?} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"
+        )))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Container {
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>, Status> {
+        lock(&self.processes).get(exec_id).cloned().ok_or_else(|| {
+            Status::not_found(format!("container {} has no process {exec_id:?}", self.id))
+        })
+    }
+
+    pub fn init(&self) -> Option<Arc<Process>> {
+        lock(&self.processes).get("").cloned()
+    }
+
+    fn init_running(&self) -> bool {
+        self.init().is_some_and(|p| p.exited().is_none())
+    }
+}
+
+impl Agent {
+    pub fn container(&self, id: &str) -> Result<Arc<Container>, Status> {
+        check_id("container id", id)?;
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no container {id}")))
+    }
+
+    pub fn containers(&self) -> Vec<Arc<Container>> {
+        lock(&self.containers).values().cloned().collect()
+    }
+
+    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<u32, Status> {
+        check_id("container id", &req.container_id)?;
+        let sandbox = self.sandbox.read().await;
+        let Some(sandbox) = sandbox.as_ref() else {
+            return Err(Status::failed_precondition(
+                "CreateSandbox must come before CreateContainer",
+            ));
+        };
+        let id = req.container_id.clone();
+        let container = Arc::new(Container {
+            id: id.clone(),
+            dir: self.containers_dir().join(&id),
+            cgroup: ContainerCgroup {
+                path: PathBuf::from("/kata-like").join(&sandbox.id).join(&id),
+                name: id.clone(),
+            },
+            lifecycle: tokio::sync::Mutex::new(Lifecycle::Creating),
+            paused: AtomicBool::new(false),
+            has_poststart_hooks: AtomicBool::new(false),
+            processes: Mutex::new(HashMap::new()),
+            oom_watch: Mutex::new(None),
+        });
+        {
+            let mut map = lock(&self.containers);
+            if map.contains_key(&id) {
+                return Err(Status::already_exists(format!("container {id} exists")));
+            }
+            map.insert(id.clone(), Arc::clone(&container));
+        }
+        let mut lifecycle = container.lifecycle.lock().await;
+        match self.create_inner(sandbox, &container, &req).await {
+            Ok(pid) => {
+                *lifecycle = Lifecycle::Created;
+                tracing::info!(container_id = %id, pid, "container created");
+                Ok(pid)
+            }
+            Err(status) => {
+                tracing::warn!(container_id = %id, error = %status.message(), "create failed");
+                self.cleanup_container(&container).await;
+                lock(&self.containers).remove(&id);
+                Err(status)
+            }
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        sandbox: &crate::sandbox::Sandbox,
+        container: &Arc<Container>,
+        req: &CreateContainerRequest,
+    ) -> Result<u32, Status> {
+        let rootfs_req = req
+            .rootfs
+            .as_ref()
+            .ok_or_else(|| invalid("rootfs is required"))?;
+        let lowers = storage::check_lower_dirs(&rootfs_req.lower_dirs, &self.config.state_dir)?;
+        let stdio_req = req.stdio.clone().unwrap_or_default();
+        let stdio_req = StdioRequest {
+            terminal: stdio_req.terminal,
+            stdin: stdio_req.stdin,
+        };
+        // Validate the spec before touching anything (rootfs path is known in advance).
+        let rootfs_path = container.dir.join("rootfs");
+        let ctx = SpecContext {
+            container_id: &container.id,
+            sandbox_id: &sandbox.id,
+            rootfs: &rootfs_path,
+            state_dir: &self.config.state_dir,
+            terminal: stdio_req.terminal,
+            sandbox_pid_ns: sandbox.pid_ns_path(),
+            sandbox_hostname: Some(sandbox.hostname.clone()).filter(|h| !h.is_empty()),
+            sandbox_files: sandbox.files.clone(),
+        };
+        let spec = adapt_spec(&req.oci_spec_json, &ctx)?;
+        let poststart = spec
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.poststart().as_ref())
+            .is_some_and(|h| !h.is_empty());
+        container
+            .has_poststart_hooks
+            .store(poststart, Ordering::Relaxed);
+
+        match std::fs::create_dir(&container.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Status::internal(format!(
+                    "stale state of a container {} is in the way",
+                    container.id
+                )))
+            }
+            Err(e) => return Err(Status::internal(format!("creating container dir: {e}"))),
+        }
+        storage::mount_rootfs(
+            &container.dir,
+            &lowers,
+            rootfs_req.writable,
+            rootfs_req.upper_size_bytes,
+        )?;
+        let config = serde_json::to_vec(&spec)
+            .map_err(|e| Status::internal(format!("encoding config.json: {e}")))?;
+        std::fs::write(container.dir.join("config.json"), config)
+            .map_err(|e| Status::internal(format!("writing config.json: {e}")))?;
+
+        let mut stdio = PreparedStdio::prepare(stdio_req, &self.tty_dir())?;
+        let request = RuntimeRequest::Create {
+            id: container.id.clone(),
+            root: self.runtime_root(),
+            bundle: container.dir.clone(),
+            console_socket: stdio.console_socket(),
+        };
+        let helper_stdio = stdio.helper_stdio();
+        let response = run_helper(&self.reaper, &self.config.state_dir, &request, helper_stdio)
+            .await
+            .map_err(Status::internal);
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                stdio.abandon();
+                return Err(e);
+            }
+        };
+        let pid = match (response.pid, response.error) {
+            (Some(pid), None) => pid,
+            (_, error) => {
+                stdio.abandon();
+                return Err(runtime_error(error));
+            }
+        };
+        let exit = self.reaper.claim(pid);
+        let stdio = stdio.finish().await?;
+        let process = Arc::new(Process {
+            container_id: container.id.clone(),
+            exec_id: String::new(),
+            pid,
+            exit,
+            stdio,
+        });
+        lock(&container.processes).insert(String::new(), process);
+        if let Some(task) = crate::cgroups::watch_oom(
+            &container.cgroup,
+            container.id.clone(),
+            self.oom_events.clone(),
+        ) {
+            *lock(&container.oom_watch) = Some(task);
+        }
+        Ok(pid)
+    }
+
+    /// Undoes whatever part of a create or a container's life happened; never fails.
+    async fn cleanup_container(&self, container: &Container) {
+        if self.runtime_root().join(&container.id).exists() {
+            let request = RuntimeRequest::Delete {
+                id: container.id.clone(),
+                root: self.runtime_root(),
+            };
+            match run_helper(
+                &self.reaper,
+                &self.config.state_dir,
+                &request,
+                crate::runtime::HelperStdio::null(),
+            )
+            .await
+            {
+                Ok(r) if r.error.is_none() => {}
+                Ok(r) => {
+                    tracing::warn!(container_id = %container.id, error = r.error.unwrap_or_default(), "runtime delete failed")
+                }
+                Err(e) => {
+                    tracing::warn!(container_id = %container.id, error = %e, "runtime delete failed")
+                }
+            }
+        }
+        if let Some(task) = lock(&container.oom_watch).take() {
+            task.abort();
+        }
+        storage::unmount_rootfs(&container.dir);
+        if container.dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&container.dir) {
+                tracing::warn!(container_id = %container.id, error = %e, "removing container dir");
+            }
+        }
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), Status> {
+        let container = self.container(id)?;
+        let mut lifecycle = container.lifecycle.lock().await;
+        if *lifecycle != Lifecycle::Created {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is {lifecycle:?}, not Created"
+            )));
+        }
+        if !container.init_running() {
+            return Err(Status::failed_precondition(format!(
+                "container {id}'s init process has exited"
+            )));
+        }
+        if container.has_poststart_hooks.load(Ordering::Relaxed) {
+            // Poststart hooks fork: run them from a helper.
+            let request = RuntimeRequest::Start {
+                id: id.to_string(),
+                root: self.runtime_root(),
+            };
+            let response = run_helper(
+                &self.reaper,
+                &self.config.state_dir,
+                &request,
+                crate::runtime::HelperStdio::null(),
+            )
+            .await
+            .map_err(Status::internal)?;
+            if response.error.is_some() {
+                return Err(runtime_error(response.error));
+            }
+        } else {
+            // Starting only writes to the init's notify socket and the state file: no fork, so
+            // it can run here (one helper exec less on the start path).
+            let dir = self.runtime_root().join(id);
+            tokio::task::spawn_blocking(move || {
+                let mut c = libcontainer::container::Container::load(dir)?;
+                c.start()
+            })
+            .await
+            .map_err(|e| Status::internal(format!("start task: {e}")))?
+            .map_err(|e| runtime_error(Some(e.to_string())))?;
+        }
+        *lifecycle = Lifecycle::Running;
+        tracing::info!(container_id = %id, "container started");
+        Ok(())
+    }
+
+    pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<u32, Status> {
+        let container = self.container(&req.container_id)?;
+        check_id("exec id", &req.exec_id)?;
+        let lifecycle = container.lifecycle.lock().await;
+        if *lifecycle != Lifecycle::Running || !container.init_running() {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                container.id
+            )));
+        }
+        if container.paused.load(Ordering::Relaxed) {
+            return Err(Status::failed_precondition(format!(
+                "container {} is paused",
+                container.id
+            )));
+        }
+        if lock(&container.processes).contains_key(&req.exec_id) {
+            return Err(Status::already_exists(format!(
+                "exec {} exists in container {}",
+                req.exec_id, container.id
+            )));
+        }
+        let stdio_req = req.stdio.clone().unwrap_or_default();
+        let stdio_req = StdioRequest {
+            terminal: stdio_req.terminal,
+            stdin: stdio_req.stdin,
+        };
+        let process = parse_process(&req.oci_process_json, stdio_req.terminal)?;
+        let exec_dir = container.dir.join("exec");
+        std::fs::create_dir_all(&exec_dir)
+            .map_err(|e| Status::internal(format!("creating exec dir: {e}")))?;
+        let process_path = exec_dir.join(format!("{}.json", req.exec_id));
+        let json = serde_json::to_vec(&process)
+            .map_err(|e| Status::internal(format!("encoding process: {e}")))?;
+        std::fs::write(&process_path, json)
+            .map_err(|e| Status::internal(format!("writing process: {e}")))?;
+
+        let mut stdio = PreparedStdio::prepare(stdio_req, &self.tty_dir())?;
+        let request = RuntimeRequest::Exec {
+            id: container.id.clone(),
+            root: self.runtime_root(),
+            process: process_path.clone(),
+            console_socket: stdio.console_socket(),
+        };
+        let helper_stdio = stdio.helper_stdio();
+        let response =
+            run_helper(&self.reaper, &self.config.state_dir, &request, helper_stdio).await;
+        let _ = std::fs::remove_file(&process_path);
+        let pid = match response {
+            Ok(r) if r.error.is_none() && r.pid.is_some() => r.pid.unwrap_or_default(),
+            Ok(r) => {
+                stdio.abandon();
+                return Err(runtime_error(r.error));
+            }
+            Err(e) => {
+                stdio.abandon();
+                return Err(Status::internal(e));
+            }
+        };
+        let exit = self.reaper.claim(pid);
+        let stdio = stdio.finish().await?;
+        let process = Arc::new(Process {
+            container_id: container.id.clone(),
+            exec_id: req.exec_id.clone(),
+            pid,
+            exit,
+            stdio,
+        });
+        lock(&container.processes).insert(req.exec_id.clone(), process);
+        tracing::info!(container_id = %container.id, exec_id = %req.exec_id, pid, "process started");
+        Ok(pid)
+    }
+
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), Status> {
+        let container = self.container(container_id)?;
+        if signal > 64 {
+            return Err(invalid(format!("signal {signal} is out of range")));
+        }
+        let raw_signal = signal as i32;
+        if all {
+            let pids = container.cgroup.pids()?;
+            let kill_all = raw_signal == libc::SIGKILL;
+            // Freeze first so nothing forks between listing and killing (as runc does).
+            if kill_all {
+                let _ = container.cgroup.freeze(true);
+            }
+            for pid in container.cgroup.pids().unwrap_or(pids) {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid as i32, raw_signal) };
+            }
+            if kill_all && !container.paused.load(Ordering::Relaxed) {
+                let _ = container.cgroup.freeze(false);
+            }
+            tracing::info!(container_id, signal, "signalled all processes");
+            return Ok(());
+        }
+        if exec_id.is_empty() == false {
+            check_id("exec id", exec_id)?;
+        }
+        let process = container.process(exec_id)?;
+        // Under the reaper's lock the pid cannot be reaped (and reused) while we signal it.
+        self.reaper.with_live_pid(process.pid, |live| {
+            if !live {
+                return Err(Status::not_found(format!(
+                    "process {exec_id:?} of container {container_id} has already exited"
+                )));
+            }
+            let sig = if raw_signal == 0 {
+                None
+            } else {
+                Some(
+                    Signal::try_from(raw_signal)
+                        .map_err(|_| invalid(format!("signal {signal} is not a valid signal")))?,
+                )
+            };
+            match sig {
+                Some(sig) => nix::sys::signal::kill(Pid::from_raw(process.pid as i32), sig),
+                None => nix::sys::signal::kill(Pid::from_raw(process.pid as i32), None),
+            }
+            .map_err(|e| Status::internal(format!("kill: {e}")))
+        })?;
+        tracing::info!(container_id, exec_id, signal, "signalled process");
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, id: &str, timeout: Duration) -> Result<(), Status> {
+        let container = self.container(id)?;
+        let mut lifecycle = container.lifecycle.lock().await;
+        if *lifecycle == Lifecycle::Removing {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is being removed"
+            )));
+        }
+        *lifecycle = Lifecycle::Removing;
+        if let Some(init) = container.init() {
+            if init.exited().is_none() {
+                let _ = tokio::time::timeout(timeout, wait_exit(init.exit.clone())).await;
+            }
+        }
+        if container.paused.swap(false, Ordering::Relaxed) {
+            let _ = container.cgroup.freeze(false);
+        }
+        // The runtime delete SIGKILLs what is left in the cgroup and removes it.
+        self.cleanup_container(&container).await;
+        if let Some(init) = container.init() {
+            // The init is our child: it is gone once the reaper saw it.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), wait_exit(init.exit.clone())).await;
+        }
+        lock(&self.containers).remove(id);
+        tracing::info!(container_id = %id, "container removed");
+        Ok(())
+    }
+
+    pub async fn pause_container(&self, id: &str, pause: bool) -> Result<(), Status> {
+        let container = self.container(id)?;
+        let lifecycle = container.lifecycle.lock().await;
+        if *lifecycle != Lifecycle::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        if container.paused.load(Ordering::Relaxed) == pause {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is already {}",
+                if pause { "paused" } else { "running" }
+            )));
+        }
+        container.cgroup.freeze(pause)?;
+        container.paused.store(pause, Ordering::Relaxed);
+        tracing::info!(container_id = %id, paused = pause, "container freezer changed");
+        Ok(())
+    }
+
+    pub async fn update_container(&self, id: &str, resources_json: &[u8]) -> Result<(), Status> {
+        let container = self.container(id)?;
+        let resources: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(resources_json)
+                .map_err(|e| invalid(format!("oci_linux_resources_json: {e}")))?;
+        let lifecycle = container.lifecycle.lock().await;
+        if !matches!(*lifecycle, Lifecycle::Created | Lifecycle::Running) {
+            return Err(Status::failed_precondition(format!(
+                "container {id} is {lifecycle:?}"
+            )));
+        }
+        container.cgroup.update(&resources)?;
+        tracing::info!(container_id = %id, "container resources updated");
+        Ok(())
+    }
+
+    pub fn list_processes(&self, id: &str) -> Result<Vec<(u32, String)>, Status> {
+        let container = self.container(id)?;
+        let mut list = Vec::new();
+        for pid in container.cgroup.pids()? {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().to_string())
+                .unwrap_or_default();
+            list.push((pid, comm));
+        }
+        list.sort();
+        Ok(list)
+    }
+}
+
+fn runtime_error(error: Option<String>) -> Status {
+    let message = error.unwrap_or_else(|| "the runtime returned no pid".into());
+    // libcontainer reports spec problems it finds as errors too; they still are the guest's
+    // failure to run the container as asked.
+    Status::internal(format!("runtime: {message}"))
+}
+
+/// Used by tests of path layout.
+pub fn container_dir(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("containers").join(id)
+}

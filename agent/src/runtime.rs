@@ -1,0 +1,283 @@
+//! The bridge to youki's libcontainer.
+//!
+//! libcontainer clones the calling process (intermediate and init processes) and runs a lot of
+//! code in the clones; doing that from the multi-threaded agent could deadlock a clone on a lock
+//! (malloc, tracing) held by another thread at clone time. So every operation that forks runs in
+//! a fresh, single-threaded helper: the agent re-executes itself as
+//! `kata-like-agent __runtime <request-json>`, the helper performs one libcontainer call, writes
+//! one JSON [`RuntimeResponse`] to fd 3 and exits. The helper's stdin/stdout/stderr are the
+//! container process's stdio, which the container process inherits. Container processes are
+//! created as children of the helper and become the agent's children (subreaper/PID 1) when the
+//! helper exits; see `reaper.rs` for how their exit statuses are collected.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+use crate::reaper::{wait_exit, Reaper};
+
+/// Hidden first argument that turns the agent binary into a runtime helper.
+pub const HELPER_ARG: &str = "__runtime";
+/// File descriptor on which the helper writes its response.
+const RESPONSE_FD: i32 = 3;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RuntimeRequest {
+    /// Create the container (init process waits for start).
+    Create {
+        id: String,
+        root: PathBuf,
+        bundle: PathBuf,
+        console_socket: Option<PathBuf>,
+    },
+    /// Run an additional process (the OCI process JSON at `process`) in a running container.
+    Exec {
+        id: String,
+        root: PathBuf,
+        process: PathBuf,
+        console_socket: Option<PathBuf>,
+    },
+    /// Start the created container (runs poststart hooks, which fork).
+    Start { id: String, root: PathBuf },
+    /// Kill what is left, remove the cgroup, run poststop hooks, drop the state.
+    Delete { id: String, root: PathBuf },
+    /// Create a pid namespace whose init (a pause loop) the sandbox's containers share.
+    PidNamespace,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RuntimeResponse {
+    pub pid: Option<u32>,
+    pub error: Option<String>,
+}
+
+/// The stdio a helper (and so the container process it creates) gets.
+pub struct HelperStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+impl HelperStdio {
+    pub fn null() -> Self {
+        Self {
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        }
+    }
+}
+
+fn to_stdio(fd: Option<OwnedFd>) -> Stdio {
+    match fd {
+        Some(fd) => Stdio::from(fd),
+        None => Stdio::null(),
+    }
+}
+
+/// Runs one helper and returns its response. `Err` carries a message for the gRPC status.
+pub async fn run_helper(
+    reaper: &Reaper,
+    cwd: &Path,
+    request: &RuntimeRequest,
+    stdio: HelperStdio,
+) -> Result<RuntimeResponse, String> {
+    let json = serde_json::to_string(request).map_err(|e| format!("encoding request: {e}"))?;
+    let exe = std::env::current_exe().map_err(|e| format!("locating the agent binary: {e}"))?;
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let write_raw = write_end.as_raw_fd();
+    let mut command = Command::new(exe);
+    command
+        .arg(HELPER_ARG)
+        .arg(json)
+        .current_dir(cwd)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .stdin(to_stdio(stdio.stdin))
+        .stdout(to_stdio(stdio.stdout))
+        .stderr(to_stdio(stdio.stderr));
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl).
+    unsafe {
+        command.pre_exec(move || {
+            if write_raw == RESPONSE_FD {
+                let flags = libc::fcntl(RESPONSE_FD, libc::F_GETFD);
+                if flags < 0
+                    || libc::fcntl(RESPONSE_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(write_raw, RESPONSE_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (_pid, exit_rx) = reaper
+        .spawn(&mut command)
+        .map_err(|e| format!("starting the runtime helper: {e}"))?;
+    drop(command);
+    drop(write_end);
+
+    // Read the response (the helper closes fd 3 by exiting) without blocking the runtime.
+    let reader = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::from(read_end);
+        let mut buf = Vec::new();
+        file.take(1 << 20).read_to_end(&mut buf).map(|_| buf)
+    });
+    let output = reader
+        .await
+        .map_err(|e| format!("runtime helper reader: {e}"))?
+        .map_err(|e| format!("reading the runtime helper's answer: {e}"))?;
+    let exit = wait_exit(exit_rx).await;
+    match serde_json::from_slice::<RuntimeResponse>(&output) {
+        Ok(response) => Ok(response),
+        Err(_) => Err(format!(
+            "runtime helper failed without an answer (exit status {})",
+            exit.status
+        )),
+    }
+}
+
+/// Entry point of the helper process (`kata-like-agent __runtime <json>`). Returns the exit code.
+pub fn helper_main(request_json: &str) -> i32 {
+    // SAFETY: fd 3 was set up by `run_helper` and is owned by this process from here on.
+    let mut out = unsafe { std::fs::File::from(OwnedFd::from_raw_fd(RESPONSE_FD)) };
+    let response = match serde_json::from_str::<RuntimeRequest>(request_json) {
+        Ok(request) => match execute(request) {
+            Ok(pid) => RuntimeResponse { pid, error: None },
+            Err(error) => RuntimeResponse {
+                pid: None,
+                error: Some(error),
+            },
+        },
+        Err(e) => RuntimeResponse {
+            pid: None,
+            error: Some(format!("bad runtime request: {e}")),
+        },
+    };
+    let ok = response.error.is_none();
+    let bytes = serde_json::to_vec(&response).unwrap_or_default();
+    let _ = out.write_all(&bytes);
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+fn execute(request: RuntimeRequest) -> Result<Option<u32>, String> {
+    use libcontainer::container::builder::ContainerBuilder;
+    use libcontainer::container::Container;
+    use libcontainer::syscall::syscall::SyscallType;
+
+    match request {
+        RuntimeRequest::Create {
+            id,
+            root,
+            bundle,
+            console_socket,
+        } => {
+            let container = ContainerBuilder::new(id, SyscallType::default())
+                .with_root_path(root)
+                .map_err(|e| e.to_string())?
+                .with_console_socket(console_socket)
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| error_chain(&e))?;
+            let pid = container
+                .pid()
+                .ok_or_else(|| "container has no pid after create".to_string())?;
+            Ok(Some(pid.as_raw() as u32))
+        }
+        RuntimeRequest::Exec {
+            id,
+            root,
+            process,
+            console_socket,
+        } => {
+            let pid = ContainerBuilder::new(id, SyscallType::default())
+                .with_root_path(root)
+                .map_err(|e| e.to_string())?
+                .with_console_socket(console_socket)
+                .as_tenant()
+                .with_process(Some(process))
+                .with_detach(true)
+                .build()
+                .map_err(|e| error_chain(&e))?;
+            Ok(Some(pid.as_raw() as u32))
+        }
+        RuntimeRequest::Start { id, root } => {
+            let mut container = Container::load(root.join(&id)).map_err(|e| error_chain(&e))?;
+            container.start().map_err(|e| error_chain(&e))?;
+            Ok(None)
+        }
+        RuntimeRequest::Delete { id, root } => {
+            let dir = root.join(&id);
+            if !dir.exists() {
+                return Ok(None);
+            }
+            let mut container = Container::load(dir).map_err(|e| error_chain(&e))?;
+            container.delete(true).map_err(|e| error_chain(&e))?;
+            Ok(None)
+        }
+        RuntimeRequest::PidNamespace => pid_namespace_holder().map(Some),
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = inner.source();
+    }
+    message
+}
+
+/// Creates a new pid namespace whose init reaps orphans and otherwise sleeps. Returns its pid
+/// (in the agent's namespace); it becomes the agent's child when this helper exits.
+fn pid_namespace_holder() -> Result<u32, String> {
+    use nix::sched::{unshare, CloneFlags};
+    use nix::unistd::{fork, ForkResult};
+    unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
+    // SAFETY: this helper is single-threaded.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Parent { child } => Ok(child.as_raw() as u32),
+        ForkResult::Child => {
+            // Init of the sandbox's pid namespace: close everything, reap forever.
+            for fd in 0..1024 {
+                // SAFETY: closing fds this process does not use.
+                unsafe { libc::close(fd) };
+            }
+            let _ = nix::sys::prctl::set_name(c"pidns-init");
+            let mut mask = nix::sys::signal::SigSet::empty();
+            mask.add(nix::sys::signal::Signal::SIGCHLD);
+            let _ = mask.thread_block();
+            loop {
+                while let Ok(status) = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(-1),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                ) {
+                    if status == nix::sys::wait::WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+                let _ = mask.wait();
+            }
+        }
+    }
+}
