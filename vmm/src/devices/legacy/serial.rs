@@ -134,6 +134,8 @@ mod tests {
         for b in b"hello\nwor" {
             dev.write(0, &[*b]);
         }
+        // The clone shares the file offset with the writer: rewind before each read.
+        reader.rewind().unwrap();
         let mut out = String::new();
         reader.read_to_string(&mut out).unwrap();
         assert_eq!(out, "hello\n");

@@ -1,0 +1,123 @@
+//! Filling the guest's buffers with random bytes.
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend};
+
+use super::device::Rng;
+use crate::devices::virtio::INT_VRING;
+
+/// Most bytes handed out per request; the guest asks again for more.
+pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
+
+fn getrandom(buf: &mut [u8]) -> bool {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: writes at most `buf.len() - filled` bytes into `buf[filled..]`.
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n <= 0 {
+            return false;
+        }
+        filled += n as usize;
+    }
+    true
+}
+
+impl Rng {
+    pub fn process_requests(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let chains: Vec<_> = match active.queue.iter(&mem) {
+            Ok(iter) => iter.map(|c| (c.head_index(), c.collect::<Vec<_>>())).collect(),
+            Err(_) => {
+                self.broken = true;
+                return;
+            }
+        };
+        if chains.is_empty() {
+            return;
+        }
+        let mut buf = Vec::new();
+        let mut completed = Vec::new();
+        for (head, descs) in chains {
+            self.metrics.requests += 1;
+            let mut written = 0u32;
+            let mut valid = true;
+            for d in &descs {
+                if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
+                    valid = false;
+                    break;
+                }
+                let n = d.len().min(MAX_BYTES_PER_REQUEST - written);
+                if n == 0 {
+                    break;
+                }
+                buf.resize(n as usize, 0);
+                if !getrandom(&mut buf) || mem.write_slice(&buf, d.addr()).is_err() {
+                    valid = false;
+                    break;
+                }
+                written += n;
+            }
+            if !valid {
+                self.metrics.invalid_requests += 1;
+            }
+            self.metrics.bytes += u64::from(written);
+            completed.push((head, written));
+        }
+        for (head, written) in completed {
+            if active.queue.add_used(&mem, head, written).is_err() {
+                self.broken = true;
+                return;
+            }
+        }
+        match active.queue.needs_notification(&mem) {
+            Ok(true) => active.irq.trigger(INT_VRING),
+            Ok(false) => {}
+            Err(_) => self.broken = true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::test_utils::{activate, test_memory, TestDesc, TestQueue};
+    use crate::devices::virtio::VirtioDevice;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn fills_writable_buffers_with_random_bytes() {
+        let mem = test_memory();
+        let mut q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut rng = Rng::new();
+        let irq = activate(&mut rng, &mem, &[&q]);
+        q.add_chain(&[TestDesc::write(0x10_0000, 256)]);
+        rng.process_queue(0);
+        assert_eq!(q.used_idx(), 1);
+        assert_eq!(q.used_elem(0).1, 256);
+        let mut got = [0u8; 256];
+        mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        assert!(got.iter().any(|b| *b != 0));
+        assert_eq!(irq.evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn caps_huge_requests_and_rejects_read_only_buffers() {
+        let mem = test_memory();
+        let mut q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut rng = Rng::new();
+        activate(&mut rng, &mem, &[&q]);
+        q.add_chain(&[TestDesc::write(0x10_0000, 1 << 20)]);
+        q.add_chain(&[TestDesc::read(0x10_0000, 16)]);
+        q.add_chain(&[TestDesc::write(0xfff_0000, 16)]);
+        rng.process_queue(0);
+        assert_eq!(q.used_idx(), 3);
+        assert_eq!(q.used_elem(0).1, MAX_BYTES_PER_REQUEST);
+        assert_eq!(q.used_elem(1).1, 0);
+        assert_eq!(q.used_elem(2).1, 0);
+        assert_eq!(rng.metrics.invalid_requests, 2);
+        assert!(!rng.is_broken());
+    }
+}

@@ -1,0 +1,386 @@
+//! vsock traffic: guest packets from the TX queue, host socket events, and packets to the
+//! guest through the RX queue (control packets first, then stream data within credit).
+
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+
+use super::connection::{Connection, State, CONN_BUF_ALLOC};
+use super::device::{ConnKey, Vsock, LISTENER_TOKEN, MAX_CONNECTIONS};
+use super::packet::*;
+use crate::devices::virtio::INT_VRING;
+
+impl Vsock {
+    /// Re-arms a connection's stream for what we currently want from it.
+    fn rearm(&self, key: ConnKey) {
+        let (Some((token, conn)), Some(active)) = (self.conns.get(&key), self.active.as_ref()) else {
+            return;
+        };
+        let mut ev = EventSet::empty();
+        if conn.state == State::Established && !conn.readable && !conn.stream_eof {
+            ev |= EventSet::IN;
+        }
+        if !conn.to_stream.is_empty() {
+            ev |= EventSet::OUT;
+        }
+        let _ = active.events.modify(conn.stream.as_raw_fd(), *token, ev);
+    }
+
+    fn send_rst(&mut self, key: ConnKey) {
+        let hdr = self.header(key, OP_RST, 0, 0, 0);
+        self.control.push_back(hdr);
+        self.metrics.resets_sent += 1;
+    }
+
+    fn reset_connection(&mut self, key: ConnKey) {
+        self.send_rst(key);
+        self.remove_connection(key);
+    }
+
+    /// Queues a credit update when the guest's view of our free space is getting stale.
+    fn maybe_credit_update(&mut self, key: ConnKey, force: bool) {
+        let Some((_, conn)) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if force || conn.fwd_cnt.wrapping_sub(conn.last_fwd_cnt_sent) >= CONN_BUF_ALLOC / 4 {
+            conn.last_fwd_cnt_sent = conn.fwd_cnt;
+            let fwd = conn.fwd_cnt;
+            let hdr = self.header(key, OP_CREDIT_UPDATE, 0, 0, fwd);
+            self.control.push_back(hdr);
+        }
+    }
+
+    pub(super) fn handle_fd_event(&mut self, sub: u32, events: u32) {
+        if sub == LISTENER_TOKEN {
+            self.accept_clients();
+        } else if let Some(mut conn) = self.accepting.remove(&sub) {
+            match conn.read_connect_line() {
+                Ok(None) => {
+                    self.accepting.insert(sub, conn);
+                }
+                Ok(Some(port)) => {
+                    if let Some(a) = self.active.as_ref() {
+                        a.events.remove(conn.stream.as_raw_fd());
+                    }
+                    let local = self.alloc_local_port();
+                    conn.local_port = local;
+                    conn.peer_port = port;
+                    conn.state = State::Connecting;
+                    let key = (local, port);
+                    self.insert_connection(key, conn, sub, EventSet::empty());
+                    let hdr = self.header(key, OP_REQUEST, 0, 0, 0);
+                    self.control.push_back(hdr);
+                }
+                Err(()) => {
+                    tracing::debug!("bad CONNECT line on the vsock socket");
+                    if let Some(a) = self.active.as_ref() {
+                        a.events.remove(conn.stream.as_raw_fd());
+                    }
+                }
+            }
+        } else if let Some(key) = self.token_keys.get(&sub).copied() {
+            let writable = events & EventSet::OUT.bits() != 0;
+            let readable = events & (EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR).bits() != 0;
+            let mut failed = false;
+            if let Some((_, conn)) = self.conns.get_mut(&key) {
+                if writable && conn.flush_to_stream().is_err() {
+                    failed = true;
+                }
+                if readable && conn.state == State::Established {
+                    conn.readable = true;
+                }
+            }
+            if failed {
+                self.reset_connection(key);
+            } else {
+                if writable {
+                    self.maybe_credit_update(key, false);
+                }
+                self.rearm(key);
+            }
+        }
+        self.process_rx();
+    }
+
+    fn accept_clients(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let token = self.alloc_token();
+                    if let Some(a) = self.active.as_ref() {
+                        if a.events.add(stream.as_raw_fd(), token, EventSet::IN).is_err() {
+                            continue;
+                        }
+                    }
+                    self.accepting.insert(token, Connection::new(stream, State::AwaitingConnectLine, 0, 0, true));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock accept failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Handles every packet the guest sent.
+    pub fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let chains: Vec<_> = match active.tx.iter(&mem) {
+            Ok(iter) => iter.map(|c| (c.head_index(), c.collect::<Vec<_>>())).collect(),
+            Err(_) => {
+                self.broken = true;
+                return;
+            }
+        };
+        if chains.is_empty() {
+            return;
+        }
+        let mut heads = Vec::with_capacity(chains.len());
+        for (head, descs) in chains {
+            match parse_tx(&descs, &mem) {
+                Ok(pkt) => {
+                    self.metrics.tx_packets += 1;
+                    self.handle_guest_packet(pkt);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "invalid vsock packet");
+                    self.metrics.invalid_packets += 1;
+                }
+            }
+            heads.push(head);
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        for head in heads {
+            if active.tx.add_used(&mem, head, 0).is_err() {
+                self.broken = true;
+                return;
+            }
+        }
+        match active.tx.needs_notification(&mem) {
+            Ok(true) => active.irq.trigger(INT_VRING),
+            Ok(false) => {}
+            Err(_) => self.broken = true,
+        }
+        self.process_rx();
+    }
+
+    fn handle_guest_packet(&mut self, pkt: TxPacket) {
+        let hdr = pkt.hdr;
+        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
+            self.metrics.invalid_packets += 1;
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if hdr.type_ != TYPE_STREAM {
+            if hdr.op != OP_RST {
+                self.send_rst(key);
+            }
+            return;
+        }
+        let Some((_, conn)) = self.conns.get_mut(&key) else {
+            match hdr.op {
+                OP_REQUEST => self.guest_connect(key, &hdr),
+                OP_RST => {}
+                _ => self.send_rst(key),
+            }
+            return;
+        };
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = hdr.fwd_cnt;
+        match (hdr.op, conn.state) {
+            (OP_RESPONSE, State::Connecting) => {
+                conn.state = State::Established;
+                let ok = !conn.host_initiated || {
+                    let line = format!("OK {}\n", conn.local_port);
+                    std::io::Write::write_all(&mut &conn.stream, line.as_bytes()).is_ok()
+                };
+                if ok {
+                    self.rearm(key);
+                } else {
+                    self.reset_connection(key);
+                }
+            }
+            (OP_RW, State::Established) | (OP_RW, State::Closing) => {
+                self.metrics.tx_bytes += pkt.data.len() as u64;
+                if conn.send_to_stream(&pkt.data).is_err() {
+                    self.reset_connection(key);
+                } else {
+                    self.maybe_credit_update(key, false);
+                    self.rearm(key);
+                }
+            }
+            (OP_CREDIT_UPDATE, _) => {}
+            (OP_CREDIT_REQUEST, _) => self.maybe_credit_update(key, true),
+            (OP_SHUTDOWN, _) => {
+                if hdr.flags & SHUTDOWN_SEND != 0 {
+                    let _ = conn.flush_to_stream();
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+                if hdr.flags & (SHUTDOWN_SEND | SHUTDOWN_RCV) == SHUTDOWN_SEND | SHUTDOWN_RCV {
+                    self.reset_connection(key);
+                }
+            }
+            (OP_RST, _) => self.remove_connection(key),
+            _ => {
+                self.metrics.invalid_packets += 1;
+                self.reset_connection(key);
+            }
+        }
+    }
+
+    /// The guest connects to host port `key.0`: dial `<uds>_<port>`.
+    fn guest_connect(&mut self, key: ConnKey, hdr: &Header) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.send_rst(key);
+            return;
+        }
+        let path = format!("{}_{}", self.uds_path.display(), key.0);
+        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            Ok(stream) => {
+                let mut conn = Connection::new(stream, State::Established, key.0, key.1, false);
+                conn.peer_buf_alloc = hdr.buf_alloc;
+                conn.peer_fwd_cnt = hdr.fwd_cnt;
+                let token = self.alloc_token();
+                self.insert_connection(key, conn, token, EventSet::IN);
+                let resp = self.header(key, OP_RESPONSE, 0, 0, 0);
+                self.control.push_back(resp);
+            }
+            Err(e) => {
+                tracing::debug!(path, error = %e, "guest-initiated vsock connection refused");
+                self.send_rst(key);
+            }
+        }
+    }
+
+    /// Puts back the receive chain just taken (nothing to send after all).
+    fn unpop_rx(&mut self) {
+        if let Some(a) = self.active.as_mut() {
+            a.rx.go_to_previous_position();
+        }
+    }
+
+    /// A readable established connection the guest has credit for.
+    fn next_data_source(&self) -> Option<ConnKey> {
+        self.conns
+            .iter()
+            .find(|(_, (_, c))| c.readable && c.state == State::Established && !c.stream_eof && c.peer_credit() > 0)
+            .map(|(k, _)| *k)
+    }
+
+    /// Fills guest receive buffers: control packets first, then stream data.
+    pub fn process_rx(&mut self) {
+        let mut used = false;
+        loop {
+            if self.control.is_empty() && self.next_data_source().is_none() {
+                break;
+            }
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let mem = active.mem.clone();
+            let chain = match active.rx.iter(&mem) {
+                Ok(mut iter) => iter.next(),
+                Err(_) => {
+                    self.broken = true;
+                    return;
+                }
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            let capacity = match rx_capacity(&descs, &mem) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "unusable vsock receive buffer");
+                    self.metrics.invalid_packets += 1;
+                    if active.rx.add_used(&mem, head, 0).is_err() {
+                        self.broken = true;
+                        return;
+                    }
+                    used = true;
+                    continue;
+                }
+            };
+            let (hdr, data) = if let Some(hdr) = self.control.pop_front() {
+                (hdr, Vec::new())
+            } else {
+                let Some(key) = self.next_data_source() else {
+                    self.unpop_rx();
+                    break;
+                };
+                let Some((_, conn)) = self.conns.get_mut(&key) else {
+                    self.unpop_rx();
+                    break;
+                };
+                let max = (capacity - HDR_LEN).min(conn.peer_credit() as usize).min(MAX_PKT_DATA as usize);
+                match conn.read_from_stream(max) {
+                    Ok(Some(data)) if !data.is_empty() => {
+                        conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
+                        conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                        let fwd = conn.fwd_cnt;
+                        let hdr = self.header(key, OP_RW, 0, data.len() as u32, fwd);
+                        self.metrics.rx_bytes += data.len() as u64;
+                        (hdr, data)
+                    }
+                    Ok(Some(_)) => {
+                        // Host side closed: tell the guest, wait for its RST.
+                        conn.stream_eof = true;
+                        conn.state = State::Closing;
+                        let fwd = conn.fwd_cnt;
+                        (self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, fwd), Vec::new())
+                    }
+                    Ok(None) => {
+                        conn.readable = false;
+                        self.unpop_rx();
+                        self.rearm(key);
+                        continue;
+                    }
+                    Err(_) => {
+                        self.remove_connection(key);
+                        (self.header(key, OP_RST, 0, 0, 0), Vec::new())
+                    }
+                }
+            };
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let written = match write_rx(&descs, &mem, &hdr, &data) {
+                Ok(n) => {
+                    self.metrics.rx_packets += 1;
+                    n
+                }
+                Err(_) => {
+                    self.metrics.invalid_packets += 1;
+                    0
+                }
+            };
+            if active.rx.add_used(&mem, head, written).is_err() {
+                self.broken = true;
+                return;
+            }
+            used = true;
+        }
+        if used {
+            if let Some(active) = self.active.as_mut() {
+                match active.rx.needs_notification(&active.mem) {
+                    Ok(true) => active.irq.trigger(INT_VRING),
+                    Ok(false) => {}
+                    Err(_) => self.broken = true,
+                }
+            }
+        }
+    }
+}
