@@ -1,0 +1,492 @@
+//! Shim configuration: `/etc/kata-like/config.toml`, overridden by containerd's runtime options
+//! (`ConfigPath`) and, where it is safe, by pod annotations.
+//!
+//! Which file is read, first match wins:
+//! 1. `ConfigPath` of the runtime options containerd passes on Create (runtime table
+//!    `options = { ConfigPath = "..." }`, or `ctr run --runtime-config-path`);
+//! 2. the `KATA_LIKE_CONFIG` environment variable of the shim (inherited from containerd);
+//! 3. `/etc/kata-like/config.toml`.
+//!
+//! A missing file at the default path means built-in defaults; a missing file that was named
+//! explicitly is an error.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kata-like/config.toml";
+pub const CONFIG_ENV: &str = "KATA_LIKE_CONFIG";
+
+/// Prefix of the pod annotations the shim reads. Any other annotation under it is refused, so a
+/// typo never silently falls back to a default.
+pub const ANNOTATION_PREFIX: &str = "io.kata-like.";
+pub const ANNOTATION_VCPUS: &str = "io.kata-like.vcpus";
+pub const ANNOTATION_MEMORY_MIB: &str = "io.kata-like.memory-mib";
+pub const ANNOTATION_DEBUG_CONSOLE: &str = "io.kata-like.debug-console";
+
+/// Largest config file accepted (a config is a few hundred bytes).
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub vmm: VmmConfig,
+    pub jail: JailConfig,
+    pub limits: Limits,
+    /// Per-sandbox state (sockets, pid file, console log, jail dir) lives under
+    /// `<state_dir>/<namespace>/<sandbox id>/`.
+    pub state_dir: PathBuf,
+    /// Cache of erofs images of read-only snapshot layers, shared by all pods of the host.
+    pub rootfs_cache_dir: PathBuf,
+    /// How many images the cache keeps (least recently used ones go first).
+    pub rootfs_cache_entries: usize,
+    /// mkfs.erofs binary (erofs-utils).
+    pub mkfs_erofs: PathBuf,
+    /// Log level of the shim (tracing filter), e.g. "info" or "debug".
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmmConfig {
+    pub path: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Base kernel command line; the VMM appends its virtio-mmio device list.
+    pub kernel_params: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Empty virtio-blk slots created at boot; rootfs layers are hot-set into them. One slot per
+    /// distinct read-only layer in use by the pod at a time.
+    pub drive_slots: u32,
+    /// How long the guest may take from VMM start to a healthy agent.
+    pub boot_timeout_ms: u64,
+    /// Deadline of one ordinary agent call (long-running waits and streams have none).
+    pub agent_call_timeout_ms: u64,
+    /// Keep the guest console log and boot the kernel with verbose output.
+    pub debug_console: bool,
+    pub hugepages: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// Run the VMM in its jail (namespaces, chroot, seccomp). Turn off only to debug.
+    pub enabled: bool,
+    /// Unprivileged ids the VMM drops to inside its jail (none: stays root in its namespaces).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Upper bounds for values a pod may ask for through annotations.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            vmm: VmmConfig::default(),
+            jail: JailConfig::default(),
+            limits: Limits::default(),
+            state_dir: PathBuf::from("/run/kata-like"),
+            rootfs_cache_dir: PathBuf::from("/run/kata-like/rootfs-cache"),
+            rootfs_cache_entries: 64,
+            mkfs_erofs: PathBuf::from("/usr/bin/mkfs.erofs"),
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        VmmConfig {
+            path: PathBuf::from("/usr/local/bin/kata-like-vmm"),
+            kernel: PathBuf::from("/usr/share/kata-like/vmlinux"),
+            initrd: Some(PathBuf::from("/usr/share/kata-like/initramfs.cpio")),
+            kernel_params: "console=ttyS0 panic=-1 reboot=t quiet".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            drive_slots: 8,
+            boot_timeout_ms: 60_000,
+            agent_call_timeout_ms: 60_000,
+            debug_console: false,
+            hugepages: false,
+        }
+    }
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            enabled: true,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_vcpus: 8,
+            max_memory_mib: 16 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a config file's text and checks its values.
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| Error::InvalidConfig(format!("{e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads the config from `explicit` (runtime options), `$KATA_LIKE_CONFIG` or the default
+    /// path, in that order.
+    pub fn load(explicit: Option<&Path>) -> Result<Config> {
+        let env_path = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let (path, named) = match (explicit, env_path) {
+            (Some(p), _) => (p.to_path_buf(), true),
+            (None, Some(p)) if !p.as_os_str().is_empty() => (p, true),
+            _ => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => {
+                let config = Config::default();
+                config.validate()?;
+                return Ok(config);
+            }
+            Err(e) => {
+                return Err(Error::InvalidConfig(format!(
+                    "cannot read config {}: {e}",
+                    path.display()
+                )))
+            }
+            Ok(meta) if meta.len() > MAX_CONFIG_BYTES => {
+                return Err(Error::InvalidConfig(format!(
+                    "config {} is larger than {MAX_CONFIG_BYTES} bytes",
+                    path.display()
+                )))
+            }
+            Ok(_) => {}
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::InvalidConfig(format!("cannot read config {}: {e}", path.display()))
+        })?;
+        Config::parse(&text)
+            .map_err(|e| Error::InvalidConfig(format!("config {}: {e}", path.display())))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::InvalidConfig(what));
+        for (name, path) in [
+            ("vmm.path", &self.vmm.path),
+            ("vmm.kernel", &self.vmm.kernel),
+            ("state_dir", &self.state_dir),
+            ("rootfs_cache_dir", &self.rootfs_cache_dir),
+            ("mkfs_erofs", &self.mkfs_erofs),
+        ] {
+            if !path.is_absolute() {
+                return bad(format!("{name} must be an absolute path, got {path:?}"));
+            }
+        }
+        if let Some(initrd) = &self.vmm.initrd {
+            if !initrd.is_absolute() {
+                return bad(format!(
+                    "vmm.initrd must be an absolute path, got {initrd:?}"
+                ));
+            }
+        }
+        if self.limits.max_vcpus == 0 || self.limits.max_vcpus > 255 {
+            return bad(format!(
+                "limits.max_vcpus must be 1..=255, got {}",
+                self.limits.max_vcpus
+            ));
+        }
+        if self.vmm.vcpus == 0 || self.vmm.vcpus > self.limits.max_vcpus {
+            return bad(format!(
+                "vmm.vcpus must be 1..={}, got {}",
+                self.limits.max_vcpus, self.vmm.vcpus
+            ));
+        }
+        if self.vmm.memory_mib < 32 || self.vmm.memory_mib > self.limits.max_memory_mib {
+            return bad(format!(
+                "vmm.memory_mib must be 32..={}, got {}",
+                self.limits.max_memory_mib, self.vmm.memory_mib
+            ));
+        }
+        if self.vmm.drive_slots == 0 || self.vmm.drive_slots > 32 {
+            return bad(format!(
+                "vmm.drive_slots must be 1..=32, got {}",
+                self.vmm.drive_slots
+            ));
+        }
+        if self.vmm.boot_timeout_ms == 0 || self.vmm.agent_call_timeout_ms == 0 {
+            return bad("vmm.boot_timeout_ms and vmm.agent_call_timeout_ms must be > 0".into());
+        }
+        if self.vmm.kernel_params.len() > 2048 || self.vmm.kernel_params.contains('\0') {
+            return bad("vmm.kernel_params must be at most 2048 bytes without NUL".into());
+        }
+        Ok(())
+    }
+}
+
+/// The VM shape of one pod after annotations were applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmShape {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub debug_console: bool,
+}
+
+/// Largest annotation value the shim looks at; anything bigger is refused outright.
+const MAX_ANNOTATION_VALUE: usize = 64;
+
+/// Applies the pod's `io.kata-like.*` annotations to the configured VM shape. Only the VM size
+/// and the debug console may be chosen by a pod; paths (kernel, VMM, jail) never come from
+/// annotations. Values outside the configured limits are refused with the reason.
+pub fn vm_shape(config: &Config, annotations: &HashMap<String, String>) -> Result<VmShape> {
+    let mut shape = VmShape {
+        vcpus: config.vmm.vcpus,
+        memory_mib: config.vmm.memory_mib,
+        debug_console: config.vmm.debug_console,
+    };
+    for (key, value) in annotations {
+        if !key.starts_with(ANNOTATION_PREFIX) {
+            continue;
+        }
+        if value.len() > MAX_ANNOTATION_VALUE {
+            return Err(Error::InvalidArgument(format!(
+                "annotation {key}: value longer than {MAX_ANNOTATION_VALUE} bytes"
+            )));
+        }
+        match key.as_str() {
+            ANNOTATION_VCPUS => {
+                shape.vcpus = parse_bounded(key, value, 1, config.limits.max_vcpus)?;
+            }
+            ANNOTATION_MEMORY_MIB => {
+                shape.memory_mib = parse_bounded(key, value, 64, config.limits.max_memory_mib)?;
+            }
+            ANNOTATION_DEBUG_CONSOLE => {
+                shape.debug_console = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "annotation {key}: expected true or false, got {value:?}"
+                        )))
+                    }
+                }
+            }
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "annotation {key:?} is not one the kata-like runtime accepts \
+                     ({ANNOTATION_VCPUS}, {ANNOTATION_MEMORY_MIB}, {ANNOTATION_DEBUG_CONSOLE})"
+                )))
+            }
+        }
+    }
+    Ok(shape)
+}
+
+fn parse_bounded(key: &str, value: &str, min: u32, max: u32) -> Result<u32> {
+    let n: u32 = value.parse().map_err(|_| {
+        Error::InvalidArgument(format!("annotation {key}: {value:?} is not a number"))
+    })?;
+    if n < min || n > max {
+        return Err(Error::InvalidArgument(format!(
+            "annotation {key}: {n} is outside {min}..={max}"
+        )));
+    }
+    Ok(n)
+}
+
+/// Decodes containerd's runtime options (`runtimeoptions.v1.Options`: field 1 `type_url`, field 2
+/// `config_path`) from the raw protobuf bytes of the Any's value, returning `config_path`.
+/// containerd 1.6's CRI sends this type for runtimes other than runc; ctr sends it for
+/// `--runtime-config-path`. Other option types are ignored (None).
+pub fn config_path_from_options(type_url: &str, value: &[u8]) -> Result<Option<PathBuf>> {
+    if !type_url.ends_with("runtimeoptions.v1.Options") {
+        return Ok(None);
+    }
+    use containerd_shim_protos::protobuf::CodedInputStream;
+    let mut input = CodedInputStream::from_bytes(value);
+    let mut config_path = None;
+    let malformed = |e: containerd_shim_protos::protobuf::Error| {
+        Error::InvalidArgument(format!("malformed runtime options: {e}"))
+    };
+    while !input.eof().map_err(malformed)? {
+        let tag = input.read_raw_varint32().map_err(malformed)?;
+        match (tag >> 3, tag & 7) {
+            (2, 2) => config_path = Some(input.read_string().map_err(malformed)?),
+            (_, 2) => {
+                input.read_bytes().map_err(malformed)?;
+            }
+            (_, 0) => {
+                input.read_raw_varint64().map_err(malformed)?;
+            }
+            (field, wire) => {
+                return Err(Error::InvalidArgument(format!(
+                    "malformed runtime options: field {field} has wire type {wire}"
+                )))
+            }
+        }
+    }
+    match config_path {
+        Some(p) if !p.is_empty() => {
+            let path = PathBuf::from(&p);
+            if !path.is_absolute() || p.len() > 4096 {
+                return Err(Error::InvalidArgument(format!(
+                    "runtime option ConfigPath must be an absolute path, got {p:?}"
+                )));
+            }
+            Ok(Some(path))
+        }
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let config = Config::parse(
+            r#"
+            state_dir = "/run/x"
+            [vmm]
+            path = "/opt/vmm"
+            kernel = "/opt/vmlinux"
+            initrd = "/opt/initrd"
+            vcpus = 2
+            memory_mib = 256
+            debug_console = true
+            [jail]
+            enabled = false
+            uid = 1000
+            gid = 1000
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(config.vmm.vcpus, 2);
+        assert_eq!(config.vmm.memory_mib, 256);
+        assert_eq!(config.state_dir, PathBuf::from("/run/x"));
+        assert_eq!(config.jail.uid, Some(1000));
+        assert!(!config.jail.enabled);
+        assert!(config.vmm.debug_console);
+        // Unset keys keep their defaults.
+        assert_eq!(config.vmm.drive_slots, 8);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        let err = Config::parse("[vmm]\nvcpus = 0\n").unwrap_err().to_string();
+        assert!(err.contains("vmm.vcpus"), "{err}");
+        let err = Config::parse("[vmm]\nkernel = \"vmlinux\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("absolute"), "{err}");
+        let err = Config::parse("[vmm]\nno_such_key = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no_such_key"), "{err}");
+        let err = Config::parse("[vmm]\nmemory_mib = 1000000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory_mib"), "{err}");
+        assert!(Config::parse("this is not toml").is_err());
+    }
+
+    #[test]
+    fn explicitly_named_missing_config_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/kata-like.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/kata-like.toml"), "{err}");
+    }
+
+    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn annotations_size_the_vm_within_limits() {
+        let config = Config::default();
+        let shape = vm_shape(
+            &config,
+            &annotations(&[
+                ("io.kata-like.vcpus", "2"),
+                ("io.kata-like.memory-mib", "512"),
+                ("io.kata-like.debug-console", "true"),
+                ("io.kubernetes.cri.sandbox-id", "abc"),
+            ]),
+        )
+        .expect("accepted");
+        assert_eq!(
+            shape,
+            VmShape {
+                vcpus: 2,
+                memory_mib: 512,
+                debug_console: true
+            }
+        );
+        let plain = vm_shape(&config, &HashMap::new()).expect("accepted");
+        assert_eq!(plain.vcpus, config.vmm.vcpus);
+    }
+
+    #[test]
+    fn hostile_annotations_are_refused() {
+        let config = Config::default();
+        for (key, value, expect) in [
+            ("io.kata-like.vcpus", "0", "outside"),
+            ("io.kata-like.vcpus", "100000", "outside"),
+            ("io.kata-like.vcpus", "-1", "not a number"),
+            (
+                "io.kata-like.memory-mib",
+                "18446744073709551616",
+                "not a number",
+            ),
+            ("io.kata-like.debug-console", "yes", "true or false"),
+            ("io.kata-like.kernel", "/tmp/evil", "not one"),
+        ] {
+            let err = vm_shape(&config, &annotations(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{key}={value}: {err}");
+        }
+        let huge = "9".repeat(10_000);
+        let err = vm_shape(&config, &annotations(&[("io.kata-like.vcpus", &huge)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("longer than"), "{err}");
+    }
+
+    #[test]
+    fn runtime_options_config_path_is_decoded() {
+        // type_url (1) = "x", config_path (2) = "/etc/k.toml"
+        let mut bytes = vec![0x0a, 1, b'x', 0x12, 11];
+        bytes.extend_from_slice(b"/etc/k.toml");
+        let path = config_path_from_options("runtimeoptions.v1.Options", &bytes).expect("decodes");
+        assert_eq!(path, Some(PathBuf::from("/etc/k.toml")));
+        assert_eq!(
+            config_path_from_options("containerd.runc.v1.Options", &bytes).expect("ignored"),
+            None
+        );
+        let relative = [0x12, 3, b'a', b'/', b'b'];
+        assert!(config_path_from_options("runtimeoptions.v1.Options", &relative).is_err());
+        assert!(config_path_from_options("runtimeoptions.v1.Options", &[0x12, 50, b'a']).is_err());
+    }
+}

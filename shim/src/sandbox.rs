@@ -1,0 +1,623 @@
+//! The pod VM: its state dir, the VMM process, the agent link, drive slots with the storages in
+//! them, and its end (clean stop, death, or cleanup after a crashed shim).
+//!
+//! State dir `<state_dir>/<namespace>/<sandbox id>/`: `vmm.pid`, `jail/` (with `api.sock` and
+//! `vsock.sock`), `console.log`, `vmm.log`, scratch images. `delete` and a restarted shim use it
+//! to kill a VMM left behind and remove everything.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kata_like_protocol as pb;
+use tokio::sync::watch;
+
+use crate::agent::Agent;
+use crate::config::{Config, VmShape};
+use crate::error::{Error, Result};
+use crate::rootfs::LayerImage;
+use crate::spec::storage_mount_point;
+use crate::vmm::{self, VmmApi, VmmPaths};
+
+/// How the VMM process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// Exit code, or 128 + signal when the VMM was killed by a signal.
+    pub status: i32,
+    pub reason: String,
+}
+
+/// Bytes of the console log kept in the shim's log when the VM dies.
+const CONSOLE_TAIL_BYTES: u64 = 4096;
+/// How long a graceful stop may take before the VMM is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn state_dir_for(config: &Config, namespace: &str, sandbox_id: &str) -> Result<PathBuf> {
+    crate::spec::check_id("namespace", namespace)?;
+    crate::spec::check_id("sandbox", sandbox_id)?;
+    Ok(config.state_dir.join(namespace).join(sandbox_id))
+}
+
+/// Kills whatever an earlier shim left in a state dir and removes it.
+pub fn cleanup_state_dir(state_dir: &Path) -> Result<()> {
+    if !state_dir.exists() {
+        return Ok(());
+    }
+    let paths = VmmPaths::new(state_dir);
+    if let Some(pid) = vmm::kill_recorded(&paths)? {
+        tracing::warn!(pid, state_dir = %state_dir.display(), "killed a VMM left behind");
+    }
+    std::fs::remove_dir_all(state_dir)
+        .map_err(Error::io(format!("remove {}", state_dir.display())))?;
+    if let Some(parent) = state_dir.parent() {
+        // The namespace dir goes when its last pod does (fails harmlessly otherwise).
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// What occupies a drive slot.
+#[derive(Debug)]
+struct Slot {
+    storage_id: String,
+    users: usize,
+}
+
+#[derive(Debug, Default)]
+struct Storages {
+    /// slot index -> storage in it.
+    slots: HashMap<u32, Slot>,
+    /// tmpfs storages (shared directories) -> users.
+    tmpfs: HashMap<String, usize>,
+}
+
+/// A running pod VM.
+pub struct Vm {
+    pub sandbox_id: String,
+    pub state_dir: PathBuf,
+    pub pid: u32,
+    pub api: VmmApi,
+    pub agent: Agent,
+    paths: VmmPaths,
+    slot_count: u32,
+    exited: watch::Receiver<Option<VmExit>>,
+    storages: tokio::sync::Mutex<Storages>,
+    /// Set once a stop was asked for: the VM's end is then expected, not a failure.
+    stopping: Mutex<bool>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Boots the pod VM and waits for its agent; on any failure nothing is left running.
+    pub async fn start(
+        config: &Config,
+        shape: &VmShape,
+        namespace: &str,
+        sandbox_id: &str,
+        hostname: &str,
+    ) -> Result<Arc<Vm>> {
+        let state_dir = state_dir_for(config, namespace, sandbox_id)?;
+        // A state dir left by a shim that died is cleaned before reuse.
+        cleanup_state_dir(&state_dir)?;
+        std::fs::create_dir_all(&state_dir)
+            .map_err(Error::io(format!("create {}", state_dir.display())))?;
+        match Vm::boot(config, shape, &state_dir, sandbox_id, hostname).await {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                let tail = console_tail(&state_dir.join("console.log"));
+                let vmm_log = console_tail(&state_dir.join("vmm.log"));
+                if let Err(ce) = cleanup_state_dir(&state_dir) {
+                    tracing::error!(sandbox_id, error = %ce, "cleanup after a failed boot");
+                }
+                Err(match e {
+                    Error::VmGone(m) | Error::Agent(m) => Error::VmGone(format!(
+                        "{m}; VMM log: {vmm_log:?}; guest console: {tail:?}"
+                    )),
+                    other => other,
+                })
+            }
+        }
+    }
+
+    async fn boot(
+        config: &Config,
+        shape: &VmShape,
+        state_dir: &Path,
+        sandbox_id: &str,
+        hostname: &str,
+    ) -> Result<Arc<Vm>> {
+        for (what, path) in [("VMM", &config.vmm.path), ("kernel", &config.vmm.kernel)] {
+            if !path.exists() {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} {} does not exist",
+                    path.display()
+                )));
+            }
+        }
+        if let Some(initrd) = &config.vmm.initrd {
+            if !initrd.exists() {
+                return Err(Error::InvalidConfig(format!(
+                    "initramfs {} does not exist",
+                    initrd.display()
+                )));
+            }
+        }
+        let paths = VmmPaths::new(state_dir);
+        let started = std::time::Instant::now();
+        let mut child = vmm::spawn(config, shape, &paths)?;
+        let pid = child.id().unwrap_or(0);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let sid = sandbox_id.to_string();
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let code = status
+                        .code()
+                        .or_else(|| status.signal().map(|s| 128 + s))
+                        .unwrap_or(255);
+                    VmExit {
+                        status: code,
+                        reason: format!("VMM {status}"),
+                    }
+                }
+                Err(e) => VmExit {
+                    status: 255,
+                    reason: format!("waiting for the VMM failed: {e}"),
+                },
+            };
+            tracing::info!(sandbox_id = %sid, status = exit.status, reason = %exit.reason, "VMM exited");
+            let _ = exit_tx.send(Some(exit));
+        });
+        let agent = Agent::new(
+            &paths.vsock_sock,
+            Duration::from_millis(config.vmm.agent_call_timeout_ms),
+        )?;
+        let vm = Arc::new(Vm {
+            sandbox_id: sandbox_id.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            pid,
+            api: VmmApi::new(&paths.api_sock),
+            agent,
+            paths,
+            slot_count: config.vmm.drive_slots,
+            exited: exit_rx,
+            storages: tokio::sync::Mutex::new(Storages::default()),
+            stopping: Mutex::new(false),
+        });
+        let watch = vm.exited.clone();
+        let health = vm
+            .agent
+            .wait_ready(
+                Duration::from_millis(config.vmm.boot_timeout_ms),
+                || match &*watch.borrow() {
+                    Some(exit) => Err(exit.reason.clone()),
+                    None => Ok(()),
+                },
+            )
+            .await;
+        let health = match health {
+            Ok(h) => h,
+            Err(e) => {
+                vm.kill();
+                vm.wait_exit().await;
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            sandbox_id,
+            pid,
+            agent_version = %health.agent_version,
+            boot_ms = started.elapsed().as_millis() as u64,
+            "pod VM is up"
+        );
+        let setup = async {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            vm.agent
+                .client()
+                .set_time(vm.agent.request(pb::SetTimeRequest {
+                    seconds: now.as_secs() as i64,
+                    nanos: now.subsec_nanos(),
+                }))
+                .await
+                .map_err(|s| Error::from_agent("SetTime", s))?;
+            vm.agent
+                .client()
+                .create_sandbox(vm.agent.request(pb::CreateSandboxRequest {
+                    sandbox_id: sandbox_id.to_string(),
+                    hostname: hostname.to_string(),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|s| Error::from_agent("CreateSandbox", s))?;
+            Ok::<(), Error>(())
+        };
+        if let Err(e) = setup.await {
+            vm.kill();
+            vm.wait_exit().await;
+            return Err(e);
+        }
+        Ok(vm)
+    }
+
+    /// The VM's end, once it happened.
+    pub fn exit(&self) -> Option<VmExit> {
+        self.exited.borrow().clone()
+    }
+
+    pub fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        self.exited.clone()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails when the VM is gone, with how it ended.
+    pub fn check_alive(&self) -> Result<()> {
+        match self.exit() {
+            Some(exit) => Err(Error::VmGone(exit.reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the VMM process to end.
+    pub async fn wait_exit(&self) -> VmExit {
+        let mut rx = self.exited.clone();
+        loop {
+            if let Some(exit) = rx.borrow_and_update().clone() {
+                return exit;
+            }
+            if rx.changed().await.is_err() {
+                return VmExit {
+                    status: 255,
+                    reason: "VMM watcher ended".into(),
+                };
+            }
+        }
+    }
+
+    /// SIGKILL to the VMM (it is our child: the waiter task reaps it).
+    pub fn kill(&self) {
+        *self.stopping.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        if self.exit().is_none() && self.pid != 0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// Stops the VM: a clean guest poweroff through the VMM API (forced when `force`), then
+    /// SIGKILL if it has not ended in time.
+    pub async fn stop(&self, force: bool) -> VmExit {
+        *self.stopping.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        if self.exit().is_none() {
+            let timeout_ms = STOP_TIMEOUT.as_millis() as u64;
+            if let Err(e) = self.api.stop(force, timeout_ms).await {
+                tracing::warn!(sandbox_id = %self.sandbox_id, error = %e, "VMM stop request failed; killing it");
+                self.kill();
+            }
+        }
+        match tokio::time::timeout(STOP_TIMEOUT * 2, self.wait_exit()).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::warn!(sandbox_id = %self.sandbox_id, "VMM did not stop in time; killing it");
+                self.kill();
+                self.wait_exit().await
+            }
+        }
+    }
+
+    /// Stops the VM if needed and removes the state dir.
+    pub async fn destroy(&self) -> VmExit {
+        let exit = self.stop(true).await;
+        if let Err(e) = cleanup_state_dir(&self.state_dir) {
+            tracing::error!(sandbox_id = %self.sandbox_id, error = %e, "removing the state dir failed");
+        }
+        exit
+    }
+
+    /// The last bytes of the guest console, for error messages and the shim log.
+    pub fn console_tail(&self) -> String {
+        console_tail(&self.paths.console_log)
+    }
+
+    /// Puts a layer image into a free drive slot and has the agent mount it; a layer already
+    /// attached for another container of the pod is shared. Returns the guest mount point.
+    pub async fn attach_layer(
+        &self,
+        storage_id: &str,
+        image: Option<LayerImage>,
+    ) -> Result<String> {
+        let mut storages = self.storages.lock().await;
+        if let Some(slot) = storages
+            .slots
+            .values_mut()
+            .find(|s| s.storage_id == storage_id)
+        {
+            slot.users += 1;
+            return Ok(storage_mount_point(storage_id));
+        }
+        let image = image.ok_or_else(|| {
+            Error::Other(format!(
+                "layer {storage_id} is not attached and no image was given"
+            ))
+        })?;
+        let index = (0..self.slot_count)
+            .find(|i| !storages.slots.contains_key(i))
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "all {} drive slots of the pod VM are in use (vmm.drive_slots); \
+                     the pod's containers use too many distinct image layers",
+                    self.slot_count
+                ))
+            })?;
+        let slot_id = vmm::slot_id(index);
+        use std::os::fd::AsFd;
+        self.api
+            .set_drive(&slot_id, image.file.as_fd(), true)
+            .await?;
+        let added = self
+            .agent
+            .client()
+            .add_storage(self.agent.request(pb::AddStorageRequest {
+                storage_id: storage_id.to_string(),
+                source: Some(pb::add_storage_request::Source::BlockSerial(
+                    slot_id.clone(),
+                )),
+                fs_type: "erofs".into(),
+                options: vec!["ro".into()],
+                wait_ms: 10_000,
+            }))
+            .await;
+        let mount_point = match added {
+            Ok(resp) => resp.into_inner().mount_point,
+            Err(status) => {
+                let _ = self.api.clear_drive(&slot_id).await;
+                return Err(Error::from_agent("AddStorage", status));
+            }
+        };
+        storages.slots.insert(
+            index,
+            Slot {
+                storage_id: storage_id.to_string(),
+                users: 1,
+            },
+        );
+        Ok(mount_point)
+    }
+
+    /// Drops one user of a layer; the last one unmounts it and empties its slot.
+    pub async fn release_layer(&self, storage_id: &str) -> Result<()> {
+        let mut storages = self.storages.lock().await;
+        let Some((&index, slot)) = storages
+            .slots
+            .iter_mut()
+            .find(|(_, s)| s.storage_id == storage_id)
+        else {
+            return Ok(());
+        };
+        slot.users -= 1;
+        if slot.users > 0 {
+            return Ok(());
+        }
+        storages.slots.remove(&index);
+        if self.exit().is_some() {
+            return Ok(());
+        }
+        self.agent
+            .client()
+            .remove_storage(self.agent.request(pb::RemoveStorageRequest {
+                storage_id: storage_id.to_string(),
+            }))
+            .await
+            .map_err(|s| Error::from_agent("RemoveStorage", s))?;
+        self.api.clear_drive(&vmm::slot_id(index)).await
+    }
+
+    /// A guest tmpfs standing in for a host directory, shared by the pod's containers.
+    pub async fn attach_tmpfs(&self, storage_id: &str) -> Result<(String, bool)> {
+        let mut storages = self.storages.lock().await;
+        if let Some(users) = storages.tmpfs.get_mut(storage_id) {
+            *users += 1;
+            return Ok((storage_mount_point(storage_id), false));
+        }
+        let resp = self
+            .agent
+            .client()
+            .add_storage(self.agent.request(pb::AddStorageRequest {
+                storage_id: storage_id.to_string(),
+                source: Some(pb::add_storage_request::Source::Tmpfs(true)),
+                fs_type: "tmpfs".into(),
+                options: vec![],
+                wait_ms: 0,
+            }))
+            .await
+            .map_err(|s| Error::from_agent("AddStorage", s))?;
+        storages.tmpfs.insert(storage_id.to_string(), 1);
+        Ok((resp.into_inner().mount_point, true))
+    }
+
+    pub async fn release_tmpfs(&self, storage_id: &str) -> Result<()> {
+        let mut storages = self.storages.lock().await;
+        let Some(users) = storages.tmpfs.get_mut(storage_id) else {
+            return Ok(());
+        };
+        *users -= 1;
+        if *users > 0 {
+            return Ok(());
+        }
+        storages.tmpfs.remove(storage_id);
+        if self.exit().is_some() {
+            return Ok(());
+        }
+        self.agent
+            .client()
+            .remove_storage(self.agent.request(pb::RemoveStorageRequest {
+                storage_id: storage_id.to_string(),
+            }))
+            .await
+            .map_err(|s| Error::from_agent("RemoveStorage", s))
+            .map(|_| ())
+    }
+
+    /// Copies one host file into the guest, in chunks the agent accepts.
+    pub async fn copy_file(&self, host: &Path, guest: &str) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        use tokio::io::AsyncReadExt;
+        const CHUNK: usize = 1024 * 1024;
+        const MAX_FILE: u64 = 64 * 1024 * 1024;
+        let mut file = tokio::fs::File::open(host)
+            .await
+            .map_err(Error::io(format!("open {}", host.display())))?;
+        let meta = file
+            .metadata()
+            .await
+            .map_err(Error::io(format!("stat {}", host.display())))?;
+        if meta.len() > MAX_FILE {
+            return Err(Error::InvalidArgument(format!(
+                "{} is larger than {MAX_FILE} bytes and cannot be copied into the pod VM",
+                host.display()
+            )));
+        }
+        let size = meta.len();
+        let mut offset = 0u64;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(Error::io(format!("read {}", host.display())))?;
+            if n == 0 && offset > 0 {
+                break;
+            }
+            self.agent
+                .client()
+                .copy_file(self.agent.request(pb::CopyFileRequest {
+                    path: guest.to_string(),
+                    data: buf[..n].to_vec(),
+                    offset,
+                    file_size: size,
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    create_parents: true,
+                }))
+                .await
+                .map_err(|s| Error::from_agent("CopyFile", s))?;
+            offset += n as u64;
+            if n == 0 || offset >= size {
+                break;
+            }
+        }
+        Ok(offset)
+    }
+}
+
+fn console_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)));
+    let mut buf = Vec::new();
+    let _ = f.take(CONSOLE_TAIL_BYTES).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_dirs_are_per_namespace_and_sandbox_and_refuse_bad_ids() {
+        let config = Config::default();
+        assert_eq!(
+            state_dir_for(&config, "k8s.io", "abc").expect("ok"),
+            PathBuf::from("/run/kata-like/k8s.io/abc")
+        );
+        assert!(state_dir_for(&config, "..", "abc").is_err());
+        assert!(state_dir_for(&config, "k8s.io", "a/b").is_err());
+    }
+
+    #[test]
+    fn cleanup_removes_the_state_dir_and_spares_foreign_pids() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("ns").join("pod");
+        std::fs::create_dir_all(state.join("jail")).expect("mkdir");
+        // A pid file naming a live process that is not this sandbox's VMM (our own test
+        // process): it must not be killed.
+        std::fs::write(state.join("vmm.pid"), std::process::id().to_string()).expect("write");
+        cleanup_state_dir(&state).expect("cleanup");
+        assert!(!state.exists());
+        assert!(!dir.path().join("ns").exists());
+        cleanup_state_dir(&state).expect("idempotent");
+    }
+
+    #[tokio::test]
+    async fn a_missing_kernel_is_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config {
+            state_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        config.vmm.path = "/bin/true".into();
+        config.vmm.kernel = "/nonexistent/vmlinux".into();
+        let shape = VmShape {
+            vcpus: 1,
+            memory_mib: 128,
+            debug_console: false,
+        };
+        let err = Vm::start(&config, &shape, "default", "pod1", "")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+        assert!(!dir.path().join("default/pod1").exists());
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_dies_during_boot_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake_vmm = dir.path().join("vmm.sh");
+        std::fs::write(
+            &fake_vmm,
+            "#!/bin/sh\necho 'kvm: no such device' >&2\nexit 1\n",
+        )
+        .expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake_vmm, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut config = Config {
+            state_dir: dir.path().join("state"),
+            ..Default::default()
+        };
+        config.vmm.path = fake_vmm;
+        config.vmm.kernel = "/bin/sh".into();
+        config.vmm.initrd = None;
+        let shape = VmShape {
+            vcpus: 1,
+            memory_mib: 128,
+            debug_console: false,
+        };
+        let err = Vm::start(&config, &shape, "default", "pod1", "")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exit status: 1"), "{err}");
+        assert!(err.contains("kvm: no such device"), "{err}");
+        assert!(!dir.path().join("state/default/pod1").exists());
+    }
+}

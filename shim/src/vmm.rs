@@ -1,0 +1,501 @@
+//! The VMM process (`kata-like-vmm run ...`, see vmm/CONTRACT.md) and its run-time API client
+//! (JSON lines on a Unix socket, drive fds passed with SCM_RIGHTS).
+
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::config::{Config, VmShape};
+use crate::error::{Error, Result};
+
+/// Guest context id of the pod VM (any value >= 3; each VM has its own vsock device).
+pub const GUEST_CID: u32 = 3;
+/// A response line longer than this is a broken VMM, not a reply.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Deadline of one API request (the VMM answers at once; `stop` waits at most its timeout).
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Paths of one sandbox's VMM inside its state dir.
+#[derive(Debug, Clone)]
+pub struct VmmPaths {
+    /// Jail root of the VMM; its sockets live inside it.
+    pub jail_dir: PathBuf,
+    pub api_sock: PathBuf,
+    pub vsock_sock: PathBuf,
+    pub console_log: PathBuf,
+    pub vmm_log: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl VmmPaths {
+    pub fn new(state_dir: &Path) -> VmmPaths {
+        let jail_dir = state_dir.join("jail");
+        VmmPaths {
+            api_sock: jail_dir.join("api.sock"),
+            vsock_sock: jail_dir.join("vsock.sock"),
+            jail_dir,
+            console_log: state_dir.join("console.log"),
+            vmm_log: state_dir.join("vmm.log"),
+            pid_file: state_dir.join("vmm.pid"),
+        }
+    }
+}
+
+/// Name of the i-th empty drive slot (also the virtio-blk serial the agent looks for).
+pub fn slot_id(index: u32) -> String {
+    format!("slot{index}")
+}
+
+/// The `kata-like-vmm run` argument list for one pod VM.
+pub fn command_args(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        config.vmm.kernel.display().to_string(),
+    ];
+    if let Some(initrd) = &config.vmm.initrd {
+        args.push("--initrd".into());
+        args.push(initrd.display().to_string());
+    }
+    let mut cmdline = config.vmm.kernel_params.clone();
+    if shape.debug_console {
+        // Verbose kernel output to the console log; "quiet" from the base line is overridden.
+        cmdline.push_str(" loglevel=7 kata_like.debug=1");
+    }
+    args.extend([
+        "--cmdline".into(),
+        cmdline,
+        "--vcpus".into(),
+        shape.vcpus.to_string(),
+        "--memory-mib".into(),
+        shape.memory_mib.to_string(),
+        "--console".into(),
+        paths.console_log.display().to_string(),
+    ]);
+    if config.vmm.hugepages {
+        args.push("--hugepages".into());
+    }
+    for i in 0..config.vmm.drive_slots {
+        args.push("--drive".into());
+        args.push(format!("id={},empty,ro", slot_id(i)));
+    }
+    args.extend([
+        "--vsock".into(),
+        format!("cid={GUEST_CID},uds={}", paths.vsock_sock.display()),
+        "--rng".into(),
+        "--api-sock".into(),
+        paths.api_sock.display().to_string(),
+    ]);
+    if config.jail.enabled {
+        args.push("--jail-dir".into());
+        args.push(paths.jail_dir.display().to_string());
+        if let (Some(uid), Some(gid)) = (config.jail.uid, config.jail.gid) {
+            args.extend([
+                "--uid".into(),
+                uid.to_string(),
+                "--gid".into(),
+                gid.to_string(),
+            ]);
+        }
+    } else {
+        args.push("--no-jail".into());
+    }
+    args.extend([
+        "--log-level".into(),
+        if shape.debug_console { "debug" } else { "info" }.into(),
+    ]);
+    args
+}
+
+/// Starts the VMM. Its stdout/stderr go to `vmm.log`; it is killed if the shim dies (the
+/// parent-death signal), and `delete` finds it through `vmm.pid` otherwise.
+pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio::process::Child> {
+    std::fs::create_dir_all(&paths.jail_dir).map_err(Error::io(format!(
+        "create jail dir {}",
+        paths.jail_dir.display()
+    )))?;
+    let log = std::fs::File::create(&paths.vmm_log)
+        .map_err(Error::io(format!("create {}", paths.vmm_log.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(Error::io("duplicate the VMM log fd"))?;
+    let mut command = tokio::process::Command::new(&config.vmm.path);
+    command
+        .args(command_args(config, shape, paths))
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .kill_on_drop(false);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no shared state.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(Error::io(format!(
+        "start the VMM {}",
+        config.vmm.path.display()
+    )))?;
+    if let Some(pid) = child.id() {
+        std::fs::write(&paths.pid_file, pid.to_string())
+            .map_err(Error::io(format!("write {}", paths.pid_file.display())))?;
+    }
+    Ok(child)
+}
+
+/// Kills a VMM recorded in a state dir by an earlier shim (after a crash), making sure the pid
+/// still belongs to that VMM: its command line must name this sandbox's API socket.
+pub fn kill_recorded(paths: &VmmPaths) -> Result<Option<u32>> {
+    let pid: u32 = match std::fs::read_to_string(&paths.pid_file) {
+        Ok(text) => match text.trim().parse() {
+            Ok(pid) => pid,
+            Err(_) => return Ok(None),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("read {}", paths.pid_file.display()))(e)),
+    };
+    let cmdline = match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(c) => c,
+        Err(_) => return Ok(None),
+    };
+    let marker = paths.api_sock.display().to_string();
+    let ours = cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == marker.as_bytes());
+    if !ours {
+        return Ok(None);
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    // Wait until it is gone or a zombie (whoever is its parent reaps it).
+    for _ in 0..200 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => break,
+            Ok(stat) => {
+                let state = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next());
+                if state == Some("Z") || state == Some("X") {
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(Some(pid))
+}
+
+/// Client of the VMM's run-time API. One connection per request keeps a failed request from
+/// poisoning later ones.
+#[derive(Debug, Clone)]
+pub struct VmmApi {
+    socket: PathBuf,
+}
+
+impl VmmApi {
+    pub fn new(socket: impl Into<PathBuf>) -> VmmApi {
+        VmmApi {
+            socket: socket.into(),
+        }
+    }
+
+    /// Sends one request (with an optional fd) and returns the response object when `ok`.
+    pub async fn request(&self, request: &Value, fd: Option<BorrowedFd<'_>>) -> Result<Value> {
+        let op = request
+            .get("op")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        tokio::time::timeout(API_TIMEOUT, self.request_inner(request, fd))
+            .await
+            .map_err(|_| Error::Vmm(format!("API {op}: no answer within {API_TIMEOUT:?}")))?
+            .map_err(|e| match e {
+                Error::Vmm(m) => Error::Vmm(format!("API {op}: {m}")),
+                other => other,
+            })
+    }
+
+    async fn request_inner(&self, request: &Value, fd: Option<BorrowedFd<'_>>) -> Result<Value> {
+        let mut stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| Error::Vmm(format!("connect {}: {e}", self.socket.display())))?;
+        let mut line = serde_json::to_vec(request)
+            .map_err(|e| Error::Other(format!("encode VMM request: {e}")))?;
+        line.push(b'\n');
+        match fd {
+            Some(fd) => {
+                // The fd travels with the first bytes of the request line.
+                let raw = [fd.as_raw_fd()];
+                let mut sent = 0;
+                while sent == 0 {
+                    stream
+                        .writable()
+                        .await
+                        .map_err(|e| Error::Vmm(format!("send: {e}")))?;
+                    match stream.try_io(tokio::io::Interest::WRITABLE, || {
+                        let cmsg = [ControlMessage::ScmRights(&raw)];
+                        sendmsg::<()>(
+                            stream.as_raw_fd(),
+                            &[IoSlice::new(&line)],
+                            &cmsg,
+                            MsgFlags::MSG_NOSIGNAL,
+                            None,
+                        )
+                        .map_err(std::io::Error::from)
+                    }) {
+                        Ok(n) => sent = n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(Error::Vmm(format!("send: {e}"))),
+                    }
+                }
+                if sent < line.len() {
+                    stream
+                        .write_all(&line[sent..])
+                        .await
+                        .map_err(|e| Error::Vmm(format!("send: {e}")))?;
+                }
+                read_response(&mut stream).await
+            }
+            None => {
+                stream
+                    .write_all(&line)
+                    .await
+                    .map_err(|e| Error::Vmm(format!("send: {e}")))?;
+                read_response(&mut stream).await
+            }
+        }
+    }
+
+    pub async fn ping(&self) -> Result<String> {
+        let resp = self.request(&json!({"op": "ping"}), None).await?;
+        Ok(resp
+            .get("version")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string())
+    }
+
+    /// Fills an empty drive slot with an open file (the VMM never needs to see our paths).
+    pub async fn set_drive(&self, id: &str, file: BorrowedFd<'_>, read_only: bool) -> Result<()> {
+        self.request(
+            &json!({"op": "set_drive", "id": id, "read_only": read_only}),
+            Some(file),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn clear_drive(&self, id: &str) -> Result<()> {
+        self.request(&json!({"op": "clear_drive", "id": id}), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn pause(&self) -> Result<()> {
+        self.request(&json!({"op": "pause"}), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn resume(&self) -> Result<()> {
+        self.request(&json!({"op": "resume"}), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn stop(&self, force: bool, timeout_ms: u64) -> Result<()> {
+        self.request(
+            &json!({"op": "stop", "force": force, "timeout_ms": timeout_ms}),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn metrics(&self) -> Result<Value> {
+        let resp = self.request(&json!({"op": "metrics"}), None).await?;
+        Ok(resp.get("metrics").cloned().unwrap_or(Value::Null))
+    }
+}
+
+async fn read_response(stream: &mut UnixStream) -> Result<Value> {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    // Bounded read of one line: a VMM that streams garbage cannot make us allocate without end.
+    loop {
+        let available = reader
+            .fill_buf()
+            .await
+            .map_err(|e| Error::Vmm(format!("read: {e}")))?;
+        if available.is_empty() {
+            return Err(Error::Vmm("connection closed before a response".into()));
+        }
+        if let Some(pos) = available.iter().position(|b| *b == b'\n') {
+            buf.extend_from_slice(&available[..pos]);
+            break;
+        }
+        let n = available.len();
+        buf.extend_from_slice(available);
+        reader.consume(n);
+        if buf.len() > MAX_RESPONSE_BYTES {
+            return Err(Error::Vmm(format!(
+                "response longer than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        }
+    }
+    let value: Value =
+        serde_json::from_slice(&buf).map_err(|e| Error::Vmm(format!("malformed response: {e}")))?;
+    match value.get("ok").and_then(Value::as_bool) {
+        Some(true) => Ok(value),
+        Some(false) => Err(Error::Vmm(
+            value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("error without a message")
+                .to_string(),
+        )),
+        None => Err(Error::Vmm(format!("response without \"ok\": {value}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Read, Write};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn command_line_follows_the_contract() {
+        let mut config = Config::default();
+        config.vmm.drive_slots = 2;
+        config.jail.uid = Some(100);
+        config.jail.gid = Some(101);
+        let shape = VmShape {
+            vcpus: 2,
+            memory_mib: 256,
+            debug_console: false,
+        };
+        let paths = VmmPaths::new(Path::new("/run/kata-like/default/pod1"));
+        let args = command_args(&config, &shape, &paths).join(" ");
+        assert!(args.starts_with("run --kernel /usr/share/kata-like/vmlinux --initrd "));
+        assert!(args.contains("--vcpus 2 --memory-mib 256"));
+        assert!(args.contains("--drive id=slot0,empty,ro --drive id=slot1,empty,ro --vsock"));
+        assert!(args.contains("--vsock cid=3,uds=/run/kata-like/default/pod1/jail/vsock.sock"));
+        assert!(args.contains("--api-sock /run/kata-like/default/pod1/jail/api.sock"));
+        assert!(args.contains("--jail-dir /run/kata-like/default/pod1/jail --uid 100 --gid 101"));
+        assert!(!args.contains("--no-jail"));
+        config.jail.enabled = false;
+        let args = command_args(&config, &shape, &paths).join(" ");
+        assert!(args.contains("--no-jail") && !args.contains("--jail-dir"));
+    }
+
+    /// A stand-in for the VMM's API server that answers each request line with a canned line
+    /// and reports what it received (including an fd's contents).
+    fn serve_once(listener: UnixListener, answer: &'static str) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("accept");
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let mut buf = [0u8; 4096];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = nix::sys::socket::recvmsg::<()>(
+                conn.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            )
+            .expect("recvmsg");
+            let mut fd_content = String::new();
+            for c in msg.cmsgs().expect("cmsgs") {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+                    let mut f = unsafe { std::fs::File::from(OwnedFd::from_raw_fd(fds[0])) };
+                    f.read_to_string(&mut fd_content).expect("read fd");
+                }
+            }
+            let n = msg.bytes;
+            let mut line = String::from_utf8_lossy(&buf[..n]).to_string();
+            if !line.ends_with('\n') {
+                let mut rest = String::new();
+                std::io::BufReader::new(&conn)
+                    .read_line(&mut rest)
+                    .expect("rest");
+                line.push_str(&rest);
+            }
+            (&conn).write_all(answer.as_bytes()).expect("answer");
+            format!("{}|{}", line.trim_end(), fd_content)
+        })
+    }
+
+    #[tokio::test]
+    async fn set_drive_passes_the_fd_with_the_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        let server = serve_once(listener, "{\"ok\":true}\n");
+        let image = dir.path().join("layer.img");
+        std::fs::write(&image, "erofs image bytes").expect("write");
+        let file = std::fs::File::open(&image).expect("open");
+        VmmApi::new(&sock)
+            .set_drive("slot3", file.as_fd(), true)
+            .await
+            .expect("set_drive");
+        let seen = server.join().expect("server");
+        let (line, content) = seen.split_once('|').expect("separator");
+        let req: Value = serde_json::from_str(line).expect("json");
+        assert_eq!(
+            req,
+            json!({"op": "set_drive", "id": "slot3", "read_only": true})
+        );
+        assert_eq!(content, "erofs image bytes");
+    }
+
+    #[tokio::test]
+    async fn vmm_errors_and_garbage_become_clear_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (answer, expect) in [
+            (
+                "{\"ok\":false,\"error\":\"no such drive\"}\n",
+                "no such drive",
+            ),
+            ("not json\n", "malformed response"),
+            ("{\"version\":1}\n", "without \"ok\""),
+            ("", "closed before a response"),
+        ] {
+            let sock = dir.path().join("api.sock");
+            let _ = std::fs::remove_file(&sock);
+            let listener = UnixListener::bind(&sock).expect("bind");
+            let server = serve_once(listener, answer);
+            let err = VmmApi::new(&sock)
+                .clear_drive("slot0")
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(expect) && err.contains("clear_drive"),
+                "{answer:?}: {err}"
+            );
+            server.join().expect("server");
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_socket_is_a_clear_error() {
+        let err = VmmApi::new("/nonexistent/api.sock")
+            .ping()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/api.sock"), "{err}");
+    }
+}
