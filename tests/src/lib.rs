@@ -33,3 +33,8 @@ pub fn artifact(var: &str) -> PathBuf {
 }
 
 pub mod console;
+
+/// A private containerd with the kata-like runtime, test images, CNI (see the module).
+pub mod containerd;
+/// A CRI client acting as kubelet.
+pub mod cri;

@@ -1,0 +1,487 @@
+//! A private Debian containerd for the end-to-end tests, configured as a cluster node would be:
+//! CRI with the `runc` and `kata-like` runtime handlers, a CNI bridge network, the test images
+//! imported. Everything lives under one directory of its own (root on its own tmpfs: the
+//! overlayfs snapshotter cannot use an overlayfs upper), and containerd runs in a network
+//! namespace of its own, so the CNI bridge and pod networks never touch the machine's network.
+//!
+//! Needs: root, `containerd`, `ctr`, `runc`, `unshare`, `mkfs.erofs`, CNI plugins in
+//! /usr/lib/cni, busybox-static; for kata-like pods the `KATA_LIKE_*` artifacts.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Local test images (busybox, pause) as OCI layout tarballs.
+#[path = "../images/oci.rs"]
+pub mod images;
+
+pub const BUSYBOX_IMAGE: &str = "registry.test/kata-like/busybox:1";
+pub const PAUSE_IMAGE: &str = "registry.test/kata-like/pause:1";
+pub const KATA_RUNTIME_HANDLER: &str = "kata-like";
+pub const KATA_RUNTIME_TYPE: &str = "io.containerd.kata-like.v2";
+pub const SHIM_BINARY_NAME: &str = "containerd-shim-kata-like-v2";
+/// Where the CRI plugin puts container logs (pod log dirs are chosen by the test).
+pub const CNI_SUBNET: &str = "10.234.0.0/24";
+
+/// A running containerd. Stopped (and its directory removed) when dropped or at process exit.
+pub struct Containerd {
+    pub base: PathBuf,
+    pub socket: PathBuf,
+    /// State dir given to the kata-like shim (its per-pod state lives here).
+    pub kata_state_dir: PathBuf,
+    pub kata_config: PathBuf,
+    child: Option<Child>,
+    /// Shim sockets present before this containerd ran (someone else's).
+    baseline_shim_sockets: Vec<PathBuf>,
+}
+
+/// The artifacts of kata-like pods, from the runner's environment.
+#[derive(Debug, Clone)]
+pub struct KataArtifacts {
+    pub shim: PathBuf,
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl KataArtifacts {
+    /// Reads `KATA_LIKE_SHIM`, `KATA_LIKE_VMM`, `KATA_LIKE_KERNEL`, `KATA_LIKE_INITRD`; panics
+    /// (the test fails) when one is missing.
+    pub fn from_env() -> KataArtifacts {
+        KataArtifacts {
+            shim: crate::artifact("KATA_LIKE_SHIM"),
+            vmm: crate::artifact("KATA_LIKE_VMM"),
+            kernel: crate::artifact("KATA_LIKE_KERNEL"),
+            initrd: crate::artifact("KATA_LIKE_INITRD"),
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn require_tool(path: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: install the test dependencies (tests/install-deps)"
+    );
+}
+
+impl Containerd {
+    /// Starts containerd with the kata-like runtime registered and the test images imported.
+    pub fn start(kata: &KataArtifacts) -> Containerd {
+        for tool in [
+            "/usr/bin/containerd",
+            "/usr/bin/ctr",
+            "/usr/sbin/runc",
+            "/usr/bin/unshare",
+            "/usr/lib/cni/bridge",
+            "/usr/lib/cni/host-local",
+            "/usr/lib/cni/loopback",
+            "/bin/busybox",
+        ] {
+            require_tool(tool);
+        }
+        assert!(
+            nix_is_root(),
+            "the containerd end-to-end tests must run as root"
+        );
+        let base = PathBuf::from(format!("/tmp/kata-like-e2e-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        for d in ["root", "state", "cni", "bin", "certs.d", "logs", "kata-like-state"] {
+            std::fs::create_dir_all(base.join(d)).expect("create containerd dirs");
+        }
+        // containerd's root on a tmpfs of its own: overlayfs refuses an overlayfs upper.
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", "mode=0711", "tmpfs"]).arg(base.join("root")));
+
+        // The shim is found on containerd's PATH by its runtime type.
+        std::os::unix::fs::symlink(&kata.shim, base.join("bin").join(SHIM_BINARY_NAME))
+            .expect("link the shim binary");
+
+        let kata_state_dir = base.join("kata-like-state");
+        let kata_config = base.join("kata-like.toml");
+        std::fs::write(
+            &kata_config,
+            format!(
+                "state_dir = {state:?}\nrootfs_cache_dir = {cache:?}\nlog_level = \"debug\"\n\
+                 [vmm]\npath = {vmm:?}\nkernel = {kernel:?}\ninitrd = {initrd:?}\n",
+                state = kata_state_dir.display().to_string(),
+                cache = base.join("rootfs-cache").display().to_string(),
+                vmm = kata.vmm.display().to_string(),
+                kernel = kata.kernel.display().to_string(),
+                initrd = kata.initrd.display().to_string(),
+            ),
+        )
+        .expect("write the kata-like config");
+
+        std::fs::write(
+            base.join("cni/10-kata-like-test.conflist"),
+            format!(
+                r#"{{"cniVersion": "0.4.0", "name": "kata-like-test", "plugins": [
+  {{"type": "bridge", "bridge": "kltest0", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{CNI_SUBNET}"}}]],
+              "routes": [{{"dst": "0.0.0.0/0"}}]}}}}
+]}}"#
+            ),
+        )
+        .expect("write the CNI config");
+
+        let socket = base.join("containerd.sock");
+        let config = base.join("config.toml");
+        std::fs::write(&config, containerd_config(&base, &socket, &kata_config))
+            .expect("write the containerd config");
+
+        let baseline_shim_sockets = shim_sockets();
+        let log = std::fs::File::create(base.join("containerd.log")).expect("containerd log");
+        let path = format!(
+            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            base.join("bin").display()
+        );
+        // A network namespace of its own: the CNI bridge and every pod network stay in it.
+        let child = Command::new("/usr/bin/unshare")
+            .args(["--net", "--", "/bin/sh", "-c", "ip link set lo up 2>/dev/null; exec \"$@\"", "sh"])
+            .arg("/usr/bin/containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env("KATA_LIKE_CONFIG", &kata_config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let mut containerd = Containerd {
+            base,
+            socket,
+            kata_state_dir,
+            kata_config,
+            child: Some(child),
+            baseline_shim_sockets,
+        };
+        containerd.wait_ready();
+        containerd.import_images();
+        containerd
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "containerd exited during start ({status}); its log:\n{}",
+                        self.log_tail()
+                    );
+                }
+            }
+            let ok = Command::new("/usr/bin/ctr")
+                .arg("--address")
+                .arg(&self.socket)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "containerd did not come up; its log:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `ctr` with this containerd's socket and the CRI namespace.
+    pub fn ctr(&self) -> Command {
+        let mut cmd = Command::new("/usr/bin/ctr");
+        cmd.arg("--address").arg(&self.socket).args(["-n", "k8s.io"]);
+        cmd
+    }
+
+    fn import_images(&self) {
+        let dir = self.base.join("images");
+        std::fs::create_dir_all(&dir).expect("images dir");
+        for (name, tar) in [
+            (BUSYBOX_IMAGE, images::busybox_image(BUSYBOX_IMAGE)),
+            (PAUSE_IMAGE, images::pause_image(PAUSE_IMAGE)),
+        ] {
+            let file = dir.join(format!("{}.tar", name.replace(['/', ':'], "_")));
+            std::fs::write(&file, tar).expect("write image tar");
+            run(self.ctr().args(["images", "import"]).arg(&file));
+        }
+    }
+
+    /// The last part of containerd's log (shim logs included), for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.base.join("containerd.log")).unwrap_or_default();
+        let start = text.len().saturating_sub(16 * 1024);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        text[start..].to_string()
+    }
+
+    /// Directory for pod log dirs.
+    pub fn log_dir(&self) -> PathBuf {
+        self.base.join("logs")
+    }
+
+    /// Asserts that nothing of kata-like is left: no shim or VMM process, no per-pod state, no
+    /// mount under the state dir, no tap device, no new shim socket. Waits (bounded) for shims
+    /// that are exiting after their last container went away.
+    pub fn assert_no_leftovers(&self, kata: &KataArtifacts) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leftovers = self.leftovers(kata);
+            if leftovers.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "left behind after the test: {leftovers:#?}\ncontainerd log:\n{}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn leftovers(&self, kata: &KataArtifacts) -> Vec<String> {
+        let mut found = Vec::new();
+        for (pid, exe) in processes() {
+            if same_file(&exe, &kata.shim) || same_file(&exe, &kata.vmm) {
+                found.push(format!("process {pid} {}", exe.display()));
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.kata_state_dir) {
+            for e in entries.flatten() {
+                found.push(format!("state {}", e.path().display()));
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in mounts.lines() {
+            if line.contains(self.kata_state_dir.to_str().unwrap_or("\0"))
+                || line.contains("/run/kata-like")
+            {
+                found.push(format!("mount {line}"));
+            }
+        }
+        let netns_pid = self.child.as_ref().map(|c| c.id());
+        for net in net_devices(netns_pid) {
+            if net.starts_with("tap") || net.starts_with("kl") && net != "kltest0" {
+                found.push(format!("net device {net}"));
+            }
+        }
+        for s in shim_sockets() {
+            if !self.baseline_shim_sockets.contains(&s) {
+                found.push(format!("shim socket {}", s.display()));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM to the containerd process (the unshare'd sh exec'd it, same pid).
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // containerd's snapshot mounts die with the tmpfs; lazily, in case a shim holds one.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let base = self.base.display().to_string();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&base))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").args(["-l", p]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+fn containerd_config(base: &Path, socket: &Path, kata_config: &Path) -> String {
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{socket}"
+[debug]
+  level = "info"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}]
+      runtime_type = "{KATA_RUNTIME_TYPE}"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}.options]
+        ConfigPath = "{kata_config}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#,
+        root = base.join("root").display(),
+        state = base.join("state").display(),
+        socket = socket.display(),
+        kata_config = kata_config.display(),
+        cni = base.join("cni").display(),
+        certs = base.join("certs.d").display(),
+    )
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// (pid, executable) of every process.
+pub fn processes() -> Vec<(u32, PathBuf)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(exe) = std::fs::read_link(e.path().join("exe")) {
+                out.push((pid, exe));
+            }
+        }
+    }
+    out
+}
+
+/// Pids of the processes running `binary`.
+pub fn pids_of(binary: &Path) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|(_, exe)| same_file(exe, binary))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn same_file(exe: &Path, binary: &Path) -> bool {
+    let exe = exe.to_string_lossy();
+    let exe = exe.trim_end_matches(" (deleted)");
+    match std::fs::canonicalize(binary) {
+        Ok(b) => Path::new(exe) == b,
+        Err(_) => false,
+    }
+}
+
+fn shim_sockets() -> Vec<PathBuf> {
+    std::fs::read_dir("/run/containerd/s")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Network devices of the network namespace of process `pid` (containerd's, where shims and
+/// their VMMs run), or of ours.
+fn net_devices(pid: Option<u32>) -> Vec<String> {
+    let mut cmd = Command::new("nsenter");
+    if let Some(pid) = pid {
+        cmd.args(["-t", &pid.to_string(), "-n"]);
+    }
+    let out = match cmd.args(["ip", "-o", "link", "show"]).output() {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(_) => return Vec::new(),
+    };
+    // "2: name@peer: <...>" -> name
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+/// The containerd shared by the tests of one test binary (started on first use; stopped at
+/// process exit). Tests hold the returned guard, so they run one at a time.
+pub fn shared() -> std::sync::MutexGuard<'static, Containerd> {
+    static SHARED: OnceLock<Mutex<Containerd>> = OnceLock::new();
+    let m = SHARED.get_or_init(|| {
+        let c = Containerd::start(&KataArtifacts::from_env());
+        extern "C" fn stop_at_exit() {
+            if let Some(m) = SHARED_FOR_EXIT.get() {
+                if let Ok(mut c) = m.lock() {
+                    let dummy = Containerd {
+                        base: PathBuf::new(),
+                        socket: PathBuf::new(),
+                        kata_state_dir: PathBuf::new(),
+                        kata_config: PathBuf::new(),
+                        child: None,
+                        baseline_shim_sockets: Vec::new(),
+                    };
+                    drop(std::mem::replace(&mut *c, dummy));
+                }
+            }
+        }
+        // SAFETY: registering a plain extern "C" function.
+        unsafe {
+            libc::atexit(stop_at_exit);
+        }
+        Mutex::new(c)
+    });
+    let _ = SHARED_FOR_EXIT.set(m);
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+static SHARED_FOR_EXIT: OnceLock<&'static Mutex<Containerd>> = OnceLock::new();
+
+/// Writes text to a file, creating parents.
+pub fn write_file(path: &Path, text: &str) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).expect("mkdir");
+    }
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(text.as_bytes()).expect("write");
+}
+
+/// sha256 hex of bytes.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,386 @@
+//! End-to-end CRI tests: this test acts as kubelet against Debian's containerd, which runs pods
+//! with the `kata-like` runtime handler (our shim, VMM, guest kernel and agent) and, as a
+//! baseline in the same containerd, with runc. After every test nothing of kata-like is left.
+
+use std::time::Duration;
+
+use kata_like_tests::containerd::{self, KataArtifacts, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
+use kata_like_tests::cri::{self, Cri};
+
+/// Generous bound for one container to finish under TCG (the test host is several times slower).
+const EXIT_LIMIT: Duration = Duration::from_secs(180);
+
+fn host_kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("host osrelease")
+        .trim()
+        .to_string()
+}
+
+fn host_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .expect("host boot_id")
+        .trim()
+        .to_string()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn runc_baseline_pod_runs_in_the_same_containerd() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let pod = cri::pod_config("runc-baseline", &containerd.log_dir());
+    let pod_id = cri.run_pod(&pod, "runc").await.expect("RunPodSandbox (runc)");
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("main", BUSYBOX_IMAGE, &["sh", "-c", "echo runc-ok; exit 4"]),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    let status = cri.wait_exited(&c, EXIT_LIMIT).await;
+    assert_eq!(status.exit_code, 4);
+    let log = cri::read_log(std::path::Path::new(&status.log_path));
+    assert_eq!(cri::stream_lines(&log, "stdout"), vec!["runc-ok"]);
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_pod_runs_a_container_with_logs_and_exit_code() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let pod = cri::pod_config("kata-logs", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let state = cri.pod_status(&pod_id).await;
+    assert_eq!(state.state, cri::v1::PodSandboxState::SandboxReady as i32);
+    // The pod went through the CNI setup as for runc: it has an address from our subnet.
+    let ip = state.network.map(|n| n.ip).unwrap_or_default();
+    assert!(ip.starts_with("10.234.0."), "pod IP {ip:?}");
+    assert_eq!(
+        containerd::pids_of(&kata.vmm).len(),
+        1,
+        "one VMM for the pod"
+    );
+
+    let script = "echo hello from the pod; echo to stderr >&2; i=0; \
+                  while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; exit 3";
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("main", BUSYBOX_IMAGE, &["sh", "-c", script]),
+            &pod,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", containerd.log_tail()));
+    cri.start_container(&c)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", containerd.log_tail()));
+    let status = cri.wait_exited(&c, EXIT_LIMIT).await;
+    assert_eq!(status.exit_code, 3, "{status:?}");
+
+    let log = cri::read_log(std::path::Path::new(&status.log_path));
+    let stdout = cri::stream_lines(&log, "stdout");
+    let mut expected = vec!["hello from the pod".to_string()];
+    expected.extend((0..2000).map(|i| format!("line-{i}")));
+    assert_eq!(stdout, expected, "every stdout line, in order");
+    assert_eq!(cri::stream_lines(&log, "stderr"), vec!["to stderr"]);
+
+    cri.remove_container(&c).await.expect("RemoveContainer");
+    cri.stop_pod(&pod_id).await.expect("StopPodSandbox");
+    cri.remove_pod(&pod_id).await.expect("RemovePodSandbox");
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_container_runs_under_its_own_kernel() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let pod = cri::pod_config("kata-kernel", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+
+    let uname = cri.exec_sync(&c, &["uname", "-r"], 60).await.expect("ExecSync uname");
+    assert_eq!(uname.exit_code, 0, "{uname:?}");
+    let guest_release = text(&uname.stdout).trim().to_string();
+    assert!(!guest_release.is_empty());
+    assert_ne!(guest_release, host_kernel_release(), "the container sees another kernel");
+
+    let boot_id = cri
+        .exec_sync(&c, &["cat", "/proc/sys/kernel/random/boot_id"], 60)
+        .await
+        .expect("ExecSync boot_id");
+    assert_ne!(text(&boot_id.stdout).trim(), host_boot_id(), "another booted kernel instance");
+
+    let cpuinfo = cri
+        .exec_sync(&c, &["grep", "-c", "-w", "hypervisor", "/proc/cpuinfo"], 60)
+        .await
+        .expect("ExecSync cpuinfo");
+    assert_eq!(cpuinfo.exit_code, 0, "the guest CPU has the hypervisor flag: {cpuinfo:?}");
+
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_exec_sync_returns_output_and_exit_code() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let pod = cri::pod_config("kata-exec", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    let r = cri
+        .exec_sync(&c, &["sh", "-c", "echo out; echo err >&2; exit 7"], 60)
+        .await
+        .expect("ExecSync");
+    assert_eq!(text(&r.stdout), "out\n");
+    assert_eq!(text(&r.stderr), "err\n");
+    assert_eq!(r.exit_code, 7);
+    // Files written by one exec are seen by the next: same container, same rootfs.
+    let w = cri
+        .exec_sync(&c, &["sh", "-c", "echo persisted > /tmp/f && cat /tmp/f"], 60)
+        .await
+        .expect("ExecSync write");
+    assert_eq!(text(&w.stdout), "persisted\n");
+    let r = cri.exec_sync(&c, &["cat", "/tmp/f"], 60).await.expect("ExecSync read");
+    assert_eq!(text(&r.stdout), "persisted\n");
+    // Stats come back decoded by containerd's CRI.
+    let stats = cri.container_stats(&c).await.expect("ContainerStats");
+    assert!(stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0) > 0);
+
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_stop_container_honours_the_grace_period() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let pod = cri::pod_config("kata-stop", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    // Handles SIGTERM: exits 42 within the grace period.
+    let polite = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config(
+                "polite",
+                BUSYBOX_IMAGE,
+                &["sh", "-c", "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 1; done"],
+            ),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer polite");
+    // Ignores SIGTERM: killed when the grace period ends.
+    let stubborn = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config(
+                "stubborn",
+                BUSYBOX_IMAGE,
+                &["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 1; done"],
+            ),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer stubborn");
+    for c in [&polite, &stubborn] {
+        cri.start_container(c).await.expect("StartContainer");
+    }
+    // Wait until both shells run their trap (they print "ready" after installing it).
+    for c in [&polite, &stubborn] {
+        let status = cri.container_status(c).await;
+        let deadline = std::time::Instant::now() + EXIT_LIMIT;
+        loop {
+            let log = cri::read_log(std::path::Path::new(&status.log_path));
+            if cri::stream_lines(&log, "stdout").contains(&"ready".to_string()) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "container never got ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    cri.stop_container(&polite, 30).await.expect("StopContainer polite");
+    let status = cri.container_status(&polite).await;
+    assert_eq!(status.state, cri::CONTAINER_EXITED);
+    assert_eq!(status.exit_code, 42);
+    let log = cri::read_log(std::path::Path::new(&status.log_path));
+    assert!(cri::stream_lines(&log, "stdout").contains(&"got TERM".to_string()));
+
+    cri.stop_container(&stubborn, 2).await.expect("StopContainer stubborn");
+    let status = cri.container_status(&stubborn).await;
+    assert_eq!(status.state, cri::CONTAINER_EXITED);
+    assert_eq!(status.exit_code, 137, "SIGKILL after the grace period");
+
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_two_containers_share_one_pod_vm() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let pod = cri::pod_config("kata-two", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let mut ids = Vec::new();
+    for name in ["first", "second"] {
+        let c = cri
+            .create_container(
+                &pod_id,
+                &cri::container_config(name, BUSYBOX_IMAGE, &["sleep", "3600"]),
+                &pod,
+            )
+            .await
+            .expect("CreateContainer");
+        cri.start_container(&c).await.expect("StartContainer");
+        ids.push(c);
+    }
+    assert_eq!(containerd::pids_of(&kata.vmm).len(), 1, "both containers in one VM");
+    assert_eq!(containerd::pids_of(&kata.shim).len(), 1, "one shim for the pod");
+    let mut boot_ids = Vec::new();
+    for c in &ids {
+        let r = cri
+            .exec_sync(c, &["cat", "/proc/sys/kernel/random/boot_id"], 60)
+            .await
+            .expect("ExecSync");
+        boot_ids.push(text(&r.stdout).trim().to_string());
+    }
+    assert_eq!(boot_ids[0], boot_ids[1], "same guest kernel");
+    assert_ne!(boot_ids[0], host_boot_id());
+    // Each container has its own rootfs.
+    cri.exec_sync(&ids[0], &["sh", "-c", "echo mine > /tmp/only-first"], 60)
+        .await
+        .expect("ExecSync");
+    let r = cri.exec_sync(&ids[1], &["ls", "/tmp/only-first"], 60).await.expect("ExecSync");
+    assert_ne!(r.exit_code, 0, "the second container does not see the first one's files");
+
+    // Removing one container leaves the other running in the same VM.
+    cri.stop_container(&ids[0], 5).await.expect("StopContainer");
+    cri.remove_container(&ids[0]).await.expect("RemoveContainer");
+    let r = cri.exec_sync(&ids[1], &["echo", "still here"], 60).await.expect("ExecSync");
+    assert_eq!(text(&r.stdout), "still here\n");
+
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_two_pods_run_at_once() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let mut pods = Vec::new();
+    for name in ["kata-pod-a", "kata-pod-b"] {
+        let pod = cri::pod_config(name, &containerd.log_dir());
+        let pod_id = cri
+            .run_pod(&pod, KATA_RUNTIME_HANDLER)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+        let c = cri
+            .create_container(
+                &pod_id,
+                &cri::container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]),
+                &pod,
+            )
+            .await
+            .expect("CreateContainer");
+        cri.start_container(&c).await.expect("StartContainer");
+        pods.push((pod_id, c));
+    }
+    assert_eq!(containerd::pids_of(&kata.vmm).len(), 2, "a VM per pod");
+    assert_eq!(containerd::pids_of(&kata.shim).len(), 2, "a shim per pod");
+    let mut boot_ids = Vec::new();
+    for (_, c) in &pods {
+        let r = cri
+            .exec_sync(c, &["cat", "/proc/sys/kernel/random/boot_id"], 60)
+            .await
+            .expect("ExecSync");
+        boot_ids.push(text(&r.stdout).trim().to_string());
+    }
+    assert_ne!(boot_ids[0], boot_ids[1], "each pod has its own kernel");
+    for (pod_id, _) in &pods {
+        cri.teardown_pod(pod_id).await;
+    }
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_pod_refuses_hostile_annotations_and_leaves_nothing() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let mut pod = cri::pod_config("kata-hostile", &containerd.log_dir());
+    pod.annotations
+        .insert("io.kata-like.memory-mib".into(), "99999999".into());
+    let err = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .expect_err("an out-of-range VM size is refused");
+    assert!(
+        err.message().contains("io.kata-like.memory-mib"),
+        "the error names the annotation: {err}"
+    );
+    // containerd keeps the failed sandbox record (NotReady) only until removed.
+    let pods = cri
+        .runtime
+        .list_pod_sandbox(cri::v1::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("ListPodSandbox")
+        .into_inner()
+        .items;
+    for p in pods {
+        let _ = cri.stop_pod(&p.id).await;
+        let _ = cri.remove_pod(&p.id).await;
+    }
+    containerd.assert_no_leftovers(&kata);
+}
