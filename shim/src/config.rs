@@ -37,7 +37,7 @@ pub struct Config {
     pub jail: JailConfig,
     pub limits: Limits,
     /// Per-sandbox state (sockets, pid file, console log, jail dir) lives under
-    /// `<state_dir>/<namespace>/<sandbox id>/`.
+    /// `<state_dir>/<16 hex digits of sha256(namespace/sandbox id)>/`.
     pub state_dir: PathBuf,
     /// Cache of erofs images of read-only snapshot layers, shared by all pods of the host.
     pub rootfs_cache_dir: PathBuf,

@@ -1,7 +1,7 @@
 //! The pod VM: its state dir, the VMM process, the agent link, drive slots with the storages in
 //! them, and its end (clean stop, death, or cleanup after a crashed shim).
 //!
-//! State dir `<state_dir>/<namespace>/<sandbox id>/`: `vmm.pid`, `jail/` (with `api.sock` and
+//! State dir `<state_dir>/<hash of namespace and sandbox id>/`: `vmm.pid`, `jail/` (with `api.sock` and
 //! `vsock.sock`), `console.log`, `vmm.log`, scratch images. `delete` and a restarted shim use it
 //! to kill a VMM left behind and remove everything.
 
@@ -34,9 +34,20 @@ const CONSOLE_TAIL_BYTES: u64 = 4096;
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn state_dir_for(config: &Config, namespace: &str, sandbox_id: &str) -> Result<PathBuf> {
+    Ok(config
+        .state_dir
+        .join(state_dir_name(namespace, sandbox_id)?))
+}
+
+/// The state dir's name: a short hash of namespace and sandbox id. Sockets live two levels
+/// below it and a Unix socket path must stay under 108 bytes, which a 64-hex-digit container id
+/// under a test's state dir would exceed.
+pub fn state_dir_name(namespace: &str, sandbox_id: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
     crate::spec::check_id("namespace", namespace)?;
     crate::spec::check_id("sandbox", sandbox_id)?;
-    Ok(config.state_dir.join(namespace).join(sandbox_id))
+    let digest = Sha256::digest(format!("{namespace}/{sandbox_id}").as_bytes());
+    Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Kills whatever an earlier shim left in a state dir and removes it.
@@ -545,10 +556,10 @@ mod tests {
     #[test]
     fn state_dirs_are_per_namespace_and_sandbox_and_refuse_bad_ids() {
         let config = Config::default();
-        assert_eq!(
-            state_dir_for(&config, "k8s.io", "abc").expect("ok"),
-            PathBuf::from("/run/kata-like/k8s.io/abc")
-        );
+        let dir = state_dir_for(&config, "k8s.io", "abc").expect("ok");
+        assert!(dir.starts_with("/run/kata-like"));
+        assert_eq!(dir.file_name().map(|n| n.len()), Some(16));
+        assert_ne!(dir, state_dir_for(&config, "default", "abc").expect("ok"));
         assert!(state_dir_for(&config, "..", "abc").is_err());
         assert!(state_dir_for(&config, "k8s.io", "a/b").is_err());
     }
@@ -556,14 +567,13 @@ mod tests {
     #[test]
     fn cleanup_removes_the_state_dir_and_spares_foreign_pids() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let state = dir.path().join("ns").join("pod");
+        let state = dir.path().join("pod");
         std::fs::create_dir_all(state.join("jail")).expect("mkdir");
         // A pid file naming a live process that is not this sandbox's VMM (our own test
         // process): it must not be killed.
         std::fs::write(state.join("vmm.pid"), std::process::id().to_string()).expect("write");
         cleanup_state_dir(&state).expect("cleanup");
         assert!(!state.exists());
-        assert!(!dir.path().join("ns").exists());
         cleanup_state_dir(&state).expect("idempotent");
     }
 
@@ -586,7 +596,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/vmlinux"), "{err}");
-        assert!(!dir.path().join("default/pod1").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
     }
 
     #[tokio::test]
@@ -618,6 +628,11 @@ mod tests {
             .to_string();
         assert!(err.contains("exit status: 1"), "{err}");
         assert!(err.contains("kvm: no such device"), "{err}");
-        assert!(!dir.path().join("state/default/pod1").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("state"))
+                .expect("dir")
+                .count(),
+            0
+        );
     }
 }

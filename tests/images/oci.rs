@@ -61,7 +61,10 @@ pub fn busybox_layer() -> Vec<u8> {
             .expect("tar link");
     }
     for (name, text) in [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        ),
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
     ] {
         let mut h = tar::Header::new_gnu();
@@ -127,7 +130,10 @@ pub fn image_tar(name: &str, layer: &[u8], config: serde_json::Value) -> Vec<u8>
         (&config_digest, &config_bytes[..]),
         (&layer_digest, layer),
     ] {
-        add(&format!("blobs/sha256/{}", &digest["sha256:".len()..]), data);
+        add(
+            &format!("blobs/sha256/{}", &digest["sha256:".len()..]),
+            data,
+        );
     }
     tar.into_inner().expect("finish tar")
 }
@@ -176,8 +182,7 @@ mod tests {
                 assert_eq!(digest, sha256_hex(data), "{path}");
             }
         }
-        let index: serde_json::Value =
-            serde_json::from_slice(&files["index.json"]).expect("index");
+        let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).expect("index");
         assert_eq!(
             index["manifests"][0]["annotations"]["io.containerd.image.name"],
             "registry.test/x/busybox:1"
@@ -190,8 +195,17 @@ mod tests {
             .max_by_key(|d| d.len())
             .expect("layer");
         let mut names = Vec::new();
-        for e in tar::Archive::new(&layer[..]).entries().expect("layer entries") {
-            names.push(e.expect("entry").path().expect("path").display().to_string());
+        for e in tar::Archive::new(&layer[..])
+            .entries()
+            .expect("layer entries")
+        {
+            names.push(
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string(),
+            );
         }
         assert!(names.contains(&"bin/busybox".to_string()));
         assert!(names.contains(&"bin/sh".to_string()));

@@ -103,11 +103,21 @@ impl Containerd {
         );
         let base = PathBuf::from(format!("/tmp/kata-like-e2e-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
-        for d in ["root", "state", "cni", "bin", "certs.d", "logs", "kata-like-state"] {
+        for d in [
+            "root",
+            "state",
+            "cni",
+            "bin",
+            "certs.d",
+            "logs",
+            "kata-like-state",
+        ] {
             std::fs::create_dir_all(base.join(d)).expect("create containerd dirs");
         }
         // containerd's root on a tmpfs of its own: overlayfs refuses an overlayfs upper.
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", "mode=0711", "tmpfs"]).arg(base.join("root")));
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "mode=0711", "tmpfs"])
+            .arg(base.join("root")));
 
         // The shim is found on containerd's PATH by its runtime type.
         std::os::unix::fs::symlink(&kata.shim, base.join("bin").join(SHIM_BINARY_NAME))
@@ -154,7 +164,14 @@ impl Containerd {
         );
         // A network namespace of its own: the CNI bridge and every pod network stay in it.
         let child = Command::new("/usr/bin/unshare")
-            .args(["--net", "--", "/bin/sh", "-c", "ip link set lo up 2>/dev/null; exec \"$@\"", "sh"])
+            .args([
+                "--net",
+                "--",
+                "/bin/sh",
+                "-c",
+                "ip link set lo up 2>/dev/null; exec \"$@\"",
+                "sh",
+            ])
             .arg("/usr/bin/containerd")
             .arg("--config")
             .arg(&config)
@@ -213,7 +230,9 @@ impl Containerd {
     /// `ctr` with this containerd's socket and the CRI namespace.
     pub fn ctr(&self) -> Command {
         let mut cmd = Command::new("/usr/bin/ctr");
-        cmd.arg("--address").arg(&self.socket).args(["-n", "k8s.io"]);
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["-n", "k8s.io"]);
         cmd
     }
 
@@ -356,6 +375,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}]
       runtime_type = "{KATA_RUNTIME_TYPE}"
+      pod_annotations = ["io.kata-like.*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}.options]
         ConfigPath = "{kata_config}"
   [plugins."io.containerd.grpc.v1.cri".cni]

@@ -25,13 +25,16 @@ pub struct Cri {
 impl Cri {
     pub async fn connect(socket: &Path) -> Cri {
         let socket: PathBuf = socket.to_path_buf();
-        let channel = Endpoint::from_static("http://[::1]:1")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-            }))
-            .await
-            .expect("connect to containerd's CRI socket");
+        let channel =
+            Endpoint::from_static("http://[::1]:1")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let socket = socket.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
+                    }
+                }))
+                .await
+                .expect("connect to containerd's CRI socket");
         Cri {
             runtime: RuntimeServiceClient::new(channel.clone())
                 .max_decoding_message_size(16 * 1024 * 1024),
@@ -189,7 +192,10 @@ impl Cri {
             .expect("a status")
     }
 
-    pub async fn container_stats(&mut self, id: &str) -> Result<cri::ContainerStats, tonic::Status> {
+    pub async fn container_stats(
+        &mut self,
+        id: &str,
+    ) -> Result<cri::ContainerStats, tonic::Status> {
         Ok(self
             .runtime
             .container_stats(cri::ContainerStatsRequest {

@@ -35,7 +35,10 @@ async fn runc_baseline_pod_runs_in_the_same_containerd() {
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
     let pod = cri::pod_config("runc-baseline", &containerd.log_dir());
-    let pod_id = cri.run_pod(&pod, "runc").await.expect("RunPodSandbox (runc)");
+    let pod_id = cri
+        .run_pod(&pod, "runc")
+        .await
+        .expect("RunPodSandbox (runc)");
     let c = cri
         .create_container(
             &pod_id,
@@ -125,23 +128,37 @@ async fn kata_container_runs_under_its_own_kernel() {
         .expect("CreateContainer");
     cri.start_container(&c).await.expect("StartContainer");
 
-    let uname = cri.exec_sync(&c, &["uname", "-r"], 60).await.expect("ExecSync uname");
+    let uname = cri
+        .exec_sync(&c, &["uname", "-r"], 60)
+        .await
+        .expect("ExecSync uname");
     assert_eq!(uname.exit_code, 0, "{uname:?}");
     let guest_release = text(&uname.stdout).trim().to_string();
     assert!(!guest_release.is_empty());
-    assert_ne!(guest_release, host_kernel_release(), "the container sees another kernel");
+    assert_ne!(
+        guest_release,
+        host_kernel_release(),
+        "the container sees another kernel"
+    );
 
     let boot_id = cri
         .exec_sync(&c, &["cat", "/proc/sys/kernel/random/boot_id"], 60)
         .await
         .expect("ExecSync boot_id");
-    assert_ne!(text(&boot_id.stdout).trim(), host_boot_id(), "another booted kernel instance");
+    assert_ne!(
+        text(&boot_id.stdout).trim(),
+        host_boot_id(),
+        "another booted kernel instance"
+    );
 
     let cpuinfo = cri
         .exec_sync(&c, &["grep", "-c", "-w", "hypervisor", "/proc/cpuinfo"], 60)
         .await
         .expect("ExecSync cpuinfo");
-    assert_eq!(cpuinfo.exit_code, 0, "the guest CPU has the hypervisor flag: {cpuinfo:?}");
+    assert_eq!(
+        cpuinfo.exit_code, 0,
+        "the guest CPU has the hypervisor flag: {cpuinfo:?}"
+    );
 
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
@@ -176,15 +193,29 @@ async fn kata_exec_sync_returns_output_and_exit_code() {
     assert_eq!(r.exit_code, 7);
     // Files written by one exec are seen by the next: same container, same rootfs.
     let w = cri
-        .exec_sync(&c, &["sh", "-c", "echo persisted > /tmp/f && cat /tmp/f"], 60)
+        .exec_sync(
+            &c,
+            &["sh", "-c", "echo persisted > /tmp/f && cat /tmp/f"],
+            60,
+        )
         .await
         .expect("ExecSync write");
     assert_eq!(text(&w.stdout), "persisted\n");
-    let r = cri.exec_sync(&c, &["cat", "/tmp/f"], 60).await.expect("ExecSync read");
+    let r = cri
+        .exec_sync(&c, &["cat", "/tmp/f"], 60)
+        .await
+        .expect("ExecSync read");
     assert_eq!(text(&r.stdout), "persisted\n");
     // Stats come back decoded by containerd's CRI.
     let stats = cri.container_stats(&c).await.expect("ContainerStats");
-    assert!(stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value).unwrap_or(0) > 0);
+    assert!(
+        stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map(|v| v.value)
+            .unwrap_or(0)
+            > 0
+    );
 
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
@@ -208,7 +239,11 @@ async fn kata_stop_container_honours_the_grace_period() {
             &cri::container_config(
                 "polite",
                 BUSYBOX_IMAGE,
-                &["sh", "-c", "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 1; done"],
+                &[
+                    "sh",
+                    "-c",
+                    "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 1; done",
+                ],
             ),
             &pod,
         )
@@ -221,7 +256,11 @@ async fn kata_stop_container_honours_the_grace_period() {
             &cri::container_config(
                 "stubborn",
                 BUSYBOX_IMAGE,
-                &["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 1; done"],
+                &[
+                    "sh",
+                    "-c",
+                    "trap '' TERM; echo ready; while true; do sleep 1; done",
+                ],
             ),
             &pod,
         )
@@ -239,18 +278,25 @@ async fn kata_stop_container_honours_the_grace_period() {
             if cri::stream_lines(&log, "stdout").contains(&"ready".to_string()) {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "container never got ready");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "container never got ready"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    cri.stop_container(&polite, 30).await.expect("StopContainer polite");
+    cri.stop_container(&polite, 30)
+        .await
+        .expect("StopContainer polite");
     let status = cri.container_status(&polite).await;
     assert_eq!(status.state, cri::CONTAINER_EXITED);
     assert_eq!(status.exit_code, 42);
     let log = cri::read_log(std::path::Path::new(&status.log_path));
     assert!(cri::stream_lines(&log, "stdout").contains(&"got TERM".to_string()));
 
-    cri.stop_container(&stubborn, 2).await.expect("StopContainer stubborn");
+    cri.stop_container(&stubborn, 2)
+        .await
+        .expect("StopContainer stubborn");
     let status = cri.container_status(&stubborn).await;
     assert_eq!(status.state, cri::CONTAINER_EXITED);
     assert_eq!(status.exit_code, 137, "SIGKILL after the grace period");
@@ -283,8 +329,16 @@ async fn kata_two_containers_share_one_pod_vm() {
         cri.start_container(&c).await.expect("StartContainer");
         ids.push(c);
     }
-    assert_eq!(containerd::pids_of(&kata.vmm).len(), 1, "both containers in one VM");
-    assert_eq!(containerd::pids_of(&kata.shim).len(), 1, "one shim for the pod");
+    assert_eq!(
+        containerd::pids_of(&kata.vmm).len(),
+        1,
+        "both containers in one VM"
+    );
+    assert_eq!(
+        containerd::pids_of(&kata.shim).len(),
+        1,
+        "one shim for the pod"
+    );
     let mut boot_ids = Vec::new();
     for c in &ids {
         let r = cri
@@ -299,13 +353,24 @@ async fn kata_two_containers_share_one_pod_vm() {
     cri.exec_sync(&ids[0], &["sh", "-c", "echo mine > /tmp/only-first"], 60)
         .await
         .expect("ExecSync");
-    let r = cri.exec_sync(&ids[1], &["ls", "/tmp/only-first"], 60).await.expect("ExecSync");
-    assert_ne!(r.exit_code, 0, "the second container does not see the first one's files");
+    let r = cri
+        .exec_sync(&ids[1], &["ls", "/tmp/only-first"], 60)
+        .await
+        .expect("ExecSync");
+    assert_ne!(
+        r.exit_code, 0,
+        "the second container does not see the first one's files"
+    );
 
     // Removing one container leaves the other running in the same VM.
     cri.stop_container(&ids[0], 5).await.expect("StopContainer");
-    cri.remove_container(&ids[0]).await.expect("RemoveContainer");
-    let r = cri.exec_sync(&ids[1], &["echo", "still here"], 60).await.expect("ExecSync");
+    cri.remove_container(&ids[0])
+        .await
+        .expect("RemoveContainer");
+    let r = cri
+        .exec_sync(&ids[1], &["echo", "still here"], 60)
+        .await
+        .expect("ExecSync");
     assert_eq!(text(&r.stdout), "still here\n");
 
     cri.teardown_pod(&pod_id).await;

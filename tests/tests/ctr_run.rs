@@ -10,9 +10,21 @@ fn ctr_run_with_the_kata_like_runtime() {
     let kata = KataArtifacts::from_env();
     let out = containerd
         .ctr()
-        .args(["run", "--rm", "--runtime", KATA_RUNTIME_TYPE, "--runtime-config-path"])
+        .args([
+            "run",
+            "--rm",
+            "--runtime",
+            KATA_RUNTIME_TYPE,
+            "--runtime-config-path",
+        ])
         .arg(&containerd.kata_config)
-        .args([BUSYBOX_IMAGE, "ctr-smoke", "sh", "-c", "uname -r; echo smoke-ok; exit 5"])
+        .args([
+            BUSYBOX_IMAGE,
+            "ctr-smoke",
+            "sh",
+            "-c",
+            "uname -r; echo smoke-ok; exit 5",
+        ])
         .output()
         .expect("run ctr");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -26,7 +38,11 @@ fn ctr_run_with_the_kata_like_runtime() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    assert_ne!(lines[0].trim(), host.trim(), "the container ran under the guest kernel");
+    assert_ne!(
+        lines[0].trim(),
+        host.trim(),
+        "the container ran under the guest kernel"
+    );
     assert_eq!(lines[1], "smoke-ok");
     containerd.assert_no_leftovers(&kata);
 }
