@@ -61,10 +61,6 @@ pub fn cleanup_state_dir(state_dir: &Path) -> Result<()> {
     }
     std::fs::remove_dir_all(state_dir)
         .map_err(Error::io(format!("remove {}", state_dir.display())))?;
-    if let Some(parent) = state_dir.parent() {
-        // The namespace dir goes when its last pod does (fails harmlessly otherwise).
-        let _ = std::fs::remove_dir(parent);
-    }
     Ok(())
 }
 
