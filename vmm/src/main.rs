@@ -1,12 +1,105 @@
+//! `kata-like-vmm run ...` and `kata-like-vmm probe` (see CONTRACT.md and README.md).
+
+use kata_like_vmm::builder::{build_vmm, open_resources};
+use kata_like_vmm::resources::VmResources;
+use kata_like_vmm::vmm::SeccompSettings;
+
+const USAGE: &str = "usage: kata-like-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] \
+[--memory-mib N] [--hugepages] [--console PATH|fd:N|stdout|null] [--drive id=ID,path=PATH[,ro]] \
+[--drive id=ID,empty[,ro]] [--net fd=N|tap=NAME[,mac=MAC]] [--vsock cid=N,uds=PATH] [--rng] \
+[--api-sock PATH] [--jail-dir DIR [--uid U --gid G] | --no-jail] [--log-level LEVEL]
+       kata-like-vmm probe";
+
+fn init_logging(level: Option<&str>) -> Result<(), String> {
+    let level = match level.unwrap_or("warn") {
+        "error" => tracing::Level::ERROR,
+        "warn" => tracing::Level::WARN,
+        "info" => tracing::Level::INFO,
+        "debug" => tracing::Level::DEBUG,
+        "trace" => tracing::Level::TRACE,
+        other => return Err(format!("unknown log level {other:?}")),
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+fn run(args: Vec<String>) -> i32 {
+    let resources = match VmResources::from_args(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kata-like-vmm: {e}\n{USAGE}");
+            return 2;
+        }
+    };
+    if let Err(e) = init_logging(resources.log_level.as_deref()) {
+        eprintln!("kata-like-vmm: {e}");
+        return 2;
+    }
+    kata_like_vmm::jail::close_inherited_fds(&resources.inherited_fds());
+    let mut opened = match open_resources(&resources) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("kata-like-vmm: {e}");
+            return 1;
+        }
+    };
+    let api_listener = opened.api_listener.take();
+    if resources.jail.enabled {
+        if let Err(e) = kata_like_vmm::jail::enter(&resources.jail) {
+            eprintln!("kata-like-vmm: jail: {e}");
+            return 1;
+        }
+    }
+    let vmm = match build_vmm(&resources, opened) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("kata-like-vmm: {e}");
+            return 1;
+        }
+    };
+    vmm.run(
+        api_listener,
+        SeccompSettings {
+            enabled: resources.jail.enabled,
+            violation: resources.seccomp_violation,
+        },
+    )
+}
+
 fn main() {
-    match std::env::args().nth(1).as_deref() {
+    let mut args = std::env::args().skip(1);
+    let status = match args.next().as_deref() {
+        Some("run") => run(args.collect()),
         Some("probe") => match kata_like_vmm::test_guest::probe() {
-            Ok(r) => println!("{}", serde_json::to_string(&r).unwrap_or_default()),
+            Ok(r) => match serde_json::to_string(&r) {
+                Ok(s) => {
+                    println!("{s}");
+                    0
+                }
+                Err(_) => 1,
+            },
             Err(e) => {
-                eprintln!("probe failed: {e}");
-                std::process::exit(1);
+                eprintln!("kata-like-vmm: probe: {e}");
+                1
             }
         },
-        _ => std::process::exit(2),
-    }
+        Some("--version") => {
+            println!("kata-like-vmm {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        Some("--help") | Some("-h") => {
+            println!("{USAGE}");
+            0
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            2
+        }
+    };
+    std::process::exit(status);
 }

@@ -53,6 +53,8 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
+    /// The driver wrote a size that is zero, too large or not a power of two.
+    bad_queue_size: Vec<bool>,
     irq: Arc<IrqTrigger>,
     registrar: Option<EventRegistrar>,
     status: u32,
@@ -75,6 +77,7 @@ impl MmioTransport {
             device,
             mem,
             queues,
+            bad_queue_size: vec![false; queue_evts.len()],
             queue_evts,
             irq: Arc::new(IrqTrigger::new()?),
             registrar: None,
@@ -159,6 +162,7 @@ impl MmioTransport {
         for q in self.queues.iter_mut() {
             q.reset();
         }
+        self.bad_queue_size.iter_mut().for_each(|b| *b = false);
         self.status = 0;
         self.acked_features = 0;
         self.device_features_sel = 0;
@@ -170,7 +174,8 @@ impl MmioTransport {
     fn activate(&mut self) {
         let mut bad = None;
         for (i, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
+            let bad_size = self.bad_queue_size.get(i).copied().unwrap_or(true);
+            if q.ready() && (bad_size || !q.is_valid(&self.mem)) {
                 bad = Some(i);
             }
         }
@@ -308,9 +313,15 @@ impl BusDevice for MmioTransport {
             }
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM if setup => {
-                if let Some(q) = self.selected_queue() {
-                    // Sizes are checked (power of two, <= max) when the queue is validated.
-                    q.set_size(value.min(u32::from(u16::MAX)) as u16);
+                let sel = self.queue_sel as usize;
+                if let Some(q) = self.queues.get_mut(sel) {
+                    let valid = value != 0 && value <= u32::from(q.max_size()) && value.is_power_of_two();
+                    if valid {
+                        q.set_size(value as u16);
+                    }
+                    // Remembered, and refused at DRIVER_OK: the driver lays out its rings for
+                    // the size it wrote.
+                    self.bad_queue_size[sel] = !valid;
                 }
             }
             REG_QUEUE_READY if setup => {

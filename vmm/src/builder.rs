@@ -1,0 +1,251 @@
+//! Assembles a VM from `VmResources`: opens everything first (so the jail can drop access
+//! to the host), then builds memory, vCPUs and devices.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::FromRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, Kvm};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::*;
+use crate::arch::{boot, mptable};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::serial::{ConsoleSink, ConsoleWriter, SerialDevice};
+use crate::devices::virtio::block::device::Backing;
+use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::{Net, Tap};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{EventRegistrar, VirtioDevice};
+use crate::resources::VmResources;
+use crate::vmm::{DeviceInfo, Vmm, EXIT_TOKEN};
+use crate::vmm_config::{ConsoleConfig, DriveConfig, NetBackend};
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
+use crate::vstate::vm::{open_kvm, Vm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}: {1}")]
+    Open(PathBuf, std::io::Error),
+    #[error("KVM: {0}")]
+    Vm(#[from] crate::vstate::vm::Error),
+    #[error("vCPU: {0}")]
+    Vcpu(#[from] crate::vstate::vcpu::Error),
+    #[error("guest memory: {0}")]
+    Memory(#[from] crate::vstate::memory::Error),
+    #[error("boot: {0}")]
+    Boot(#[from] boot::Error),
+    #[error("MP table: {0}")]
+    MpTable(#[from] mptable::Error),
+    #[error("TAP: {0}")]
+    Tap(std::io::Error),
+    #[error("device setup: {0}")]
+    Device(std::io::Error),
+    #[error("registering {0} with KVM: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("device bus: {0}")]
+    Bus(#[from] crate::devices::bus::Error),
+}
+
+/// Host resources opened before jailing.
+pub struct OpenedResources {
+    pub kvm: Kvm,
+    pub kernel: File,
+    pub initrd: Option<File>,
+    pub drives: Vec<(DriveConfig, Option<File>)>,
+    pub tap: Option<Tap>,
+    pub vsock_listener: Option<UnixListener>,
+    pub api_listener: Option<UnixListener>,
+    pub console: ConsoleSink,
+}
+
+fn open_file(path: &Path, write: bool) -> Result<File, BuildError> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| BuildError::Open(path.to_path_buf(), e))
+}
+
+/// Binds a Unix listener at `path`, replacing a stale socket file (never a regular file).
+pub fn bind_unix(path: &Path) -> Result<UnixListener, BuildError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    UnixListener::bind(path).map_err(|e| BuildError::Open(path.to_path_buf(), e))
+}
+
+/// Opens every host resource the VM will use.
+pub fn open_resources(r: &VmResources) -> Result<OpenedResources, BuildError> {
+    let kvm = open_kvm()?;
+    let kernel = open_file(&r.boot.kernel, false)?;
+    let initrd = r.boot.initrd.as_deref().map(|p| open_file(p, false)).transpose()?;
+    let mut drives = Vec::new();
+    for d in &r.drives {
+        let file = d.path.as_deref().map(|p| open_file(p, !d.read_only)).transpose()?;
+        drives.push((d.clone(), file));
+    }
+    let tap = match r.net.as_ref().map(|n| &n.backend) {
+        Some(NetBackend::Fd(fd)) => Some(Tap::from_fd(*fd).map_err(BuildError::Tap)?),
+        Some(NetBackend::Tap(name)) => Some(Tap::open_named(name).map_err(BuildError::Tap)?),
+        None => None,
+    };
+    let vsock_listener = r.vsock.as_ref().map(|v| bind_unix(&v.uds)).transpose()?;
+    let api_listener = r.api_sock.as_deref().map(bind_unix).transpose()?;
+    let console = match &r.console {
+        ConsoleConfig::Stdout => ConsoleSink::Stdout,
+        ConsoleConfig::Null => ConsoleSink::Null,
+        // SAFETY: the fd was named on the command line and is kept open for us.
+        ConsoleConfig::Fd(fd) => ConsoleSink::File(unsafe { File::from_raw_fd(*fd) }),
+        ConsoleConfig::Path(p) => ConsoleSink::File(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|e| BuildError::Open(p.clone(), e))?,
+        ),
+    };
+    Ok(OpenedResources {
+        kvm,
+        kernel,
+        initrd,
+        drives,
+        tap,
+        vsock_listener,
+        api_listener,
+        console,
+    })
+}
+
+/// The path of `p` as seen from inside the jail rooted at `jail_dir`.
+pub fn path_in_jail(p: &Path, jail_dir: Option<&Path>) -> PathBuf {
+    match jail_dir.and_then(|d| p.strip_prefix(d).ok()) {
+        Some(rel) => Path::new("/").join(rel),
+        None => p.to_path_buf(),
+    }
+}
+
+/// Builds the VM: memory, kernel, devices, vCPUs. Nothing runs yet.
+pub fn build_vmm(r: &VmResources, mut o: OpenedResources) -> Result<Vmm, BuildError> {
+    let mem = create_guest_memory(r.machine.memory_mib << 20, r.machine.hugepages)?;
+    let vm = Vm::new(&o.kvm)?;
+    vm.register_memory(&mem)?;
+
+    let kernel = boot::load_kernel(&mem, &mut o.kernel)?;
+    let initrd = match o.initrd.as_mut() {
+        Some(f) => Some(boot::load_initrd(&mem, f, kernel.kernel_end)?),
+        None => None,
+    };
+
+    let epoll = Arc::new(Epoll::new().map_err(BuildError::Device)?);
+    let exit = Arc::new(ExitSignal::new().map_err(BuildError::Device)?);
+    epoll
+        .ctl(ControlOperation::Add, exit_fd(&exit.evt), EpollEvent::new(EventSet::IN, EXIT_TOKEN))
+        .map_err(BuildError::Device)?;
+
+    let mut pio = Bus::new();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Device)?;
+    vm.fd()
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| BuildError::Kvm("serial irqfd", e))?;
+    let console = ConsoleWriter::new(o.console);
+    let console_bytes = console.bytes.clone();
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    pio.insert(u64::from(COM1_BASE), 8, serial.clone())?;
+
+    let mut devices: Vec<(Box<dyn VirtioDevice>, DeviceInfo)> = Vec::new();
+    for (cfg, file) in o.drives {
+        let backing = file
+            .map(|f| Backing::new(f, cfg.read_only))
+            .transpose()
+            .map_err(BuildError::Device)?;
+        let info = DeviceInfo { kind: "block", id: Some(cfg.id.clone()) };
+        let block = Block::new(BlockConfig { id: cfg.id, read_only: cfg.read_only }, backing);
+        devices.push((Box::new(block), info));
+    }
+    if let (Some(tap), Some(net)) = (o.tap, r.net.as_ref()) {
+        devices.push((Box::new(Net::new(tap, net.mac)), DeviceInfo { kind: "net", id: None }));
+    }
+    if let (Some(listener), Some(v)) = (o.vsock_listener, r.vsock.as_ref()) {
+        let jail_dir = r.jail.enabled.then_some(r.jail.jail_dir.as_deref()).flatten();
+        let uds = path_in_jail(&v.uds, jail_dir);
+        let vsock = Vsock::new(v.cid, listener, uds).map_err(BuildError::Device)?;
+        devices.push((Box::new(vsock), DeviceInfo { kind: "vsock", id: None }));
+    }
+    if r.rng {
+        devices.push((Box::new(Rng::new()), DeviceInfo { kind: "rng", id: None }));
+    }
+
+    let mut mmio = Bus::new();
+    let mut transports = Vec::new();
+    let mut infos = Vec::new();
+    let mut cmdline_devices = Vec::new();
+    for (i, (device, info)) in devices.into_iter().enumerate() {
+        let addr = MMIO_DEVICES_START + i as u64 * MMIO_DEVICE_SIZE;
+        let irq = VIRTIO_IRQ_BASE + i as u32;
+        let mut transport = MmioTransport::new(device, mem.clone()).map_err(BuildError::Device)?;
+        vm.fd()
+            .register_irqfd(&transport.irq().evt, irq)
+            .map_err(|e| BuildError::Kvm("virtio irqfd", e))?;
+        for (q, evt) in transport.queue_evts().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(evt, &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY), q as u32)
+                .map_err(|e| BuildError::Kvm("ioeventfd", e))?;
+            let token = EventRegistrar::token(i as u32, q as u32);
+            epoll
+                .ctl(ControlOperation::Add, exit_fd(evt), EpollEvent::new(EventSet::IN, token))
+                .map_err(BuildError::Device)?;
+        }
+        transport.set_registrar(EventRegistrar::new(epoll.clone(), i as u32));
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(addr, MMIO_DEVICE_SIZE, transport.clone())?;
+        transports.push(transport);
+        infos.push(info);
+        cmdline_devices.push((addr, irq));
+    }
+
+    let cmdline = boot::build_cmdline(&r.boot.cmdline, &cmdline_devices)?;
+    boot::configure_boot(&mem, &kernel, &cmdline, initrd)?;
+    mptable::setup_mptable(&mem, r.machine.vcpus)?;
+
+    let mut vcpus = Vec::new();
+    for index in 0..r.machine.vcpus {
+        let vcpu = Vcpu::new(&vm, index)?;
+        vcpu.configure_cpu(vm.supported_cpuid(), r.machine.vcpus)?;
+        if index == 0 {
+            vcpu.configure_boot(&mem, kernel.entry)?;
+        }
+        vcpus.push(vcpu);
+    }
+
+    Ok(Vmm {
+        vm,
+        mem,
+        epoll,
+        exit,
+        control: Arc::new(VcpuControl::default()),
+        pio,
+        mmio,
+        serial,
+        console_bytes,
+        transports,
+        devices: infos,
+        vcpus,
+    })
+}
+
+fn exit_fd(evt: &EventFd) -> i32 {
+    use std::os::unix::io::AsRawFd;
+    evt.as_raw_fd()
+}

@@ -1,0 +1,179 @@
+//! The running VM: vCPU threads, the API thread and the event loop on the main thread.
+
+use std::os::unix::net::UnixListener;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::epoll::{Epoll, EpollEvent};
+
+use crate::api::ApiContext;
+use crate::devices::bus::{lock, Bus};
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::decode_token;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::seccomp::{self, ThreadKind};
+use crate::vmm_config::SeccompViolation;
+use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu::{kick_signal, kick_signal_handler, ExitReason, ExitSignal, Vcpu, VcpuContext, VcpuControl};
+use crate::vstate::vm::Vm;
+
+/// Epoll token of the exit eventfd; device tokens have a non-zero high half.
+pub const EXIT_TOKEN: u64 = 0;
+
+/// What a virtio device slot is, for metrics and the API.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub kind: &'static str,
+    pub id: Option<String>,
+}
+
+pub struct Vmm {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub epoll: Arc<Epoll>,
+    pub exit: Arc<ExitSignal>,
+    pub control: Arc<VcpuControl>,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub console_bytes: Arc<AtomicU64>,
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub devices: Vec<DeviceInfo>,
+    pub vcpus: Vec<Vcpu>,
+}
+
+/// Per-thread seccomp: whether to install filters, and which thread breaks its own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SeccompSettings {
+    pub enabled: bool,
+    pub violation: Option<SeccompViolation>,
+}
+
+fn enter_thread(kind: ThreadKind, settings: SeccompSettings) -> Result<(), seccomp::Error> {
+    if settings.enabled {
+        seccomp::apply(kind)?;
+    }
+    let violator = match kind {
+        ThreadKind::Vcpu => SeccompViolation::Vcpu,
+        ThreadKind::Api => SeccompViolation::Api,
+        ThreadKind::Vmm => SeccompViolation::Vmm,
+    };
+    if settings.violation == Some(violator) {
+        tracing::warn!(thread = ?kind, "making a syscall outside the seccomp filter on request");
+        seccomp::forbidden_syscall();
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Runs the VM to its end; returns the process exit status.
+    pub fn run(mut self, api_listener: Option<UnixListener>, seccomp_settings: SeccompSettings) -> i32 {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_signal_handler) {
+            tracing::error!(error = %e, "cannot install the vCPU kick handler");
+            return 1;
+        }
+        let ctx = VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            exit: self.exit.clone(),
+            control: self.control.clone(),
+        };
+        let vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut handles = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            let ctx = ctx.clone();
+            let name = format!("vcpu{}", vcpu.index);
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                if let Err(e) = enter_thread(ThreadKind::Vcpu, seccomp_settings) {
+                    tracing::error!(error = %e, "vCPU seccomp filter");
+                    ctx.exit.request(ExitReason::VmmError);
+                    return;
+                }
+                vcpu.run(ctx);
+            });
+            match spawned {
+                Ok(h) => {
+                    lock(&vcpu_threads).push(h.as_pthread_t());
+                    handles.push(h);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a vCPU thread");
+                    self.exit.request(ExitReason::VmmError);
+                }
+            }
+        }
+
+        if let Some(listener) = api_listener {
+            let api = Arc::new(ApiContext {
+                exit: self.exit.clone(),
+                control: self.control.clone(),
+                transports: self.transports.clone(),
+                devices: self.devices.clone(),
+                vcpu_threads: vcpu_threads.clone(),
+                console_bytes: self.console_bytes.clone(),
+            });
+            let spawned = std::thread::Builder::new().name("api".into()).spawn(move || {
+                if let Err(e) = enter_thread(ThreadKind::Api, seccomp_settings) {
+                    tracing::error!(error = %e, "API seccomp filter");
+                    api.exit.request(ExitReason::VmmError);
+                    return;
+                }
+                crate::api::serve(listener, api);
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the API thread");
+                self.exit.request(ExitReason::VmmError);
+            }
+        }
+
+        if let Err(e) = enter_thread(ThreadKind::Vmm, seccomp_settings) {
+            tracing::error!(error = %e, "VMM seccomp filter");
+            self.exit.request(ExitReason::VmmError);
+        }
+        self.event_loop();
+
+        let reason = self.exit.reason().unwrap_or(ExitReason::VmmError);
+        self.control.request_stop();
+        for t in lock(&vcpu_threads).iter() {
+            // SAFETY: the threads are alive (joined below), the signal has a handler.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+        lock(&self.serial).sync();
+        tracing::info!(?reason, status = reason.status(), "VM stopped");
+        reason.status()
+    }
+
+    fn event_loop(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        while self.exit.reason().is_none() {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait failed");
+                    self.exit.request(ExitReason::VmmError);
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == EXIT_TOKEN {
+                    continue;
+                }
+                let Some((dev, sub)) = decode_token(token) else {
+                    continue;
+                };
+                let Some(transport) = self.transports.get(dev) else {
+                    continue;
+                };
+                let mut t = lock(transport);
+                if sub < crate::devices::virtio::DEVICE_TOKEN_BASE {
+                    t.process_queue(sub as usize);
+                } else {
+                    t.process_event(sub, ev.events());
+                }
+            }
+        }
+    }
+}
