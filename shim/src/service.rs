@@ -358,7 +358,7 @@ impl Service {
             rootfs_ms = started.elapsed().as_millis() as u64,
             "rootfs attached"
         );
-        let guest = spec::guest_spec(&req.id, &bundle.spec)?;
+        let guest = spec::guest_spec(&bundle.spec)?;
         for dir in &guest.dirs {
             let (mount_point, fresh) = vm.attach_tmpfs(&dir.storage_id).await?;
             container.dirs.push(dir.storage_id.clone());

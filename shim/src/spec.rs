@@ -2,15 +2,14 @@
 //! into pods, and the rewrite of a host spec into one the guest agent can run.
 //!
 //! What changes for the guest, and why:
-//! - namespaces with a `path` (CRI points app containers at the pause process's net/ipc/uts/pid
-//!   namespaces) are dropped: the container then shares the VM's own namespace, and the VM is the
-//!   pod, so containers of a pod still share them. Namespaces without a path stay (fresh ones).
 //! - host bind mounts cannot reach the guest: regular files (/etc/hosts, resolv.conf, hostname,
 //!   termination-log) are copied into the guest; directories become a guest tmpfs shared by every
 //!   container of the pod that mounts the same host directory, filled with a copy of the
 //!   directory's files; the sandbox's /dev/shm becomes a tmpfs. Binds of /dev nodes stay.
-//! - hooks, AppArmor and SELinux labels refer to the host and are removed.
-//! - `linux.cgroupsPath` becomes a guest path under /kata-like.
+//! - hooks (host binaries), AppArmor and SELinux labels refer to the host and are removed.
+//! - `cgroup` mounts become `cgroup2` (the guest has only cgroup v2).
+//! Namespace paths and `cgroupsPath` are left to the agent, which maps "join the pod's
+//! namespace" onto the VM's own (the VM is the pod) and owns the guest's cgroup tree.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -181,7 +180,7 @@ fn short_hash(s: &str) -> String {
 }
 
 /// Rewrites a host OCI spec for the guest (see the module comment).
-pub fn guest_spec(container_id: &str, spec: &Value) -> Result<GuestSpec> {
+pub fn guest_spec(spec: &Value) -> Result<GuestSpec> {
     let mut spec = spec.clone();
     let obj = spec
         .as_object_mut()
@@ -192,13 +191,6 @@ pub fn guest_spec(container_id: &str, spec: &Value) -> Result<GuestSpec> {
     }
     if let Some(linux) = obj.get_mut("linux").and_then(Value::as_object_mut) {
         linux.remove("mountLabel");
-        if let Some(ns) = linux.get_mut("namespaces").and_then(Value::as_array_mut) {
-            ns.retain(|n| n.get("path").is_none());
-        }
-        linux.insert(
-            "cgroupsPath".into(),
-            Value::String(format!("/kata-like/{container_id}")),
-        );
     }
 
     let mut files = Vec::new();
@@ -247,6 +239,12 @@ fn rewrite_mount(
                 .collect()
         })
         .unwrap_or_default();
+    if m.get("type").and_then(Value::as_str) == Some("cgroup") {
+        // The guest is pure cgroup v2 (runc does the same translation on v2 hosts).
+        m["type"] = Value::from("cgroup2");
+        m["source"] = Value::from("cgroup2");
+        return Ok(());
+    }
     let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
         || options.iter().any(|o| o == "bind" || o == "rbind");
     if !is_bind {
@@ -419,6 +417,7 @@ mod tests {
             "hooks": {"prestart": [{"path": "/usr/bin/evil"}]},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["ro"]},
                 {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "rprivate", "rw"]},
                 {"destination": "/data", "type": "bind", "source": volume, "options": ["rbind", "ro"]},
                 {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind"]},
@@ -434,22 +433,11 @@ mod tests {
                 ]
             }
         });
-        let g = guest_spec("c1", &spec).expect("rewrite");
+        let g = guest_spec(&spec).expect("rewrite");
         assert!(g.spec.get("hooks").is_none());
         assert!(g.spec.pointer("/process/apparmorProfile").is_none());
-        assert_eq!(
-            g.spec.pointer("/linux/cgroupsPath"),
-            Some(&json!("/kata-like/c1"))
-        );
-        let ns: Vec<&str> = g
-            .spec
-            .pointer("/linux/namespaces")
-            .and_then(Value::as_array)
-            .expect("ns")
-            .iter()
-            .filter_map(|n| n.get("type").and_then(Value::as_str))
-            .collect();
-        assert_eq!(ns, vec!["pid", "mount"]);
+        // Namespaces and cgroupsPath are the agent's business: passed through unchanged.
+        assert_eq!(g.spec.get("linux"), spec.get("linux"));
         let mounts = g
             .spec
             .get("mounts")
@@ -459,6 +447,11 @@ mod tests {
             mounts[0],
             json!({"destination": "/proc", "type": "proc", "source": "proc"})
         );
+        assert_eq!(
+            mounts[1],
+            json!({"destination": "/sys/fs/cgroup", "type": "cgroup2", "source": "cgroup2", "options": ["ro"]})
+        );
+        let mounts = &mounts[1..];
         assert_eq!(g.files.len(), 1);
         assert_eq!(g.files[0].host, hosts);
         assert_eq!(mounts[1]["source"], json!(g.files[0].guest));
@@ -494,9 +487,7 @@ mod tests {
             ),
             (json!({"type": "tmpfs"}), "destination"),
         ] {
-            let err = guest_spec("c1", &json!({"mounts": [m]}))
-                .unwrap_err()
-                .to_string();
+            let err = guest_spec(&json!({"mounts": [m]})).unwrap_err().to_string();
             assert!(err.contains(expect), "{err}");
         }
     }
