@@ -217,7 +217,7 @@ fn api_controls_a_running_vm() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
     let sock = dir.path().join("api.sock");
-    let mut child = Command::new(vmm_bin())
+    let child = Command::new(vmm_bin())
         .args(["run", "--kernel", k.to_str().unwrap(), "--no-jail", "--api-sock", sock.to_str().unwrap()])
         .args(["--drive", "id=slot0,empty", "--rng", "--vcpus", "2"])
         .stdout(Stdio::null())
@@ -272,7 +272,7 @@ fn api_force_stop_ends_the_vm() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
     let sock = dir.path().join("api.sock");
-    let mut child = Command::new(vmm_bin())
+    let child = Command::new(vmm_bin())
         .args(["run", "--kernel", k.to_str().unwrap(), "--no-jail", "--api-sock", sock.to_str().unwrap()])
         .spawn()
         .unwrap();

@@ -239,6 +239,17 @@ impl Vcpu {
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
     }
 
+    /// Key registers, for logs when a guest dies.
+    pub fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{:#x}",
+                r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base
+            ),
+            _ => "unavailable".into(),
+        }
+    }
+
     /// One KVM_RUN; returns a reason when the VM must stop.
     pub fn run_once(&mut self, ctx: &VcpuContext) -> Option<ExitReason> {
         let index = self.index;
@@ -257,6 +268,7 @@ impl Vcpu {
                     tracing::info!(vcpu = index, "guest reset through the i8042");
                     return Some(ExitReason::GuestReset);
                 }
+                tracing::trace!(vcpu = index, port, ?data, "port write");
                 ctx.pio.write(u64::from(port), data);
                 None
             }
@@ -264,6 +276,7 @@ impl Vcpu {
                 if !ctx.pio.read(u64::from(port), data) {
                     data.fill(0xff);
                 }
+                tracing::trace!(vcpu = index, port, ?data, "port read");
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -273,6 +286,7 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                tracing::trace!(vcpu = index, addr, ?data, "mmio write");
                 ctx.mmio.write(addr, data);
                 None
             }
@@ -283,7 +297,7 @@ impl Vcpu {
                 Some(ExitReason::GuestReset)
             }
             Ok(VcpuExit::Shutdown) => {
-                tracing::info!(vcpu = index, "guest shutdown (triple fault or reset)");
+                tracing::info!(vcpu = index, state = %self.describe_state(), "guest shutdown (triple fault or reset)");
                 Some(ExitReason::GuestReset)
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -295,7 +309,7 @@ impl Vcpu {
                 Some(ExitReason::VmmError)
             }
             Ok(VcpuExit::InternalError) => {
-                tracing::error!(vcpu = index, "KVM internal error (emulation failure)");
+                tracing::error!(vcpu = index, state = %self.describe_state(), "KVM internal error (emulation failure)");
                 Some(ExitReason::VmmError)
             }
             Ok(other) => {

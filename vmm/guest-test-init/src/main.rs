@@ -1,0 +1,289 @@
+//! /init for the VMM's Linux integration tests. Reads `kl_test=<case>` from the kernel
+//! command line, exercises one device, reports on the console (lines starting with `KL_`)
+//! and ends through the exit port (0xf4) with 0 on success, non-zero on failure.
+//!
+//! Cases: poweroff, panic, blk, blk_hotplug, vsock, net.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+const EXIT_PORT: u16 = 0xf4;
+
+fn say(msg: &str) {
+    let mut out = io::stdout();
+    let _ = writeln!(out, "{msg}");
+    let _ = out.flush();
+}
+
+/// Ends the VM with `status` through the VMM's exit port.
+fn exit_vm(status: u8) -> ! {
+    // SAFETY: ioperm grants this process access to one port; `out` then writes it.
+    unsafe {
+        if libc::ioperm(u64::from(EXIT_PORT), 1, 1) == 0 {
+            std::arch::asm!("out dx, al", in("dx") EXIT_PORT, in("al") status);
+        }
+    }
+    say("KL_EXIT_PORT_FAILED");
+    // Without the port, a reboot (reboot=t) ends the VM.
+    // SAFETY: plain reboot syscall.
+    unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_RESTART) };
+    std::process::exit(1)
+}
+
+fn mount(fstype: &str, target: &str) {
+    let _ = fs::create_dir_all(target);
+    let src = std::ffi::CString::new(fstype).unwrap_or_default();
+    let tgt = std::ffi::CString::new(target).unwrap_or_default();
+    // SAFETY: valid C strings.
+    unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+}
+
+fn cmdline_value(key: &str) -> Option<String> {
+    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')).map(str::to_string))
+}
+
+/// The /dev node of the virtio-blk drive whose serial is `serial`.
+fn drive_by_serial(serial: &str) -> Option<String> {
+    for entry in fs::read_dir("/sys/block").ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Ok(s) = fs::read_to_string(entry.path().join("serial")) {
+            if s.trim_end_matches(['\0', '\n']) == serial {
+                return Some(format!("/dev/{name}"));
+            }
+        }
+    }
+    None
+}
+
+fn sectors(dev: &str) -> u64 {
+    let name = dev.trim_start_matches("/dev/");
+    fs::read_to_string(format!("/sys/block/{name}/size"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn printable(b: &[u8]) -> String {
+    b.iter().take_while(|c| **c != 0).map(|c| if c.is_ascii_graphic() || *c == b' ' { *c as char } else { '.' }).collect()
+}
+
+fn test_blk() -> io::Result<()> {
+    let ro = drive_by_serial("klro").ok_or_else(|| io::Error::other("no drive with serial klro"))?;
+    let rw = drive_by_serial("klrw").ok_or_else(|| io::Error::other("no drive with serial klrw"))?;
+    let mut buf = [0u8; 64];
+    File::open(&ro)?.read_exact(&mut buf)?;
+    say(&format!("KL_BLK_READ {}", printable(&buf)));
+    if OpenOptions::new().write(true).open(&ro).and_then(|f| f.write_all_at(b"x", 0)).is_ok() {
+        return Err(io::Error::other("write to the read-only drive succeeded"));
+    }
+    let f = OpenOptions::new().read(true).write(true).custom_flags_direct().open(&rw)?;
+    let mut block = vec![0u8; 4096];
+    block[..19].copy_from_slice(b"KL-GUEST-WROTE-THIS");
+    f.write_all_at(&block, 4096)?;
+    f.sync_all()?;
+    say("KL_BLK_DONE");
+    Ok(())
+}
+
+trait DirectIo {
+    fn custom_flags_direct(&mut self) -> &mut Self;
+}
+
+impl DirectIo for OpenOptions {
+    fn custom_flags_direct(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::custom_flags(self, libc::O_SYNC)
+    }
+}
+
+fn test_blk_hotplug() -> io::Result<()> {
+    let dev = drive_by_serial("slot0").ok_or_else(|| io::Error::other("no drive with serial slot0"))?;
+    say(&format!("KL_SLOT_EMPTY {}", sectors(&dev)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sectors(&dev) == 0 {
+        if Instant::now() > deadline {
+            return Err(io::Error::other("slot never got a backing file"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut buf = [0u8; 64];
+    File::open(&dev)?.read_exact(&mut buf)?;
+    say(&format!("KL_HOTPLUG {} {}", sectors(&dev), printable(&buf)));
+    Ok(())
+}
+
+#[repr(C)]
+struct SockaddrVm {
+    family: libc::sa_family_t,
+    reserved: u16,
+    port: u32,
+    cid: u32,
+    flags: u8,
+    zero: [u8; 3],
+}
+
+fn vsock_addr(cid: u32, port: u32) -> SockaddrVm {
+    SockaddrVm { family: libc::AF_VSOCK as u16, reserved: 0, port, cid, flags: 0, zero: [0; 3] }
+}
+
+fn vsock_socket() -> io::Result<RawFd> {
+    // SAFETY: plain socket call.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(fd)
+    }
+}
+
+fn test_vsock() -> io::Result<()> {
+    let listener = vsock_socket()?;
+    let addr = vsock_addr(u32::MAX, 1234); // VMADDR_CID_ANY
+    // SAFETY: valid sockaddr_vm.
+    unsafe {
+        if libc::bind(listener, (&addr as *const SockaddrVm).cast(), std::mem::size_of::<SockaddrVm>() as u32) < 0
+            || libc::listen(listener, 4) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    say("KL_VSOCK_LISTENING");
+    // SAFETY: accept on our listener.
+    let conn = unsafe { libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) };
+    if conn < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: we own the accepted fd.
+    let conn = unsafe { File::from_raw_fd(conn) };
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    (&conn).write_all(format!("echo:{line}").as_bytes())?;
+    say(&format!("KL_VSOCK_GOT {}", line.trim_end()));
+
+    let out = vsock_socket()?;
+    let host = vsock_addr(2, 5000);
+    // SAFETY: valid sockaddr_vm.
+    if unsafe { libc::connect(out, (&host as *const SockaddrVm).cast(), std::mem::size_of::<SockaddrVm>() as u32) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: we own the connected fd.
+    let out = unsafe { File::from_raw_fd(out) };
+    (&out).write_all(b"hello-from-guest\n")?;
+    let mut reply = String::new();
+    BufReader::new(&out).read_line(&mut reply)?;
+    say(&format!("KL_VSOCK_REPLY {}", reply.trim_end()));
+    Ok(())
+}
+
+const ETH_P_TEST: u16 = 0x88b5;
+
+fn if_up(name: &str) -> io::Result<i32> {
+    // SAFETY: ioctls on a throwaway datagram socket with a zeroed ifreq.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.bytes().enumerate() {
+            req.ifr_name[i] = b as libc::c_char;
+        }
+        if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as i16;
+        if libc::ioctl(s, libc::SIOCSIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::ioctl(s, libc::SIOCGIFINDEX, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::close(s);
+        Ok(req.ifr_ifru.ifru_ifindex)
+    }
+}
+
+fn test_net() -> io::Result<()> {
+    let ifindex = if_up("eth0")?;
+    // SAFETY: raw packet socket bound to eth0; frames built in local buffers.
+    unsafe {
+        let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_TEST.to_be()));
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_TEST.to_be();
+        sll.sll_ifindex = ifindex;
+        if libc::bind(s, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut frame = vec![0xffu8; 6];
+        frame.extend_from_slice(&[0x06, 0x00, 0xac, 0x10, 0x00, 0x02]);
+        frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
+        frame.extend_from_slice(b"KL-NET-FRAME-FROM-GUEST");
+        frame.resize(64, 0);
+        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Keep sending until the host answers: the host may start listening after us.
+        loop {
+            if libc::send(s, frame.as_ptr().cast(), frame.len(), 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut buf = [0u8; 2048];
+            let n = libc::recv(s, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n > 14 && buf[14..n as usize].starts_with(b"KL-HOST-FRAME") {
+                say("KL_NET_RX ok");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other("no frame from the host"));
+            }
+        }
+    }
+}
+
+fn main() {
+    mount("proc", "/proc");
+    mount("sysfs", "/sys");
+    mount("devtmpfs", "/dev");
+    // The initramfs may lack /dev/console: reopen stdio on it once devtmpfs is there.
+    if let Ok(c) = OpenOptions::new().read(true).write(true).open("/dev/console") {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard fds.
+            unsafe { libc::dup2(c.as_raw_fd(), fd) };
+        }
+    }
+    say("KL_INIT_REACHED");
+    let case = cmdline_value("kl_test").unwrap_or_default();
+    let result = match case.as_str() {
+        "poweroff" => Ok(()),
+        "panic" => {
+            say("KL_PANIC_NOW");
+            // PID 1 exiting makes the kernel panic ("Attempted to kill init").
+            std::process::exit(7);
+        }
+        "blk" => test_blk(),
+        "blk_hotplug" => test_blk_hotplug(),
+        "vsock" => test_vsock(),
+        "net" => test_net(),
+        other => Err(io::Error::other(format!("unknown kl_test {other:?}"))),
+    };
+    match result {
+        Ok(()) => {
+            say("KL_PASS");
+            exit_vm(0)
+        }
+        Err(e) => {
+            say(&format!("KL_FAIL {e}"));
+            exit_vm(1)
+        }
+    }
+}
+
