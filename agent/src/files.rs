@@ -28,15 +28,14 @@ pub fn check_path(path: &str, allowed_root: Option<&Path>) -> Result<(), Status>
     if path.ends_with('/') {
         return Err(invalid(format!("path {path:?} names a directory")));
     }
-    for component in p.components() {
-        match component {
-            Component::RootDir | Component::Normal(_) => {}
-            _ => {
-                return Err(invalid(format!(
-                    "path {path:?} must not contain '.' or '..'"
-                )))
-            }
-        }
+    // Checked on the string: `Path::components` silently drops "." and empty components.
+    if path[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(invalid(format!(
+            "path {path:?} must not contain '.', '..' or empty components"
+        )));
     }
     for forbidden in ["/proc", "/sys", "/dev"] {
         if p.starts_with(forbidden) {

@@ -221,7 +221,7 @@ impl AgentService for Service {
         Ok(Response::new(container.cgroup.stats()?))
     }
 
-    type ProcessOutputStream = ReceiverStream<Result<OutputChunk, Status>>;
+    type ProcessOutputStream = crate::process::stdio::OutputStream;
 
     async fn process_output(
         &self,
@@ -238,10 +238,8 @@ impl AgentService for Service {
             Ok(OutputFd::Stderr) => &process.stdio.stderr,
             _ => return Err(Status::invalid_argument("fd must be STDOUT or STDERR")),
         };
-        let rx = pipe
-            .attach((req.container_id.clone(), req.exec_id.clone()))
-            .await?;
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let stream = pipe.attach((req.container_id.clone(), req.exec_id.clone()))?;
+        Ok(Response::new(stream))
     }
 
     async fn write_stdin(&self, request: Request<WriteStdinRequest>) -> Reply<WriteStdinResponse> {

@@ -10,7 +10,7 @@
 //! created as children of the helper and become the agent's children (subreaper/PID 1) when the
 //! helper exits; see `reaper.rs` for how their exit statuses are collected.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,8 @@ use crate::reaper::{wait_exit, Reaper};
 pub const HELPER_ARG: &str = "__runtime";
 /// File descriptor on which the helper writes its response.
 const RESPONSE_FD: i32 = 3;
+/// Longest answer a helper writes (it must fit in a pipe buffer, see `run_helper`).
+const MAX_RESPONSE: usize = 32 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RuntimeRequest {
@@ -126,17 +128,11 @@ pub async fn run_helper(
     drop(command);
     drop(write_end);
 
-    // Read the response (the helper closes fd 3 by exiting) without blocking the runtime.
-    let reader = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::from(read_end);
-        let mut buf = Vec::new();
-        file.take(1 << 20).read_to_end(&mut buf).map(|_| buf)
-    });
-    let output = reader
-        .await
-        .map_err(|e| format!("runtime helper reader: {e}"))?
-        .map_err(|e| format!("reading the runtime helper's answer: {e}"))?;
+    // The container process the helper creates inherits fd 3 and keeps it until it execs, so
+    // EOF cannot mark the end of the answer: the helper's exit does. The answer (a few hundred
+    // bytes, always below the pipe's buffer) is then complete in the pipe.
     let exit = wait_exit(exit_rx).await;
+    let output = read_available(&read_end);
     match serde_json::from_slice::<RuntimeResponse>(&output) {
         Ok(response) => Ok(response),
         Err(_) => Err(format!(
@@ -144,6 +140,21 @@ pub async fn run_helper(
             exit.status
         )),
     }
+}
+
+fn read_available(fd: &OwnedFd) -> Vec<u8> {
+    let _ = crate::process::stdio::set_nonblocking(fd);
+    let mut output = Vec::new();
+    let mut buf = [0u8; 4096];
+    while output.len() < MAX_RESPONSE {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(n) => output.extend_from_slice(&buf[..n]),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    output
 }
 
 /// Entry point of the helper process (`kata-like-agent __runtime <json>`). Returns the exit code.
@@ -163,6 +174,16 @@ pub fn helper_main(request_json: &str) -> i32 {
             error: Some(format!("bad runtime request: {e}")),
         },
     };
+    let mut response = response;
+    if let Some(error) = response.error.as_mut() {
+        if error.len() > MAX_RESPONSE / 2 {
+            let mut cut = MAX_RESPONSE / 2;
+            while !error.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            error.truncate(cut);
+        }
+    }
     let ok = response.error.is_none();
     let bytes = serde_json::to_vec(&response).unwrap_or_default();
     let _ = out.write_all(&bytes);

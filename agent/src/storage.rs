@@ -132,10 +132,8 @@ pub async fn add(
             (PathBuf::from("tmpfs"), "tmpfs".to_string(), options)
         }
         Some(Source::BlockSerial(serial)) => {
-            if serial.is_empty()
-                || serial.len() > 20
-                || !serial.bytes().all(|b| b.is_ascii_graphic())
-            {
+            // virtio-blk serials are at most 20 bytes; the VMM's drive ids follow the id rule.
+            if serial.len() > 20 || !kata_like_protocol::is_valid_id(serial) {
                 return Err(invalid(format!("block serial {serial:?} is not valid")));
             }
             if !ALLOWED_FS_TYPES.contains(&request.fs_type.as_str()) {

@@ -237,27 +237,52 @@ impl Agent {
         Ok(pid)
     }
 
+    /// SIGKILLs every process of the container (cgroup members and the processes we track).
+    fn kill_all(&self, container: &Container) {
+        if let Ok(pids) = container.cgroup.pids() {
+            for pid in pids {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        for process in lock(&container.processes).values() {
+            self.reaper.with_live_pid(process.pid, |live| {
+                if live {
+                    // SAFETY: an unreaped child of ours: the pid cannot have been reused.
+                    unsafe { libc::kill(process.pid as i32, libc::SIGKILL) };
+                }
+            });
+        }
+    }
+
     /// Undoes whatever part of a create or a container's life happened; never fails.
     async fn cleanup_container(&self, container: &Container) {
-        if self.runtime_root().join(&container.id).exists() {
+        // The runtime delete can race with exiting members of the cgroup; retry a few times.
+        for attempt in 0..5 {
+            if !self.runtime_root().join(&container.id).exists() {
+                break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
             let request = RuntimeRequest::Delete {
                 id: container.id.clone(),
                 root: self.runtime_root(),
             };
-            match run_helper(
+            let result = run_helper(
                 &self.reaper,
                 &self.config.state_dir,
                 &request,
                 crate::runtime::HelperStdio::null(),
             )
-            .await
-            {
-                Ok(r) if r.error.is_none() => {}
+            .await;
+            match result {
+                Ok(r) if r.error.is_none() => break,
                 Ok(r) => {
-                    tracing::warn!(container_id = %container.id, error = r.error.unwrap_or_default(), "runtime delete failed")
+                    tracing::warn!(container_id = %container.id, attempt, error = r.error.unwrap_or_default(), "runtime delete failed")
                 }
                 Err(e) => {
-                    tracing::warn!(container_id = %container.id, error = %e, "runtime delete failed")
+                    tracing::warn!(container_id = %container.id, attempt, error = %e, "runtime delete failed")
                 }
             }
         }
@@ -467,13 +492,14 @@ impl Agent {
         if container.paused.swap(false, Ordering::Relaxed) {
             let _ = container.cgroup.freeze(false);
         }
-        // The runtime delete SIGKILLs what is left in the cgroup and removes it.
-        self.cleanup_container(&container).await;
+        // Kill what is left and let the reaper collect the init before the runtime removes the
+        // cgroup (a cgroup with unreaped members cannot be removed).
+        self.kill_all(&container);
         if let Some(init) = container.init() {
-            // The init is our child: it is gone once the reaper saw it.
             let _ =
                 tokio::time::timeout(Duration::from_secs(10), wait_exit(init.exit.clone())).await;
         }
+        self.cleanup_container(&container).await;
         lock(&self.containers).remove(id);
         tracing::info!(container_id = %id, "container removed");
         Ok(())

@@ -1,24 +1,21 @@
 //! Stdio of container processes: pipes or a pty, output streams with back-pressure, stdin.
 //!
 //! Output: the agent holds the read end of the process's stdout/stderr pipe (or the pty master).
-//! It reads only while a `ProcessOutput` stream is attached and only as fast as the stream is
-//! consumed (a bounded channel sits between the pipe and gRPC/HTTP2 flow control), so a slow
-//! reader fills the pipe and the writer blocks: nothing is dropped. A chunk read but not yet
-//! delivered when a stream goes away is kept and sent first on the next stream. The stream ends
-//! after EOF (every writer closed the pipe; for a pty: EIO once the slave side is gone).
+//! It reads only while a `ProcessOutput` stream is attached and only when gRPC (HTTP/2 flow
+//! control) asks for the next message, so a slow reader fills the pipe and the writer blocks:
+//! nothing is dropped. The stream ends after EOF (every writer closed the pipe; for a pty: EIO
+//! once the slave side is gone).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use kata_like_protocol::OutputChunk;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{watch, Mutex};
 use tonic::Status;
 
 /// Largest chunk sent on an output stream (the protocol's limit).
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
-/// Chunks buffered between the pipe reader and the gRPC stream.
-const STREAM_BUFFER: usize = 4;
 
 /// Registers an owned, non-blocking fd with the tokio reactor.
 pub fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
@@ -45,15 +42,10 @@ pub enum OutputPhase {
     Drained,
 }
 
-struct OutputSource {
-    fd: Option<AsyncFd<OwnedFd>>,
-    /// Bytes read from the pipe but not delivered (their stream went away).
-    pending: Vec<u8>,
-}
-
 /// One output of a process (stdout, stderr, or the pty master).
 pub struct OutputPipe {
-    source: Mutex<OutputSource>,
+    /// The read end while no stream holds it.
+    source: std::sync::Mutex<Option<AsyncFd<OwnedFd>>>,
     phase: watch::Sender<OutputPhase>,
 }
 
@@ -74,10 +66,7 @@ impl OutputPipe {
             None => None,
         };
         Ok(Arc::new(Self {
-            source: Mutex::new(OutputSource {
-                fd,
-                pending: Vec::new(),
-            }),
+            source: std::sync::Mutex::new(fd),
             phase,
         }))
     }
@@ -93,90 +82,122 @@ impl OutputPipe {
     }
 
     /// Attaches a stream. At most one at a time (ALREADY_EXISTS otherwise).
-    pub async fn attach(
-        self: &Arc<Self>,
-        fields: (String, String),
-    ) -> Result<mpsc::Receiver<Result<OutputChunk, Status>>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let mut source = self.source.lock().await;
+    pub fn attach(self: &Arc<Self>, fields: (String, String)) -> Result<OutputStream, Status> {
+        let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
         match self.phase() {
-            OutputPhase::Streaming => {
-                return Err(Status::already_exists(
-                    "an output stream is already attached to this process output",
-                ))
-            }
+            OutputPhase::Streaming => Err(Status::already_exists(
+                "an output stream is already attached to this process output",
+            )),
             // Everything was delivered: the new stream ends at once.
-            OutputPhase::Drained => return Ok(rx),
-            OutputPhase::Idle => {}
-        }
-        let fd = source.fd.take();
-        let pending = std::mem::take(&mut source.pending);
-        self.phase.send_replace(OutputPhase::Streaming);
-        drop(source);
-        let pipe = Arc::clone(self);
-        tokio::spawn(async move {
-            pipe.pump(fd, pending, tx, fields).await;
-        });
-        Ok(rx)
-    }
-
-    async fn pump(
-        self: Arc<Self>,
-        fd: Option<AsyncFd<OwnedFd>>,
-        mut pending: Vec<u8>,
-        tx: mpsc::Sender<Result<OutputChunk, Status>>,
-        (container_id, exec_id): (String, String),
-    ) {
-        let Some(fd) = fd else {
-            self.phase.send_replace(OutputPhase::Drained);
-            return;
-        };
-        let mut buf = vec![0u8; OUTPUT_CHUNK];
-        loop {
-            if !pending.is_empty() {
-                let chunk = OutputChunk {
-                    data: std::mem::take(&mut pending),
-                };
-                if let Err(mpsc::error::SendError(Ok(chunk))) = tx.send(Ok(chunk)).await {
-                    // The stream went away: keep the chunk and the pipe for the next stream.
-                    let mut source = self.source.lock().await;
-                    source.pending = chunk.data;
-                    source.fd = Some(fd);
-                    self.phase.send_replace(OutputPhase::Idle);
-                    tracing::debug!(container_id, exec_id, "output stream detached");
-                    return;
-                }
-                continue;
-            }
-            match read_some(&fd, &mut buf).await {
-                Ok(0) => break,
-                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                Err(e) => {
-                    tracing::warn!(container_id, exec_id, error = %e, "output read failed");
-                    break;
-                }
+            OutputPhase::Drained => Ok(OutputStream {
+                pipe: Arc::clone(self),
+                fd: None,
+                buf: Vec::new(),
+                finished: true,
+                fields,
+            }),
+            OutputPhase::Idle => {
+                let fd = source.take();
+                self.phase.send_replace(OutputPhase::Streaming);
+                Ok(OutputStream {
+                    pipe: Arc::clone(self),
+                    finished: fd.is_none(),
+                    fd,
+                    buf: vec![0u8; OUTPUT_CHUNK],
+                    fields,
+                })
             }
         }
-        // EOF: every byte has been handed to the stream.
-        self.phase.send_replace(OutputPhase::Drained);
-        tracing::debug!(container_id, exec_id, "output drained");
     }
 }
 
-async fn read_some(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        let mut guard = fd.readable().await?;
-        match guard.try_io(|inner| {
-            match nix::unistd::read(inner.get_ref().as_raw_fd(), buf) {
-                Ok(n) => Ok(n),
-                // A pty master reports EIO once the last slave fd is closed: that is its EOF.
-                Err(nix::errno::Errno::EIO) => Ok(0),
-                Err(e) => Err(std::io::Error::from(e)),
-            }
-        }) {
-            Ok(result) => return result,
-            Err(_would_block) => continue,
+/// A `ProcessOutput` stream. It reads the pipe only when gRPC asks for the next message (no
+/// buffer in between), so a slow consumer stalls the reads and so the writer. If the stream is
+/// dropped early, the pipe goes back to the process for the next stream.
+pub struct OutputStream {
+    pipe: Arc<OutputPipe>,
+    fd: Option<AsyncFd<OwnedFd>>,
+    buf: Vec<u8>,
+    finished: bool,
+    fields: (String, String),
+}
+
+impl OutputStream {
+    fn finish(&mut self) {
+        self.finished = true;
+        self.fd = None;
+        self.pipe.phase.send_replace(OutputPhase::Drained);
+        tracing::debug!(container_id = %self.fields.0, exec_id = %self.fields.1, "output drained");
+    }
+}
+
+impl futures::Stream for OutputStream {
+    type Item = Result<OutputChunk, Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(None);
         }
+        let Some(fd) = this.fd.as_ref() else {
+            this.finish();
+            return Poll::Ready(None);
+        };
+        loop {
+            let mut guard = match fd.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(guard)) => guard,
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(container_id = %this.fields.0, exec_id = %this.fields.1, error = %e, "output poll failed");
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+            };
+            let buf = &mut this.buf;
+            match guard.try_io(|inner| read_nonblocking(inner.get_ref(), buf)) {
+                Ok(Ok(0)) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Ok(n)) => {
+                    return Poll::Ready(Some(Ok(OutputChunk {
+                        data: this.buf[..n].to_vec(),
+                    })))
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(container_id = %this.fields.0, exec_id = %this.fields.1, error = %e, "output read failed");
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl Drop for OutputStream {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // The consumer went away before EOF: hand the pipe back for the next stream.
+        let mut source = self.pipe.source.lock().unwrap_or_else(|e| e.into_inner());
+        *source = self.fd.take();
+        self.pipe.phase.send_replace(OutputPhase::Idle);
+        tracing::debug!(container_id = %self.fields.0, exec_id = %self.fields.1, "output stream detached");
+    }
+}
+
+fn read_nonblocking(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    match nix::unistd::read(fd.as_raw_fd(), buf) {
+        Ok(n) => Ok(n),
+        // A pty master reports EIO once the last slave fd is closed: that is its EOF.
+        Err(nix::errno::Errno::EIO) => Ok(0),
+        Err(e) => Err(std::io::Error::from(e)),
     }
 }
 

@@ -1,0 +1,691 @@
+//! Container lifecycle through the agent on the host (root, Unix socket).
+
+mod common;
+
+use common::*;
+use kata_like_protocol::*;
+
+#[tokio::test]
+async fn health_reports_version_and_uptime() {
+    let mut agent = TestAgent::start().await;
+    let health = agent
+        .client
+        .health(HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(health.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(health.uptime_ms > 0);
+}
+
+#[tokio::test]
+async fn exit_code_and_output_are_reported() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-exit").await;
+    let result = run(
+        &mut agent,
+        "c1",
+        &spec(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
+    )
+    .await;
+    assert_eq!(result.status, 3);
+    assert_eq!(result.stdout(), "out\n");
+    assert_eq!(result.stderr(), "err\n");
+    assert!(
+        agent.mounts_under_state().is_empty(),
+        "{:?}",
+        agent.mounts_under_state()
+    );
+}
+
+async fn start(agent: &mut TestAgent, id: &str) {
+    agent
+        .client
+        .start_container(ContainerRequest {
+            container_id: id.into(),
+        })
+        .await
+        .expect("start");
+}
+
+async fn remove(agent: &mut TestAgent, id: &str) {
+    agent
+        .client
+        .remove_container(RemoveContainerRequest {
+            container_id: id.into(),
+            timeout_ms: 0,
+        })
+        .await
+        .expect("remove");
+}
+
+async fn exec(
+    agent: &mut TestAgent,
+    id: &str,
+    exec_id: &str,
+    args: &[&str],
+    stdio_: Option<Stdio>,
+) -> Result<u32, tonic::Status> {
+    let process = spec(args)["process"].clone();
+    agent
+        .client
+        .exec_process(ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: serde_json::to_vec(&process).unwrap(),
+            stdio: stdio_,
+        })
+        .await
+        .map(|r| r.into_inner().pid)
+}
+
+async fn signal(
+    agent: &mut TestAgent,
+    id: &str,
+    exec_id: &str,
+    sig: i32,
+) -> Result<(), tonic::Status> {
+    agent
+        .client
+        .signal_process(SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal: sig as u32,
+            all: false,
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn signalled_processes_report_128_plus_signal() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-sig").await;
+    create(
+        &mut agent,
+        "c1",
+        &spec(&["sleep", "1000"]),
+        stdio(false, false),
+        true,
+    )
+    .await
+    .unwrap();
+    start(&mut agent, "c1").await;
+    // An exec'd process (not the pid namespace's init, which ignores unhandled signals).
+    exec(
+        &mut agent,
+        "c1",
+        "e1",
+        &["sleep", "1000"],
+        stdio(false, false),
+    )
+    .await
+    .unwrap();
+    signal(&mut agent, "c1", "e1", libc::SIGTERM).await.unwrap();
+    assert_eq!(
+        wait(&mut agent.client, "c1", "e1").await,
+        128 + libc::SIGTERM
+    );
+    signal(&mut agent, "c1", "", libc::SIGKILL).await.unwrap();
+    assert_eq!(wait(&mut agent.client, "c1", "").await, 128 + libc::SIGKILL);
+    // The process is gone: signalling it again is NOT_FOUND, waiting again still answers.
+    let err = signal(&mut agent, "c1", "", libc::SIGKILL)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(wait(&mut agent.client, "c1", "").await, 137);
+    remove(&mut agent, "c1").await;
+    assert!(agent.mounts_under_state().is_empty());
+}
+
+#[tokio::test]
+async fn exec_runs_real_binaries_with_their_exit_codes_and_output() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-exec").await;
+    create(
+        &mut agent,
+        "c1",
+        &spec(&["sleep", "1000"]),
+        stdio(false, false),
+        true,
+    )
+    .await
+    .unwrap();
+    start(&mut agent, "c1").await;
+    exec(
+        &mut agent,
+        "c1",
+        "true",
+        &["/usr/bin/gnu-true"],
+        stdio(false, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(wait(&mut agent.client, "c1", "true").await, 0);
+    exec(
+        &mut agent,
+        "c1",
+        "cat",
+        &["/usr/bin/gnu-cat", "/etc/group"],
+        stdio(false, false),
+    )
+    .await
+    .unwrap();
+    let out = collect_output(&agent.client, "c1", "cat", OutputFd::Stdout);
+    assert_eq!(wait(&mut agent.client, "c1", "cat").await, 0);
+    assert!(String::from_utf8(out.await.unwrap())
+        .unwrap()
+        .contains("extra:x:2000:"));
+    exec(
+        &mut agent,
+        "c1",
+        "seven",
+        &["sh", "-c", "exit 7"],
+        stdio(false, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(wait(&mut agent.client, "c1", "seven").await, 7);
+    // A missing binary fails the exec itself.
+    let err = exec(
+        &mut agent,
+        "c1",
+        "missing",
+        &["/no/such/binary"],
+        stdio(false, false),
+    )
+    .await;
+    assert!(err.is_err(), "exec of a missing binary must fail");
+    // Duplicate exec id.
+    let err = exec(&mut agent, "c1", "seven", &["true"], stdio(false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    remove(&mut agent, "c1").await;
+}
+
+#[tokio::test]
+async fn stdin_round_trips_through_cat() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-stdin").await;
+    create(
+        &mut agent,
+        "c1",
+        &spec(&["/usr/bin/gnu-cat"]),
+        stdio(false, true),
+        true,
+    )
+    .await
+    .unwrap();
+    let out = collect_output(&agent.client, "c1", "", OutputFd::Stdout);
+    start(&mut agent, "c1").await;
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        let line = format!("line {i} {}\n", "x".repeat(i * 50));
+        expected.extend_from_slice(line.as_bytes());
+        let written = agent
+            .client
+            .write_stdin(WriteStdinRequest {
+                container_id: "c1".into(),
+                exec_id: String::new(),
+                data: line.clone().into_bytes(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .written;
+        assert_eq!(written as usize, line.len());
+    }
+    agent
+        .client
+        .close_stdin(ProcessRequest {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(wait(&mut agent.client, "c1", "").await, 0);
+    assert_eq!(out.await.unwrap(), expected);
+    remove(&mut agent, "c1").await;
+}
+
+#[tokio::test]
+async fn output_of_100_mib_arrives_byte_for_byte() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-big").await;
+    let lines = 13_500_000u64;
+    let result = run(&mut agent, "c1", &spec(&["seq", "1", &lines.to_string()])).await;
+    assert_eq!(result.status, 0);
+    let mut expected = Vec::with_capacity(result.stdout.len());
+    for i in 1..=lines {
+        expected.extend_from_slice(i.to_string().as_bytes());
+        expected.push(b'\n');
+    }
+    assert!(expected.len() > 100 << 20);
+    assert_eq!(result.stdout.len(), expected.len());
+    assert!(result.stdout == expected, "output differs from seq's");
+}
+
+/// The kernel function a process sleeps in (`/proc/<pid>/wchan`).
+fn wchan(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn slow_reader_back_pressures_instead_of_dropping() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-slow").await;
+    let pid = create(
+        &mut agent,
+        "c1",
+        &spec(&["seq", "1", "300000"]),
+        stdio(false, false),
+        true,
+    )
+    .await
+    .unwrap();
+    start(&mut agent, "c1").await;
+    // Nobody reads yet: the writer ends up blocked in pipe_write instead of losing output.
+    let mut blocked = false;
+    for _ in 0..500 {
+        if wchan(pid).ends_with("pipe_write") {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        blocked,
+        "writer not blocked on its pipe: wchan={:?}",
+        wchan(pid)
+    );
+    let mut stream = agent
+        .client
+        .process_output(ProcessOutputRequest {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+            fd: OutputFd::Stdout as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // One reader at a time.
+    let second = agent
+        .client
+        .process_output(ProcessOutputRequest {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+            fd: OutputFd::Stdout as i32,
+        })
+        .await;
+    assert_eq!(second.unwrap_err().code(), tonic::Code::AlreadyExists);
+    // Read slowly: every byte arrives, in order.
+    let mut got = Vec::new();
+    use tokio_stream::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        assert!(chunk.data.len() <= 64 * 1024);
+        got.extend_from_slice(&chunk.data);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    assert_eq!(wait(&mut agent.client, "c1", "").await, 0);
+    let expected: String = (1..=300000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected.as_bytes());
+    remove(&mut agent, "c1").await;
+}
+
+#[tokio::test]
+async fn tty_processes_get_a_terminal_and_window_size() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-tty").await;
+    create(
+        &mut agent,
+        "c1",
+        &spec(&["sh", "-c", "tty; stty size; echo done"]),
+        stdio(true, false),
+        true,
+    )
+    .await
+    .unwrap();
+    agent
+        .client
+        .resize_tty(ResizeTtyRequest {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+            rows: 40,
+            columns: 100,
+        })
+        .await
+        .unwrap();
+    let out = collect_output(&agent.client, "c1", "", OutputFd::Stdout);
+    let err = collect_output(&agent.client, "c1", "", OutputFd::Stderr);
+    start(&mut agent, "c1").await;
+    assert_eq!(wait(&mut agent.client, "c1", "").await, 0);
+    let out = String::from_utf8(out.await.unwrap()).unwrap();
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert!(out.contains("40 100\r\n"), "{out:?}");
+    assert!(out.contains("done\r\n"), "{out:?}");
+    assert!(
+        err.await.unwrap().is_empty(),
+        "a tty has no separate stderr"
+    );
+    // A process without a tty cannot be resized.
+    remove(&mut agent, "c1").await;
+}
+
+#[tokio::test]
+async fn tty_exec_with_stdin() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-ttyexec").await;
+    create(
+        &mut agent,
+        "c1",
+        &spec(&["sleep", "1000"]),
+        stdio(false, false),
+        true,
+    )
+    .await
+    .unwrap();
+    start(&mut agent, "c1").await;
+    exec(&mut agent, "c1", "sh", &["sh"], stdio(true, true))
+        .await
+        .unwrap();
+    let out = collect_output(&agent.client, "c1", "sh", OutputFd::Stdout);
+    agent
+        .client
+        .write_stdin(WriteStdinRequest {
+            container_id: "c1".into(),
+            exec_id: "sh".into(),
+            data: b"echo hi-$((6*7)); exit 5\n".to_vec(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(wait(&mut agent.client, "c1", "sh").await, 5);
+    let out = String::from_utf8_lossy(&out.await.unwrap()).into_owned();
+    assert!(out.contains("hi-42"), "{out:?}");
+    remove(&mut agent, "c1").await;
+}
+
+#[tokio::test]
+async fn read_only_rootfs_is_read_only() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-ro").await;
+    let mut s = spec(&["sh", "-c", "touch /newfile"]);
+    s["root"]["readonly"] = true.into();
+    let result = run(&mut agent, "c1", &s).await;
+    assert_ne!(result.status, 0);
+    assert!(
+        result.stderr().contains("Read-only file system"),
+        "{}",
+        result.stderr()
+    );
+    // The image was not touched either.
+    assert!(!agent.state.join("images/busybox/newfile").exists());
+}
+
+#[tokio::test]
+async fn writable_rootfs_writes_go_to_the_upper_layer_only() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-rw").await;
+    let result = run(
+        &mut agent,
+        "c1",
+        &spec(&["sh", "-c", "echo x > /newfile && cat /newfile"]),
+    )
+    .await;
+    assert_eq!(result.status, 0, "{}", result.stderr());
+    assert_eq!(result.stdout(), "x\n");
+    assert!(!agent.state.join("images/busybox/newfile").exists());
+}
+
+#[tokio::test]
+async fn seccomp_blocks_the_listed_syscall() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-seccomp").await;
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "touch /tmp/file && echo touched; mkdir /tmp/dir",
+    ]);
+    s["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let result = run(&mut agent, "c1", &s).await;
+    assert_eq!(result.stdout(), "touched\n");
+    assert_ne!(result.status, 0);
+    assert!(
+        result.stderr().contains("Operation not permitted"),
+        "{}",
+        result.stderr()
+    );
+}
+
+#[tokio::test]
+async fn user_groups_capabilities_and_no_new_privs_are_applied() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-user").await;
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "id -u; id -g; id -G; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status",
+    ]);
+    s["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [2000]});
+    s["process"]["capabilities"] =
+        serde_json::json!({"bounding": ["CAP_KILL"], "effective": [], "permitted": []});
+    let result = run(&mut agent, "c1", &s).await;
+    assert_eq!(result.status, 0, "{}", result.stderr());
+    let out = result.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1000");
+    assert_eq!(lines[1], "1000");
+    assert!(lines[2].split_whitespace().any(|g| g == "2000"), "{out}");
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(out.contains("CapBnd:\t0000000000000020"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+}
+
+#[tokio::test]
+async fn namespaces_hostname_masked_paths_and_rlimits() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-ns").await;
+    let mut s = spec(&["sh", "-c", "echo pid=$$; hostname; wc -c < /proc/timer_list; ulimit -n; ls /sys/class/net; echo x > /proc/sys/kernel/domainname || echo ro-proc"]);
+    s["process"]["rlimits"] =
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 123}]);
+    let result = run(&mut agent, "c1", &s).await;
+    let out = result.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "pid=1", "{out}");
+    assert_eq!(lines[1], "container");
+    assert_eq!(lines[2].trim(), "0", "masked /proc/timer_list reads empty");
+    assert_eq!(lines[3], "123");
+    assert_eq!(lines[4], "lo", "a fresh network namespace has only lo");
+    assert!(out.contains("ro-proc"), "{out}");
+}
+
+#[tokio::test]
+async fn sandbox_hostname_hosts_and_resolv_conf_reach_containers() {
+    let mut agent = TestAgent::start().await;
+    agent
+        .client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: "sb-files".into(),
+            hostname: "my-pod".into(),
+            resolv_conf: b"nameserver 10.0.0.10\n".to_vec(),
+            hosts: Vec::new(),
+            sysctls: [("net.ipv4.ip_forward".to_string(), "1".to_string())].into(),
+            shared_pid_namespace: false,
+        })
+        .await
+        .unwrap();
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "hostname; cat /etc/resolv.conf; grep my-pod /etc/hosts",
+    ]);
+    s.as_object_mut().unwrap().remove("hostname");
+    let result = run(&mut agent, "c1", &s).await;
+    assert_eq!(result.status, 0, "{}", result.stderr());
+    let out = result.stdout();
+    assert!(out.starts_with("my-pod\n"), "{out}");
+    assert!(out.contains("nameserver 10.0.0.10"), "{out}");
+    assert!(out.contains("127.0.1.1\tmy-pod"), "{out}");
+    let dup = agent
+        .client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: "other".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), tonic::Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn shared_pid_namespace_lets_containers_see_each_other() {
+    let mut agent = TestAgent::start().await;
+    agent
+        .client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: "sb-pidns".into(),
+            shared_pid_namespace: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    create(
+        &mut agent,
+        "a",
+        &spec(&["sleep", "4242"]),
+        stdio(false, false),
+        true,
+    )
+    .await
+    .unwrap();
+    start(&mut agent, "a").await;
+    let result = run(&mut agent, "b", &spec(&["sh", "-c", "ps -o args"])).await;
+    assert!(
+        result.stdout().contains("sleep 4242"),
+        "{}",
+        result.stdout()
+    );
+    remove(&mut agent, "a").await;
+    agent.client.destroy_sandbox(Empty {}).await.unwrap();
+    assert!(agent.mounts_under_state().is_empty());
+}
+
+#[tokio::test]
+async fn pause_resume_list_and_remove_with_leftovers() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-pause").await;
+    create(
+        &mut agent,
+        "c1",
+        &spec(&["sh", "-c", "sleep 1000 & sleep 1001"]),
+        stdio(false, false),
+        true,
+    )
+    .await
+    .unwrap();
+    // Start twice: the second is a state error.
+    start(&mut agent, "c1").await;
+    let err = agent
+        .client
+        .start_container(ContainerRequest {
+            container_id: "c1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        let list = agent
+            .client
+            .list_processes(ContainerRequest {
+                container_id: "c1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        names = list
+            .processes
+            .iter()
+            .map(|p| p.command.clone())
+            .collect::<Vec<_>>();
+        if names.iter().filter(|n| n.as_str() == "sleep").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        names.iter().filter(|n| n.as_str() == "sleep").count() == 2,
+        "{names:?}"
+    );
+    agent
+        .client
+        .pause_container(ContainerRequest {
+            container_id: "c1".into(),
+        })
+        .await
+        .unwrap();
+    let err = exec(&mut agent, "c1", "e", &["true"], stdio(false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    agent
+        .client
+        .resume_container(ContainerRequest {
+            container_id: "c1".into(),
+        })
+        .await
+        .unwrap();
+    exec(&mut agent, "c1", "e", &["true"], stdio(false, false))
+        .await
+        .unwrap();
+    assert_eq!(wait(&mut agent.client, "c1", "e").await, 0);
+    // Remove while running: everything is killed and unmounted.
+    let pids: Vec<u32> = agent
+        .client
+        .list_processes(ContainerRequest {
+            container_id: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .processes
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    agent
+        .client
+        .remove_container(RemoveContainerRequest {
+            container_id: "c1".into(),
+            timeout_ms: 100,
+        })
+        .await
+        .unwrap();
+    for pid in pids {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z "),
+            "pid {pid} still alive: {state}"
+        );
+    }
+    assert!(
+        agent.mounts_under_state().is_empty(),
+        "{:?}",
+        agent.mounts_under_state()
+    );
+    let err = agent
+        .client
+        .wait_process(ProcessRequest {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
