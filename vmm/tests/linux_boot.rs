@@ -283,11 +283,12 @@ fn virtio_net_frames_cross_the_tap() {
         libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
         std::fs::File::from_raw_fd(s)
     };
-    let mut vm = Vm::start("net", &["--no-jail", "--net", "fd=3,mac=06:00:ac:10:00:02"], |cmd, _| {
-        // SAFETY: between fork and exec only dup2 runs; it hands the TAP to the VMM as fd 3.
+    let mut vm = Vm::start("net", &["--no-jail", "--net", "fd=100,mac=06:00:ac:10:00:02"], |cmd, _| {
+        // SAFETY: between fork and exec only dup2 runs; it hands the TAP to the VMM as fd 100
+        // (a high number, clear of the fds std's spawn machinery uses in the child).
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(tap_fd, 3) < 0 {
+                if libc::dup2(tap_fd, 100) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
