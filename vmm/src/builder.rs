@@ -89,10 +89,19 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, BuildError> {
 pub fn open_resources(r: &VmResources) -> Result<OpenedResources, BuildError> {
     let kvm = open_kvm()?;
     let kernel = open_file(&r.boot.kernel, false)?;
-    let initrd = r.boot.initrd.as_deref().map(|p| open_file(p, false)).transpose()?;
+    let initrd = r
+        .boot
+        .initrd
+        .as_deref()
+        .map(|p| open_file(p, false))
+        .transpose()?;
     let mut drives = Vec::new();
     for d in &r.drives {
-        let file = d.path.as_deref().map(|p| open_file(p, !d.read_only)).transpose()?;
+        let file = d
+            .path
+            .as_deref()
+            .map(|p| open_file(p, !d.read_only))
+            .transpose()?;
         drives.push((d.clone(), file));
     }
     let tap = match r.net.as_ref().map(|n| &n.backend) {
@@ -151,7 +160,11 @@ pub fn build_vmm(r: &VmResources, mut o: OpenedResources) -> Result<Vmm, BuildEr
     let epoll = Arc::new(Epoll::new().map_err(BuildError::Device)?);
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::Device)?);
     epoll
-        .ctl(ControlOperation::Add, exit_fd(&exit.evt), EpollEvent::new(EventSet::IN, EXIT_TOKEN))
+        .ctl(
+            ControlOperation::Add,
+            exit_fd(&exit.evt),
+            EpollEvent::new(EventSet::IN, EXIT_TOKEN),
+        )
         .map_err(BuildError::Device)?;
 
     let mut pio = Bus::new();
@@ -170,21 +183,52 @@ pub fn build_vmm(r: &VmResources, mut o: OpenedResources) -> Result<Vmm, BuildEr
             .map(|f| Backing::new(f, cfg.read_only))
             .transpose()
             .map_err(BuildError::Device)?;
-        let info = DeviceInfo { kind: "block", id: Some(cfg.id.clone()) };
-        let block = Block::new(BlockConfig { id: cfg.id, read_only: cfg.read_only }, backing);
+        let info = DeviceInfo {
+            kind: "block",
+            id: Some(cfg.id.clone()),
+        };
+        let block = Block::new(
+            BlockConfig {
+                id: cfg.id,
+                read_only: cfg.read_only,
+            },
+            backing,
+        );
         devices.push((Box::new(block), info));
     }
     if let (Some(tap), Some(net)) = (o.tap, r.net.as_ref()) {
-        devices.push((Box::new(Net::new(tap, net.mac)), DeviceInfo { kind: "net", id: None }));
+        devices.push((
+            Box::new(Net::new(tap, net.mac)),
+            DeviceInfo {
+                kind: "net",
+                id: None,
+            },
+        ));
     }
     if let (Some(listener), Some(v)) = (o.vsock_listener, r.vsock.as_ref()) {
-        let jail_dir = r.jail.enabled.then_some(r.jail.jail_dir.as_deref()).flatten();
+        let jail_dir = r
+            .jail
+            .enabled
+            .then_some(r.jail.jail_dir.as_deref())
+            .flatten();
         let uds = path_in_jail(&v.uds, jail_dir);
         let vsock = Vsock::new(v.cid, listener, uds).map_err(BuildError::Device)?;
-        devices.push((Box::new(vsock), DeviceInfo { kind: "vsock", id: None }));
+        devices.push((
+            Box::new(vsock),
+            DeviceInfo {
+                kind: "vsock",
+                id: None,
+            },
+        ));
     }
     if r.rng {
-        devices.push((Box::new(Rng::new()), DeviceInfo { kind: "rng", id: None }));
+        devices.push((
+            Box::new(Rng::new()),
+            DeviceInfo {
+                kind: "rng",
+                id: None,
+            },
+        ));
     }
 
     let mut mmio = Bus::new();
@@ -200,11 +244,19 @@ pub fn build_vmm(r: &VmResources, mut o: OpenedResources) -> Result<Vmm, BuildEr
             .map_err(|e| BuildError::Kvm("virtio irqfd", e))?;
         for (q, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()
-                .register_ioevent(evt, &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY), q as u32)
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(addr + REG_QUEUE_NOTIFY),
+                    q as u32,
+                )
                 .map_err(|e| BuildError::Kvm("ioeventfd", e))?;
             let token = EventRegistrar::token(i as u32, q as u32);
             epoll
-                .ctl(ControlOperation::Add, exit_fd(evt), EpollEvent::new(EventSet::IN, token))
+                .ctl(
+                    ControlOperation::Add,
+                    exit_fd(evt),
+                    EpollEvent::new(EventSet::IN, token),
+                )
                 .map_err(BuildError::Device)?;
         }
         transport.set_registrar(EventRegistrar::new(epoll.clone(), i as u32));

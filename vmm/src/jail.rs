@@ -62,7 +62,13 @@ pub fn enter(cfg: &JailConfig) -> Result<(), Error> {
     unsafe {
         check(
             "unshare",
-            libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET),
+            libc::unshare(
+                libc::CLONE_NEWNS
+                    | libc::CLONE_NEWPID
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWNET,
+            ),
         )?;
         let pid = libc::fork();
         if pid < 0 {
@@ -93,13 +99,19 @@ pub fn enter(cfg: &JailConfig) -> Result<(), Error> {
             };
             libc::_exit(code);
         }
-        check("prctl(PDEATHSIG)", libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
+        check(
+            "prctl(PDEATHSIG)",
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL),
+        )?;
     }
     pivot_into(dir)?;
     // SAFETY: plain syscalls on our own process.
     unsafe {
         let name = b"kata-like-vmm";
-        check("sethostname", libc::sethostname(name.as_ptr().cast(), name.len()))?;
+        check(
+            "sethostname",
+            libc::sethostname(name.as_ptr().cast(), name.len()),
+        )?;
         set_rlimit(libc::RLIMIT_CORE, 0)?;
         set_rlimit(libc::RLIMIT_NOFILE, 4096)?;
         if let (Some(uid), Some(gid)) = (cfg.uid, cfg.gid) {
@@ -107,7 +119,10 @@ pub fn enter(cfg: &JailConfig) -> Result<(), Error> {
             check("setresgid", libc::setresgid(gid, gid, gid))?;
             check("setresuid", libc::setresuid(uid, uid, uid))?;
         }
-        check("prctl(NO_NEW_PRIVS)", libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        check(
+            "prctl(NO_NEW_PRIVS)",
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+        )?;
     }
     tracing::info!(dir = %dir.display(), "entered the jail");
     Ok(())
@@ -131,18 +146,33 @@ fn pivot_into(dir: &Path) -> Result<(), Error> {
     unsafe {
         check(
             "mount(/, private)",
-            libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()),
+            libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
         )?;
         check(
             "mount(jail, bind)",
-            libc::mount(c_dir.as_ptr(), c_dir.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()),
+            libc::mount(
+                c_dir.as_ptr(),
+                c_dir.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ),
         )?;
         check("chdir(jail)", libc::chdir(c_dir.as_ptr()))?;
         check(
             "pivot_root",
             libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int,
         )?;
-        check("umount(old root)", libc::umount2(dot.as_ptr(), libc::MNT_DETACH))?;
+        check(
+            "umount(old root)",
+            libc::umount2(dot.as_ptr(), libc::MNT_DETACH),
+        )?;
         check("chdir(/)", libc::chdir(root.as_ptr()))?;
     }
     Ok(())

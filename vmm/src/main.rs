@@ -4,7 +4,8 @@ use kata_like_vmm::builder::{build_vmm, open_resources};
 use kata_like_vmm::resources::VmResources;
 use kata_like_vmm::vmm::SeccompSettings;
 
-const USAGE: &str = "usage: kata-like-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] \
+const USAGE: &str =
+    "usage: kata-like-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] \
 [--memory-mib N] [--hugepages] [--console PATH|fd:N|stdout|null] [--drive id=ID,path=PATH[,ro]] \
 [--drive id=ID,empty[,ro]] [--net fd=N|tap=NAME[,mac=MAC]] [--vsock cid=N,uds=PATH] [--rng] \
 [--api-sock PATH] [--jail-dir DIR [--uid U --gid G] | --no-jail] [--log-level LEVEL]

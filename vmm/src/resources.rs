@@ -37,7 +37,8 @@ fn key_values(s: &str) -> Vec<(&str, &str)> {
 }
 
 fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, UsageError> {
-    v.parse().map_err(|_| usage(format!("{flag}: invalid number {v:?}")))
+    v.parse()
+        .map_err(|_| usage(format!("{flag}: invalid number {v:?}")))
 }
 
 fn parse_fd(flag: &str, v: &str) -> Result<i32, UsageError> {
@@ -64,11 +65,19 @@ fn parse_drive(v: &str) -> Result<DriveConfig, UsageError> {
     }
     let id = id.ok_or_else(|| usage("--drive needs id=ID"))?;
     if id.len() > 20 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(usage("--drive id must be 1-20 printable ASCII characters (it is the virtio-blk serial)"));
+        return Err(usage(
+            "--drive id must be 1-20 printable ASCII characters (it is the virtio-blk serial)",
+        ));
     }
     match (path, empty) {
-        (Some(_), true) | (None, false) => Err(usage("--drive needs exactly one of path=PATH or empty")),
-        (path, _) => Ok(DriveConfig { id, path, read_only }),
+        (Some(_), true) | (None, false) => {
+            Err(usage("--drive needs exactly one of path=PATH or empty"))
+        }
+        (path, _) => Ok(DriveConfig {
+            id,
+            path,
+            read_only,
+        }),
     }
 }
 
@@ -78,8 +87,12 @@ fn parse_net(v: &str) -> Result<NetConfig, UsageError> {
     for (k, val) in key_values(v) {
         match k {
             "fd" => backend = Some(NetBackend::Fd(parse_fd("--net fd", val)?)),
-            "tap" if !val.is_empty() && val.len() < 16 => backend = Some(NetBackend::Tap(val.to_string())),
-            "mac" => mac = parse_mac(val).ok_or_else(|| usage(format!("--net: invalid mac {val:?}")))?,
+            "tap" if !val.is_empty() && val.len() < 16 => {
+                backend = Some(NetBackend::Tap(val.to_string()))
+            }
+            "mac" => {
+                mac = parse_mac(val).ok_or_else(|| usage(format!("--net: invalid mac {val:?}")))?
+            }
             _ => return Err(usage(format!("--net: unknown option {k:?}"))),
         }
     }
@@ -133,7 +146,10 @@ impl VmResources {
         let mut no_jail = false;
         let mut it = args.into_iter();
         while let Some(flag) = it.next() {
-            let mut value = |name: &str| it.next().ok_or_else(|| usage(format!("{name} needs a value")));
+            let mut value = |name: &str| {
+                it.next()
+                    .ok_or_else(|| usage(format!("{name} needs a value")))
+            };
             match flag.as_str() {
                 "--kernel" => kernel = Some(PathBuf::from(value("--kernel")?)),
                 "--initrd" => r.boot.initrd = Some(PathBuf::from(value("--initrd")?)),
@@ -186,8 +202,12 @@ impl VmResources {
         if ids.windows(2).any(|w| w[0] == w[1]) {
             return Err(usage("drive ids must be unique"));
         }
-        let devices = r.drives.len() + usize::from(r.net.is_some()) + usize::from(r.vsock.is_some()) + usize::from(r.rng);
-        let max = (crate::arch::layout::IOAPIC_PINS - crate::arch::layout::VIRTIO_IRQ_BASE) as usize;
+        let devices = r.drives.len()
+            + usize::from(r.net.is_some())
+            + usize::from(r.vsock.is_some())
+            + usize::from(r.rng);
+        let max =
+            (crate::arch::layout::IOAPIC_PINS - crate::arch::layout::VIRTIO_IRQ_BASE) as usize;
         if devices > max {
             return Err(usage(format!("at most {max} virtio devices")));
         }
@@ -199,10 +219,15 @@ impl VmResources {
                 .jail_dir
                 .clone()
                 .ok_or_else(|| usage("--jail-dir DIR is required unless --no-jail"))?;
-            for (name, p) in [("--api-sock", r.api_sock.as_ref()), ("--vsock uds", r.vsock.as_ref().map(|v| &v.uds))] {
+            for (name, p) in [
+                ("--api-sock", r.api_sock.as_ref()),
+                ("--vsock uds", r.vsock.as_ref().map(|v| &v.uds)),
+            ] {
                 if let Some(p) = p {
                     if !p.starts_with(&dir) {
-                        return Err(usage(format!("{name} must lie inside --jail-dir when jailed")));
+                        return Err(usage(format!(
+                            "{name} must lie inside --jail-dir when jailed"
+                        )));
                     }
                 }
             }
@@ -219,7 +244,11 @@ impl VmResources {
         if let ConsoleConfig::Fd(fd) = self.console {
             fds.push(fd);
         }
-        if let Some(NetConfig { backend: NetBackend::Fd(fd), .. }) = &self.net {
+        if let Some(NetConfig {
+            backend: NetBackend::Fd(fd),
+            ..
+        }) = &self.net
+        {
             fds.push(*fd);
         }
         fds
@@ -237,18 +266,52 @@ mod tests {
     #[test]
     fn full_command_line() {
         let r = parse(&[
-            "--kernel", "/k", "--initrd", "/i", "--cmdline", "console=ttyS0", "--vcpus", "2",
-            "--memory-mib", "256", "--console", "fd:5", "--drive", "id=root,path=/r.img,ro",
-            "--drive", "id=slot1,empty", "--net", "tap=tap0,mac=02:00:00:00:00:01",
-            "--vsock", "cid=3,uds=/jail/v.sock", "--rng", "--api-sock", "/jail/api.sock",
-            "--jail-dir", "/jail", "--uid", "1000", "--gid", "1000",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "console=ttyS0",
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "256",
+            "--console",
+            "fd:5",
+            "--drive",
+            "id=root,path=/r.img,ro",
+            "--drive",
+            "id=slot1,empty",
+            "--net",
+            "tap=tap0,mac=02:00:00:00:00:01",
+            "--vsock",
+            "cid=3,uds=/jail/v.sock",
+            "--rng",
+            "--api-sock",
+            "/jail/api.sock",
+            "--jail-dir",
+            "/jail",
+            "--uid",
+            "1000",
+            "--gid",
+            "1000",
         ])
         .unwrap();
         assert_eq!(r.machine.vcpus, 2);
         assert_eq!(r.console, ConsoleConfig::Fd(5));
-        assert_eq!(r.drives[0], DriveConfig { id: "root".into(), path: Some("/r.img".into()), read_only: true });
+        assert_eq!(
+            r.drives[0],
+            DriveConfig {
+                id: "root".into(),
+                path: Some("/r.img".into()),
+                read_only: true
+            }
+        );
         assert_eq!(r.drives[1].path, None);
-        assert_eq!(r.net.as_ref().unwrap().backend, NetBackend::Tap("tap0".into()));
+        assert_eq!(
+            r.net.as_ref().unwrap().backend,
+            NetBackend::Tap("tap0".into())
+        );
         assert_eq!(r.vsock.as_ref().unwrap().cid, 3);
         assert!(r.jail.enabled);
         assert_eq!(r.inherited_fds(), vec![5]);
@@ -260,14 +323,45 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--vcpus", "0", "--no-jail"]).is_err());
         assert!(parse(&["--kernel", "/k", "--vcpus", "x", "--no-jail"]).is_err());
         assert!(parse(&["--kernel", "/k", "--drive", "id=a", "--no-jail"]).is_err());
-        assert!(parse(&["--kernel", "/k", "--drive", "id=a,path=/x,empty", "--no-jail"]).is_err());
-        assert!(parse(&["--kernel", "/k", "--drive", "id=a,empty", "--drive", "id=a,empty", "--no-jail"]).is_err());
+        assert!(parse(&[
+            "--kernel",
+            "/k",
+            "--drive",
+            "id=a,path=/x,empty",
+            "--no-jail"
+        ])
+        .is_err());
+        assert!(parse(&[
+            "--kernel",
+            "/k",
+            "--drive",
+            "id=a,empty",
+            "--drive",
+            "id=a,empty",
+            "--no-jail"
+        ])
+        .is_err());
         assert!(parse(&["--kernel", "/k", "--net", "fd=1", "--no-jail"]).is_err());
         assert!(parse(&["--kernel", "/k", "--vsock", "cid=2,uds=/v", "--no-jail"]).is_err());
         assert!(parse(&["--kernel", "/k"]).is_err(), "jail dir required");
-        assert!(parse(&["--kernel", "/k", "--jail-dir", "/j", "--api-sock", "/elsewhere"]).is_err());
+        assert!(parse(&[
+            "--kernel",
+            "/k",
+            "--jail-dir",
+            "/j",
+            "--api-sock",
+            "/elsewhere"
+        ])
+        .is_err());
         assert!(parse(&["--kernel", "/k", "--bogus", "--no-jail"]).is_err());
         assert!(parse(&["--kernel"]).is_err());
-        assert!(parse(&["--kernel", "/k", "--drive", "id=waytoolongforavirtioserial,empty", "--no-jail"]).is_err());
+        assert!(parse(&[
+            "--kernel",
+            "/k",
+            "--drive",
+            "id=waytoolongforavirtioserial,empty",
+            "--no-jail"
+        ])
+        .is_err());
     }
 }

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{apply_filter, BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    apply_filter, BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
@@ -108,8 +110,16 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<libc::c_long> {
 
 /// Compiles the filter for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, Error> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind).into_iter().map(|n| (n, vec![])).collect();
-    let f = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind)
+        .into_iter()
+        .map(|n| (n, vec![]))
+        .collect();
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
     Ok(f.try_into()?)
 }
 

@@ -36,7 +36,11 @@ pub struct RealModeGuest {
 
 impl RealModeGuest {
     pub fn new(kvm: &Kvm, mem_size: u64, irqchip: bool) -> Result<Self, Error> {
-        let vm = if irqchip { Vm::new(kvm)? } else { Vm::new_bare(kvm)? };
+        let vm = if irqchip {
+            Vm::new(kvm)?
+        } else {
+            Vm::new_bare(kvm)?
+        };
         let mem = create_guest_memory(mem_size, false)?;
         vm.register_memory(&mem)?;
         let vcpu = Vcpu::new(&vm, 0)?;
@@ -65,7 +69,9 @@ impl RealModeGuest {
     pub fn run_until_out(&mut self, port: u16) -> Result<u8, Error> {
         loop {
             match self.vcpu.fd.run()? {
-                VcpuExit::IoOut(p, data) if p == port => return Ok(data.first().copied().unwrap_or(0)),
+                VcpuExit::IoOut(p, data) if p == port => {
+                    return Ok(data.first().copied().unwrap_or(0))
+                }
                 VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => {}
                 other => return Err(Error::UnexpectedExit(format!("{other:?}"))),
             }

@@ -15,7 +15,9 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm_config::SeccompViolation;
 use crate::vstate::memory::GuestMemoryMmap;
-use crate::vstate::vcpu::{kick_signal, kick_signal_handler, ExitReason, ExitSignal, Vcpu, VcpuContext, VcpuControl};
+use crate::vstate::vcpu::{
+    kick_signal, kick_signal_handler, ExitReason, ExitSignal, Vcpu, VcpuContext, VcpuControl,
+};
 use crate::vstate::vm::Vm;
 
 /// Epoll token of the exit eventfd; device tokens have a non-zero high half.
@@ -68,8 +70,14 @@ fn enter_thread(kind: ThreadKind, settings: SeccompSettings) -> Result<(), secco
 
 impl Vmm {
     /// Runs the VM to its end; returns the process exit status.
-    pub fn run(mut self, api_listener: Option<UnixListener>, seccomp_settings: SeccompSettings) -> i32 {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_signal_handler) {
+    pub fn run(
+        mut self,
+        api_listener: Option<UnixListener>,
+        seccomp_settings: SeccompSettings,
+    ) -> i32 {
+        if let Err(e) =
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_signal_handler)
+        {
             tracing::error!(error = %e, "cannot install the vCPU kick handler");
             return 1;
         }
@@ -113,14 +121,16 @@ impl Vmm {
                 vcpu_threads: vcpu_threads.clone(),
                 console_bytes: self.console_bytes.clone(),
             });
-            let spawned = std::thread::Builder::new().name("api".into()).spawn(move || {
-                if let Err(e) = enter_thread(ThreadKind::Api, seccomp_settings) {
-                    tracing::error!(error = %e, "API seccomp filter");
-                    api.exit.request(ExitReason::VmmError);
-                    return;
-                }
-                crate::api::serve(listener, api);
-            });
+            let spawned = std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || {
+                    if let Err(e) = enter_thread(ThreadKind::Api, seccomp_settings) {
+                        tracing::error!(error = %e, "API seccomp filter");
+                        api.exit.request(ExitReason::VmmError);
+                        return;
+                    }
+                    crate::api::serve(listener, api);
+                });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start the API thread");
                 self.exit.request(ExitReason::VmmError);

@@ -22,17 +22,29 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
 
 fn kernel() -> PathBuf {
-    let k = std::env::var_os("KATA_LIKE_KERNEL").expect("KATA_LIKE_KERNEL must name the guest vmlinux");
+    let k =
+        std::env::var_os("KATA_LIKE_KERNEL").expect("KATA_LIKE_KERNEL must name the guest vmlinux");
     let k = PathBuf::from(k);
-    assert!(k.is_file(), "KATA_LIKE_KERNEL={} does not exist", k.display());
+    assert!(
+        k.is_file(),
+        "KATA_LIKE_KERNEL={} does not exist",
+        k.display()
+    );
     k
 }
 
 fn initrd() -> PathBuf {
-    let p = std::env::var_os("KATA_LIKE_VMM_TEST_INITRD").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kata-like/vmm-test-initramfs.cpio")
-    });
-    assert!(p.is_file(), "test initramfs {} missing: run vmm/tests/build-test-initramfs", p.display());
+    let p = std::env::var_os("KATA_LIKE_VMM_TEST_INITRD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/kata-like/vmm-test-initramfs.cpio")
+        });
+    assert!(
+        p.is_file(),
+        "test initramfs {} missing: run vmm/tests/build-test-initramfs",
+        p.display()
+    );
     p
 }
 
@@ -52,14 +64,23 @@ impl Vm {
             .arg(kernel())
             .arg("--initrd")
             .arg(initrd())
-            .args(["--cmdline", &format!("{BASE_CMDLINE} kl_test={case}"), "--memory-mib", "256"])
+            .args([
+                "--cmdline",
+                &format!("{BASE_CMDLINE} kl_test={case}"),
+                "--memory-mib",
+                "256",
+            ])
             .arg("--console")
             .arg(&console)
             .args(extra)
             .stdout(Stdio::null());
         configure(&mut cmd, dir.path());
         let child = cmd.spawn().unwrap();
-        Vm { child: Some(child), console, dir }
+        Vm {
+            child: Some(child),
+            console,
+            dir,
+        }
     }
 
     fn console(&self) -> String {
@@ -71,9 +92,16 @@ impl Vm {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while !self.console().contains(marker) {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("VM exited ({st}) before {marker:?}; console:\n{}", self.console());
+                panic!(
+                    "VM exited ({st}) before {marker:?}; console:\n{}",
+                    self.console()
+                );
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {marker:?}; console:\n{}", self.console());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {marker:?}; console:\n{}",
+                self.console()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,7 +113,11 @@ impl Vm {
             if let Some(st) = child.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "VM did not exit; console:\n{}", self.console());
+            assert!(
+                Instant::now() < deadline,
+                "VM did not exit; console:\n{}",
+                self.console()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -150,19 +182,33 @@ fn virtio_blk_reads_and_writes_host_files() {
     std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
     let ro_arg = format!("id=klro,path={},ro", ro.display());
     let rw_arg = format!("id=klrw,path={}", rw.display());
-    let mut vm = Vm::start("blk", &["--no-jail", "--drive", &ro_arg, "--drive", &rw_arg], no_jail);
+    let mut vm = Vm::start(
+        "blk",
+        &["--no-jail", "--drive", &ro_arg, "--drive", &rw_arg],
+        no_jail,
+    );
     let st = vm.wait();
     let console = vm.console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
-    assert!(console.contains("KL_BLK_READ KL-RO-DRIVE-CONTENT"), "console:\n{console}");
+    assert!(
+        console.contains("KL_BLK_READ KL-RO-DRIVE-CONTENT"),
+        "console:\n{console}"
+    );
     let written = std::fs::read(&rw).unwrap();
     assert_eq!(&written[4096..4096 + 19], b"KL-GUEST-WROTE-THIS");
-    assert_eq!(std::fs::read(&ro).unwrap(), content, "read-only drive unchanged");
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        content,
+        "read-only drive unchanged"
+    );
 }
 
 fn send_with_fd(stream: &UnixStream, data: &[u8], fd: RawFd) {
     let mut cmsg_buf = [0u64; 4];
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
     // SAFETY: a valid msghdr over live buffers carrying one SCM_RIGHTS fd.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
@@ -175,18 +221,28 @@ fn send_with_fd(stream: &UnixStream, data: &[u8], fd: RawFd) {
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
-        assert_eq!(libc::sendmsg(stream.as_raw_fd(), &msg, 0), data.len() as isize);
+        assert_eq!(
+            libc::sendmsg(stream.as_raw_fd(), &msg, 0),
+            data.len() as isize
+        );
     }
 }
 
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn empty_drive_slot_is_filled_through_the_api() {
-    let mut vm = Vm::start("blk_hotplug", &["--drive", "id=slot0,empty", "--rng"], |cmd, dir| {
-        let jail = dir.join("jail");
-        std::fs::create_dir(&jail).unwrap();
-        cmd.arg("--jail-dir").arg(&jail).arg("--api-sock").arg(jail.join("api.sock"));
-    });
+    let mut vm = Vm::start(
+        "blk_hotplug",
+        &["--drive", "id=slot0,empty", "--rng"],
+        |cmd, dir| {
+            let jail = dir.join("jail");
+            std::fs::create_dir(&jail).unwrap();
+            cmd.arg("--jail-dir")
+                .arg(&jail)
+                .arg("--api-sock")
+                .arg(jail.join("api.sock"));
+        },
+    );
     vm.wait_for("KL_SLOT_EMPTY 0");
     let img = vm.dir.path().join("rootfs.img");
     let mut content = b"KL-HOTPLUGGED".to_vec();
@@ -194,14 +250,21 @@ fn empty_drive_slot_is_filled_through_the_api() {
     std::fs::write(&img, &content).unwrap();
     let api = UnixStream::connect(vm.dir.path().join("jail/api.sock")).unwrap();
     let f = std::fs::File::open(&img).unwrap();
-    send_with_fd(&api, b"{\"op\":\"set_drive\",\"id\":\"slot0\",\"read_only\":true}\n", f.as_raw_fd());
+    send_with_fd(
+        &api,
+        b"{\"op\":\"set_drive\",\"id\":\"slot0\",\"read_only\":true}\n",
+        f.as_raw_fd(),
+    );
     let mut resp = String::new();
     BufReader::new(&api).read_line(&mut resp).unwrap();
     assert!(resp.contains("\"ok\":true"), "{resp}");
     let st = vm.wait();
     let console = vm.console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
-    assert!(console.contains("KL_HOTPLUG 16 KL-HOTPLUGGED"), "console:\n{console}");
+    assert!(
+        console.contains("KL_HOTPLUG 16 KL-HOTPLUGGED"),
+        "console:\n{console}"
+    );
 }
 
 #[test]
@@ -222,7 +285,10 @@ fn vsock_carries_data_both_ways() {
     let mut reader = BufReader::new(&host);
     let mut ok = String::new();
     reader.read_line(&mut ok).unwrap();
-    assert!(ok.starts_with("OK ") && ok.trim_end()[3..].parse::<u32>().is_ok(), "{ok:?}");
+    assert!(
+        ok.starts_with("OK ") && ok.trim_end()[3..].parse::<u32>().is_ok(),
+        "{ok:?}"
+    );
     (&host).write_all(b"ping-from-host\n").unwrap();
     let mut echo = String::new();
     reader.read_line(&mut echo).unwrap();
@@ -239,13 +305,20 @@ fn vsock_carries_data_both_ways() {
     let st = vm.wait();
     let console = vm.console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
-    assert!(console.contains("KL_VSOCK_REPLY hello-from-host"), "console:\n{console}");
+    assert!(
+        console.contains("KL_VSOCK_REPLY hello-from-host"),
+        "console:\n{console}"
+    );
 }
 
 /// Opens TAP `name` (creating it) and brings it up; returns the fd and its ifindex.
 fn open_tap(name: &str) -> (std::fs::File, i32) {
     let _ = Command::new("modprobe").arg("tun").status();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("/dev/net/tun");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("/dev/net/tun");
     // SAFETY: ifreq ioctls with zeroed structs and a short name.
     unsafe {
         let mut req: libc::ifreq = std::mem::zeroed();
@@ -253,11 +326,17 @@ fn open_tap(name: &str) -> (std::fs::File, i32) {
             req.ifr_name[i] = b as libc::c_char;
         }
         req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
-        assert!(libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req) >= 0, "TUNSETIFF");
+        assert!(
+            libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req) >= 0,
+            "TUNSETIFF"
+        );
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
         assert!(libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) >= 0);
         req.ifr_ifru.ifru_flags |= libc::IFF_UP as i16;
-        assert!(libc::ioctl(s, libc::SIOCSIFFLAGS, &mut req) >= 0, "interface up");
+        assert!(
+            libc::ioctl(s, libc::SIOCSIFFLAGS, &mut req) >= 0,
+            "interface up"
+        );
         assert!(libc::ioctl(s, libc::SIOCGIFINDEX, &mut req) >= 0);
         libc::close(s);
         (f, req.ifr_ifru.ifru_ifindex)
@@ -272,35 +351,62 @@ fn virtio_net_frames_cross_the_tap() {
     let tap_fd = tap.as_raw_fd();
     // SAFETY: a raw packet socket on the TAP interface, set up with zeroed structs.
     let sniffer = unsafe {
-        let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_TEST.to_be()));
+        let s = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_TEST.to_be()),
+        );
         assert!(s >= 0);
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = ETH_P_TEST.to_be();
         sll.sll_ifindex = ifindex;
-        assert!(libc::bind(s, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) >= 0);
-        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
-        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+        assert!(
+            libc::bind(
+                s,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32
+            ) >= 0
+        );
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
         std::fs::File::from_raw_fd(s)
     };
-    let mut vm = Vm::start("net", &["--no-jail", "--net", "fd=100,mac=06:00:ac:10:00:02"], |cmd, _| {
-        // SAFETY: between fork and exec only dup2 runs; it hands the TAP to the VMM as fd 100
-        // (a high number, clear of the fds std's spawn machinery uses in the child).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(tap_fd, 100) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    });
+    let mut vm = Vm::start(
+        "net",
+        &["--no-jail", "--net", "fd=100,mac=06:00:ac:10:00:02"],
+        |cmd, _| {
+            // SAFETY: between fork and exec only dup2 runs; it hands the TAP to the VMM as fd 100
+            // (a high number, clear of the fds std's spawn machinery uses in the child).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(tap_fd, 100) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        },
+    );
     drop(tap);
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let mut buf = [0u8; 2048];
     let mut saw_guest_frame = false;
     while !saw_guest_frame {
-        assert!(Instant::now() < deadline, "no frame from the guest; console:\n{}", vm.console());
+        assert!(
+            Instant::now() < deadline,
+            "no frame from the guest; console:\n{}",
+            vm.console()
+        );
         if let Ok(n) = (&sniffer).read(&mut buf) {
             saw_guest_frame = n > 14 && buf[14..n].starts_with(b"KL-NET-FRAME-FROM-GUEST");
         }
@@ -312,7 +418,11 @@ fn virtio_net_frames_cross_the_tap() {
     while vm.child.as_mut().unwrap().try_wait().unwrap().is_none() {
         let _ = (&sniffer).write(&frame);
         std::thread::sleep(Duration::from_millis(200));
-        assert!(Instant::now() < deadline, "guest never saw the host frame; console:\n{}", vm.console());
+        assert!(
+            Instant::now() < deadline,
+            "guest never saw the host frame; console:\n{}",
+            vm.console()
+        );
     }
     let st = vm.wait();
     let console = vm.console();

@@ -19,8 +19,19 @@ const BUF: u32 = 0x2_0000;
 fn exit_port_status_is_the_exit_status_pvh() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_kernel(dir.path(), "k", &Asm::new().exit(42).code, true);
-    let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--console", "null"]);
-    assert_eq!(out.status.code(), Some(42), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run_vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--no-jail",
+        "--console",
+        "null",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(42),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -29,23 +40,50 @@ fn exit_port_status_is_the_exit_status_long_mode() {
     // Entered in 64-bit mode: `mov al, 7; out 0xf4, al` encodes the same.
     let k = write_kernel(dir.path(), "k", &Asm::new().exit(7).code, false);
     let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--vcpus", "2"]);
-    assert_eq!(out.status.code(), Some(7), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn serial_output_reaches_the_console_file() {
     let dir = tempfile::tempdir().unwrap();
-    let k = write_kernel(dir.path(), "k", &Asm::new().serial_print(b"hello from the guest\n").exit(0).code, true);
+    let k = write_kernel(
+        dir.path(),
+        "k",
+        &Asm::new()
+            .serial_print(b"hello from the guest\n")
+            .exit(0)
+            .code,
+        true,
+    );
     let console = dir.path().join("console.log");
-    let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--console", console.to_str().unwrap()]);
+    let out = run_vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--no-jail",
+        "--console",
+        console.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(std::fs::read_to_string(&console).unwrap(), "hello from the guest\n");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "hello from the guest\n"
+    );
 }
 
 #[test]
 fn serial_output_to_stdout_by_default() {
     let dir = tempfile::tempdir().unwrap();
-    let k = write_kernel(dir.path(), "k", &Asm::new().serial_print(b"on stdout\n").exit(0).code, true);
+    let k = write_kernel(
+        dir.path(),
+        "k",
+        &Asm::new().serial_print(b"on stdout\n").exit(0).code,
+        true,
+    );
     let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "on stdout\n");
@@ -54,10 +92,22 @@ fn serial_output_to_stdout_by_default() {
 #[test]
 fn guest_reset_through_i8042_exits_3_and_keeps_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let code = Asm::new().serial_print(b"Kernel panic\n").mov_al(0xfe).out_al(0x64).spin().code.clone();
+    let code = Asm::new()
+        .serial_print(b"Kernel panic\n")
+        .mov_al(0xfe)
+        .out_al(0x64)
+        .spin()
+        .code
+        .clone();
     let k = write_kernel(dir.path(), "k", &code, true);
     let console = dir.path().join("console.log");
-    let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--console", console.to_str().unwrap()]);
+    let out = run_vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--no-jail",
+        "--console",
+        console.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "Kernel panic\n");
 }
@@ -65,7 +115,12 @@ fn guest_reset_through_i8042_exits_3_and_keeps_the_log() {
 #[test]
 fn usage_and_configuration_errors() {
     assert_eq!(run_vmm(&["--bogus"]).status.code(), Some(2));
-    assert_eq!(run_vmm(&["--kernel", "/nonexistent/vmlinux", "--no-jail"]).status.code(), Some(1));
+    assert_eq!(
+        run_vmm(&["--kernel", "/nonexistent/vmlinux", "--no-jail"])
+            .status
+            .code(),
+        Some(1)
+    );
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk");
     std::fs::write(&junk, vec![0x90u8; 4096]).unwrap();
@@ -100,7 +155,12 @@ fn guest_driver_reads_virtio_rng() {
         .exit_with_al();
     let k = write_kernel(dir.path(), "k", &a.code, true);
     let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--rng"]);
-    assert_eq!(out.status.code(), Some(16), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(16),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Guest virtio-blk driver: reads sector 1 of the drive and exits with its first byte,
@@ -117,7 +177,10 @@ fn guest_driver_reads_a_virtio_blk_sector() {
     let status = BUF + 0x2000;
     let mut a = Asm::new();
     virtio_init(&mut a, VIRTIO0, RING, 8);
-    a.store32(hdr, 0).store32(hdr + 4, 0).store32(hdr + 8, 1).store32(hdr + 12, 0); // IN, sector 1
+    a.store32(hdr, 0)
+        .store32(hdr + 4, 0)
+        .store32(hdr + 8, 1)
+        .store32(hdr + 12, 0); // IN, sector 1
     a.store32(status, 0xff);
     virtio_desc(&mut a, RING, 0, hdr, 16, 1, 1);
     virtio_desc(&mut a, RING, 1, data, 512, 3, 2);
@@ -130,8 +193,19 @@ fn guest_driver_reads_a_virtio_blk_sector() {
         .exit_with_al();
     let k = write_kernel(dir.path(), "k", &a.code, true);
     let drive = format!("id=disk0,path={},ro", disk.display());
-    let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--drive", &drive]);
-    assert_eq!(out.status.code(), Some(0x5c), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run_vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--no-jail",
+        "--drive",
+        &drive,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0x5c),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A driver that sets DRIVER_OK with a queue size that is not a power of two gets
@@ -144,7 +218,12 @@ fn invalid_queue_size_marks_the_device_needs_reset() {
     a.load_eax(VIRTIO0 + 0x70).exit_with_al();
     let k = write_kernel(dir.path(), "k", &a.code, true);
     let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--rng"]);
-    assert_eq!(out.status.code(), Some(0x4f), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0x4f),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Kills the VMM if a test fails before it exits.
@@ -167,7 +246,10 @@ impl Api {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(s) = UnixStream::connect(path) {
-                return Api { reader: BufReader::new(s.try_clone().unwrap()), stream: s };
+                return Api {
+                    reader: BufReader::new(s.try_clone().unwrap()),
+                    stream: s,
+                };
             }
             assert!(Instant::now() < deadline, "API socket never appeared");
             std::thread::sleep(Duration::from_millis(10));
@@ -195,7 +277,10 @@ impl Api {
 fn send_with_fd(stream: &UnixStream, data: &[u8], fd: std::os::unix::io::RawFd) {
     use std::os::unix::io::AsRawFd;
     let mut cmsg_buf = [0u64; 4];
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
     // SAFETY: building a valid msghdr over live buffers.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
@@ -208,7 +293,10 @@ fn send_with_fd(stream: &UnixStream, data: &[u8], fd: std::os::unix::io::RawFd) 
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
         (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
-        assert_eq!(libc::sendmsg(stream.as_raw_fd(), &msg, 0), data.len() as isize);
+        assert_eq!(
+            libc::sendmsg(stream.as_raw_fd(), &msg, 0),
+            data.len() as isize
+        );
     }
 }
 
@@ -218,7 +306,14 @@ fn api_controls_a_running_vm() {
     let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
     let sock = dir.path().join("api.sock");
     let child = Command::new(vmm_bin())
-        .args(["run", "--kernel", k.to_str().unwrap(), "--no-jail", "--api-sock", sock.to_str().unwrap()])
+        .args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--no-jail",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
         .args(["--drive", "id=slot0,empty", "--rng", "--vcpus", "2"])
         .stdout(Stdio::null())
         .spawn()
@@ -231,23 +326,39 @@ fn api_controls_a_running_vm() {
     assert_eq!(api.call(r#"{"op":"nope"}"#)["ok"], false);
     assert_eq!(api.call(r#"{"op":"ping","x":1}"#)["ok"], false);
     assert_eq!(api.call("{broken")["ok"], false);
-    assert_eq!(api.call(r#"{"op":"set_drive","id":"slot0"}"#)["ok"], false, "no fd, no path");
-    assert_eq!(api.call(r#"{"op":"clear_drive","id":"missing"}"#)["ok"], false);
+    assert_eq!(
+        api.call(r#"{"op":"set_drive","id":"slot0"}"#)["ok"],
+        false,
+        "no fd, no path"
+    );
+    assert_eq!(
+        api.call(r#"{"op":"clear_drive","id":"missing"}"#)["ok"],
+        false
+    );
 
     let img = dir.path().join("rootfs.img");
     std::fs::write(&img, vec![0u8; 8192]).unwrap();
     let f = std::fs::File::open(&img).unwrap();
     use std::os::unix::io::AsRawFd;
-    let v = api.call_with_fd(r#"{"op":"set_drive","id":"slot0","read_only":true}"#, f.as_raw_fd());
+    let v = api.call_with_fd(
+        r#"{"op":"set_drive","id":"slot0","read_only":true}"#,
+        f.as_raw_fd(),
+    );
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["capacity_sectors"], 16);
     let m = api.call(r#"{"op":"metrics"}"#);
     assert_eq!(m["metrics"]["devices"][0]["id"], "slot0");
     assert_eq!(m["metrics"]["devices"][0]["capacity_sectors"], 16);
     assert_eq!(m["metrics"]["devices"][1]["type"], "rng");
-    let v = api.call(&format!(r#"{{"op":"set_drive","id":"slot0","path":"{}","read_only":false}}"#, img.display()));
+    let v = api.call(&format!(
+        r#"{{"op":"set_drive","id":"slot0","path":"{}","read_only":false}}"#,
+        img.display()
+    ));
     assert_eq!(v["ok"], true, "{v}");
-    assert_eq!(api.call(r#"{"op":"clear_drive","id":"slot0"}"#)["capacity_sectors"], 0);
+    assert_eq!(
+        api.call(r#"{"op":"clear_drive","id":"slot0"}"#)["capacity_sectors"],
+        0
+    );
 
     assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
     assert_eq!(api.call(r#"{"op":"metrics"}"#)["metrics"]["paused"], true);
@@ -273,7 +384,14 @@ fn api_force_stop_ends_the_vm() {
     let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
     let sock = dir.path().join("api.sock");
     let child = Command::new(vmm_bin())
-        .args(["run", "--kernel", k.to_str().unwrap(), "--no-jail", "--api-sock", sock.to_str().unwrap()])
+        .args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--no-jail",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
@@ -286,12 +404,28 @@ fn jailed_run(violation: Option<&str>) -> std::process::ExitStatus {
     let dir = tempfile::tempdir().unwrap();
     let jail = dir.path().join("jail");
     std::fs::create_dir(&jail).unwrap();
-    let k = write_kernel(dir.path(), "k", &Asm::new().serial_print(b"jailed\n").exit(9).code, true);
+    let k = write_kernel(
+        dir.path(),
+        "k",
+        &Asm::new().serial_print(b"jailed\n").exit(9).code,
+        true,
+    );
     let console = dir.path().join("console.log");
     let mut cmd = Command::new(vmm_bin());
-    cmd.args(["run", "--kernel", k.to_str().unwrap(), "--jail-dir", jail.to_str().unwrap()])
-        .args(["--console", console.to_str().unwrap(), "--rng", "--api-sock"])
-        .arg(jail.join("api.sock"));
+    cmd.args([
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--jail-dir",
+        jail.to_str().unwrap(),
+    ])
+    .args([
+        "--console",
+        console.to_str().unwrap(),
+        "--rng",
+        "--api-sock",
+    ])
+    .arg(jail.join("api.sock"));
     if let Some(v) = violation {
         cmd.args(["--seccomp-test-violation", v]);
     }
@@ -323,7 +457,11 @@ fn seccomp_kills_the_vmm_on_a_forbidden_syscall_in_each_thread() {
     for thread in ["vcpu", "api", "vmm"] {
         let status = jailed_run(Some(thread));
         // The jailed VMM dies of SIGSYS; its parent reports 128 + 31.
-        assert_eq!(status.code(), Some(128 + libc::SIGSYS), "thread {thread}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Some(128 + libc::SIGSYS),
+            "thread {thread}: {status:?}"
+        );
         assert_eq!(status.signal(), None);
     }
 }

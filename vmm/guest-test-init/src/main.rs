@@ -38,14 +38,24 @@ fn mount(fstype: &str, target: &str) {
     let src = std::ffi::CString::new(fstype).unwrap_or_default();
     let tgt = std::ffi::CString::new(target).unwrap_or_default();
     // SAFETY: valid C strings.
-    unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    unsafe {
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
 }
 
 fn cmdline_value(key: &str) -> Option<String> {
     let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')).map(str::to_string))
+    cmdline.split_whitespace().find_map(|kv| {
+        kv.strip_prefix(key)
+            .and_then(|v| v.strip_prefix('='))
+            .map(str::to_string)
+    })
 }
 
 /// The /dev node of the virtio-blk drive whose serial is `serial`.
@@ -70,19 +80,39 @@ fn sectors(dev: &str) -> u64 {
 }
 
 fn printable(b: &[u8]) -> String {
-    b.iter().take_while(|c| **c != 0).map(|c| if c.is_ascii_graphic() || *c == b' ' { *c as char } else { '.' }).collect()
+    b.iter()
+        .take_while(|c| **c != 0)
+        .map(|c| {
+            if c.is_ascii_graphic() || *c == b' ' {
+                *c as char
+            } else {
+                '.'
+            }
+        })
+        .collect()
 }
 
 fn test_blk() -> io::Result<()> {
-    let ro = drive_by_serial("klro").ok_or_else(|| io::Error::other("no drive with serial klro"))?;
-    let rw = drive_by_serial("klrw").ok_or_else(|| io::Error::other("no drive with serial klrw"))?;
+    let ro =
+        drive_by_serial("klro").ok_or_else(|| io::Error::other("no drive with serial klro"))?;
+    let rw =
+        drive_by_serial("klrw").ok_or_else(|| io::Error::other("no drive with serial klrw"))?;
     let mut buf = [0u8; 64];
     File::open(&ro)?.read_exact(&mut buf)?;
     say(&format!("KL_BLK_READ {}", printable(&buf)));
-    if OpenOptions::new().write(true).open(&ro).and_then(|f| f.write_all_at(b"x", 0)).is_ok() {
+    if OpenOptions::new()
+        .write(true)
+        .open(&ro)
+        .and_then(|f| f.write_all_at(b"x", 0))
+        .is_ok()
+    {
         return Err(io::Error::other("write to the read-only drive succeeded"));
     }
-    let f = OpenOptions::new().read(true).write(true).custom_flags_direct().open(&rw)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags_direct()
+        .open(&rw)?;
     let mut block = vec![0u8; 4096];
     block[..19].copy_from_slice(b"KL-GUEST-WROTE-THIS");
     f.write_all_at(&block, 4096)?;
@@ -102,7 +132,8 @@ impl DirectIo for OpenOptions {
 }
 
 fn test_blk_hotplug() -> io::Result<()> {
-    let dev = drive_by_serial("slot0").ok_or_else(|| io::Error::other("no drive with serial slot0"))?;
+    let dev =
+        drive_by_serial("slot0").ok_or_else(|| io::Error::other("no drive with serial slot0"))?;
     say(&format!("KL_SLOT_EMPTY {}", sectors(&dev)));
     let deadline = Instant::now() + Duration::from_secs(60);
     while sectors(&dev) == 0 {
@@ -128,7 +159,14 @@ struct SockaddrVm {
 }
 
 fn vsock_addr(cid: u32, port: u32) -> SockaddrVm {
-    SockaddrVm { family: libc::AF_VSOCK as u16, reserved: 0, port, cid, flags: 0, zero: [0; 3] }
+    SockaddrVm {
+        family: libc::AF_VSOCK as u16,
+        reserved: 0,
+        port,
+        cid,
+        flags: 0,
+        zero: [0; 3],
+    }
 }
 
 fn vsock_socket() -> io::Result<RawFd> {
@@ -144,9 +182,13 @@ fn vsock_socket() -> io::Result<RawFd> {
 fn test_vsock() -> io::Result<()> {
     let listener = vsock_socket()?;
     let addr = vsock_addr(u32::MAX, 1234); // VMADDR_CID_ANY
-    // SAFETY: valid sockaddr_vm.
+                                           // SAFETY: valid sockaddr_vm.
     unsafe {
-        if libc::bind(listener, (&addr as *const SockaddrVm).cast(), std::mem::size_of::<SockaddrVm>() as u32) < 0
+        if libc::bind(
+            listener,
+            (&addr as *const SockaddrVm).cast(),
+            std::mem::size_of::<SockaddrVm>() as u32,
+        ) < 0
             || libc::listen(listener, 4) < 0
         {
             return Err(io::Error::last_os_error());
@@ -168,7 +210,14 @@ fn test_vsock() -> io::Result<()> {
     let out = vsock_socket()?;
     let host = vsock_addr(2, 5000);
     // SAFETY: valid sockaddr_vm.
-    if unsafe { libc::connect(out, (&host as *const SockaddrVm).cast(), std::mem::size_of::<SockaddrVm>() as u32) } < 0 {
+    if unsafe {
+        libc::connect(
+            out,
+            (&host as *const SockaddrVm).cast(),
+            std::mem::size_of::<SockaddrVm>() as u32,
+        )
+    } < 0
+    {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: we own the connected fd.
@@ -212,7 +261,11 @@ fn test_net() -> io::Result<()> {
     let ifindex = if_up("eth0")?;
     // SAFETY: raw packet socket bound to eth0; frames built in local buffers.
     unsafe {
-        let s = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_TEST.to_be()));
+        let s = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_TEST.to_be()),
+        );
         if s < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -220,7 +273,12 @@ fn test_net() -> io::Result<()> {
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = ETH_P_TEST.to_be();
         sll.sll_ifindex = ifindex;
-        if libc::bind(s, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) < 0 {
+        if libc::bind(
+            s,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        ) < 0
+        {
             return Err(io::Error::last_os_error());
         }
         let mut frame = vec![0xffu8; 6];
@@ -228,8 +286,17 @@ fn test_net() -> io::Result<()> {
         frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
         frame.extend_from_slice(b"KL-NET-FRAME-FROM-GUEST");
         frame.resize(64, 0);
-        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
-        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         // Keep sending until the host answers: the host may start listening after us.
         loop {
@@ -254,7 +321,11 @@ fn main() {
     mount("sysfs", "/sys");
     mount("devtmpfs", "/dev");
     // The initramfs may lack /dev/console: reopen stdio on it once devtmpfs is there.
-    if let Ok(c) = OpenOptions::new().read(true).write(true).open("/dev/console") {
+    if let Ok(c) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard fds.
             unsafe { libc::dup2(c.as_raw_fd(), fd) };
@@ -286,4 +357,3 @@ fn main() {
         }
     }
 }
-

@@ -72,15 +72,34 @@ impl ApiContext {
     }
 
     /// Executes one request. `fds` holds descriptors that came with it.
-    pub fn handle(&self, req: Request, fds: &mut VecDeque<OwnedFd>) -> (Value, Option<Box<dyn FnOnce() + Send>>) {
+    pub fn handle(
+        &self,
+        req: Request,
+        fds: &mut VecDeque<OwnedFd>,
+    ) -> (Value, Option<Box<dyn FnOnce() + Send>>) {
         match req {
-            Request::Ping {} => (json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}), None),
-            Request::SetDrive { id, path, read_only } => {
+            Request::Ping {} => (
+                json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}),
+                None,
+            ),
+            Request::SetDrive {
+                id,
+                path,
+                read_only,
+            } => {
                 let file = match path {
-                    Some(p) => std::fs::OpenOptions::new().read(true).write(!read_only).open(&p),
+                    Some(p) => std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(!read_only)
+                        .open(&p),
                     None => match fds.pop_front() {
                         Some(fd) => Ok(File::from(fd)),
-                        None => return (error("set_drive needs a path or an fd passed with SCM_RIGHTS"), None),
+                        None => {
+                            return (
+                                error("set_drive needs a path or an fd passed with SCM_RIGHTS"),
+                                None,
+                            )
+                        }
                     },
                 };
                 let backing = match file.and_then(|f| Backing::new(f, read_only)) {
@@ -104,7 +123,10 @@ impl ApiContext {
             Request::Stop { force, timeout_ms } => {
                 let exit = self.exit.clone();
                 if force {
-                    return (json!({"ok": true, "graceful": false}), Some(Box::new(move || exit.request(ExitReason::Stopped))));
+                    return (
+                        json!({"ok": true, "graceful": false}),
+                        Some(Box::new(move || exit.request(ExitReason::Stopped))),
+                    );
                 }
                 // Resume a paused guest so that it can shut down.
                 self.control.request_pause(false);
@@ -179,7 +201,8 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> std:
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
                 for i in 0..count {
                     let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
                     if fds.len() < MAX_FDS_PER_MESSAGE {

@@ -60,21 +60,44 @@ mod tests {
         assert_eq!(parse_request(br#"{"op":"ping"}"#), Ok(Request::Ping {}));
         assert_eq!(
             parse_request(br#"{"op":"set_drive","id":"c1","read_only":true}"#),
-            Ok(Request::SetDrive { id: "c1".into(), path: None, read_only: true })
+            Ok(Request::SetDrive {
+                id: "c1".into(),
+                path: None,
+                read_only: true
+            })
         );
         assert_eq!(
             parse_request(br#"{"op":"set_drive","id":"c1","path":"/x"}"#),
-            Ok(Request::SetDrive { id: "c1".into(), path: Some("/x".into()), read_only: false })
+            Ok(Request::SetDrive {
+                id: "c1".into(),
+                path: Some("/x".into()),
+                read_only: false
+            })
         );
-        assert_eq!(parse_request(br#"{"op":"clear_drive","id":"c1"}"#), Ok(Request::ClearDrive { id: "c1".into() }));
+        assert_eq!(
+            parse_request(br#"{"op":"clear_drive","id":"c1"}"#),
+            Ok(Request::ClearDrive { id: "c1".into() })
+        );
         assert_eq!(parse_request(br#"{"op":"pause"}"#), Ok(Request::Pause {}));
         assert_eq!(parse_request(br#"{"op":"resume"}"#), Ok(Request::Resume {}));
-        assert_eq!(parse_request(br#"{"op":"stop"}"#), Ok(Request::Stop { force: false, timeout_ms: 5000 }));
+        assert_eq!(
+            parse_request(br#"{"op":"stop"}"#),
+            Ok(Request::Stop {
+                force: false,
+                timeout_ms: 5000
+            })
+        );
         assert_eq!(
             parse_request(br#"{"op":"stop","force":true,"timeout_ms":10}"#),
-            Ok(Request::Stop { force: true, timeout_ms: 10 })
+            Ok(Request::Stop {
+                force: true,
+                timeout_ms: 10
+            })
         );
-        assert_eq!(parse_request(br#"{"op":"metrics"}"#), Ok(Request::Metrics {}));
+        assert_eq!(
+            parse_request(br#"{"op":"metrics"}"#),
+            Ok(Request::Metrics {})
+        );
     }
 
     #[test]
@@ -86,6 +109,9 @@ mod tests {
         assert!(parse_request(b"not json").is_err());
         assert!(parse_request(b"").is_err());
         assert!(parse_request(&[0xff, 0xfe]).is_err());
-        assert_eq!(parse_request(&vec![b' '; MAX_LINE + 1]), Err(Error::TooLong));
+        assert_eq!(
+            parse_request(&vec![b' '; MAX_LINE + 1]),
+            Err(Error::TooLong)
+        );
     }
 }

@@ -32,8 +32,16 @@ impl Bus {
         Self::default()
     }
 
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> Result<(), Error> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(Error::Overlap(base, len))?;
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), Error> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Error::Overlap(base, len))?;
         if let Some((b, e)) = self.devices.range(..end).next_back() {
             if b + e.len > base {
                 return Err(Error::Overlap(base, len));

@@ -23,7 +23,7 @@ const MAP_HUGE_2MB: i32 = 21 << libc::MAP_HUGE_SHIFT;
 
 /// Maps `size` bytes of guest RAM.
 pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, Error> {
-    if size == 0 || size % (2 << 20) != 0 && hugepages || size % 4096 != 0 {
+    if size == 0 || (hugepages && !size.is_multiple_of(2 << 20)) || !size.is_multiple_of(4096) {
         return Err(Error::InvalidSize(size >> 20));
     }
     let mut regions = Vec::new();
@@ -33,18 +33,15 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
         if hugepages {
             flags |= libc::MAP_HUGETLB | MAP_HUGE_2MB;
         }
-        let mapping = MmapRegion::<()>::build(
-            None,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-        )?;
+        let mapping =
+            MmapRegion::<()>::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags)?;
         // SAFETY: the mapping is ours, `len` bytes long; madvise only sets hints on it.
         unsafe {
             libc::madvise(mapping.as_ptr().cast(), len, libc::MADV_DONTDUMP);
             libc::madvise(mapping.as_ptr().cast(), len, libc::MADV_UNMERGEABLE);
         }
-        let region = GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(Error::Region(start))?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(Error::Region(start))?;
         regions.push(region);
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
@@ -58,8 +55,12 @@ mod tests {
     #[test]
     fn memory_is_readable_and_writable_across_its_range() {
         let mem = create_guest_memory(32 << 20, false).unwrap();
-        mem.write_obj(0xdead_beefu32, GuestAddress((32 << 20) - 4)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress((32 << 20) - 4)).unwrap(), 0xdead_beef);
+        mem.write_obj(0xdead_beefu32, GuestAddress((32 << 20) - 4))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress((32 << 20) - 4)).unwrap(),
+            0xdead_beef
+        );
         assert!(mem.read_obj::<u32>(GuestAddress(32 << 20)).is_err());
         assert_eq!(mem.num_regions(), 1);
     }

@@ -141,7 +141,11 @@ thread_local! {
 }
 
 /// Handler for the vCPU kick signal: only an atomic-enough byte store, async-signal-safe.
-pub extern "C" fn kick_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+pub extern "C" fn kick_signal_handler(
+    _: libc::c_int,
+    _: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
     IMMEDIATE_EXIT.with(|p| {
         let ptr = p.get();
         if !ptr.is_null() {
@@ -171,7 +175,10 @@ pub struct VcpuContext {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -179,20 +186,30 @@ fn monotonic_ns() -> u64 {
 
 impl Vcpu {
     pub fn new(vm: &Vm, index: u8) -> Result<Self, Error> {
-        let fd = vm.fd().create_vcpu(u64::from(index)).map_err(Error::Create)?;
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(Error::Create)?;
         Ok(Vcpu { index, fd })
     }
 
     /// CPUID, MSRs, FPU and LAPIC LINT pins for every vCPU.
     pub fn configure_cpu(&self, supported: &CpuId, count: u8) -> Result<(), Error> {
         let cpuid = cpuid::normalize(supported, self.index, count).map_err(Error::Cpuid)?;
-        self.fd.set_cpuid2(&cpuid).map_err(|e| Error::Setup("SET_CPUID2", e))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| Error::Setup("SET_CPUID2", e))?;
         let msrs = msr::boot_msrs().map_err(Error::Cpuid)?;
-        let n = self.fd.set_msrs(&msrs).map_err(|e| Error::Setup("SET_MSRS", e))?;
+        let n = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| Error::Setup("SET_MSRS", e))?;
         if n != msrs.as_slice().len() {
             return Err(Error::Msrs(n));
         }
-        self.fd.set_fpu(&regs::boot_fpu()).map_err(|e| Error::Setup("SET_FPU", e))?;
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(|e| Error::Setup("SET_FPU", e))?;
         self.set_lint()
     }
 
@@ -202,7 +219,10 @@ impl Vcpu {
         const APIC_LVT1: usize = 0x360;
         const DM_EXTINT: u32 = 7;
         const DM_NMI: u32 = 4;
-        let mut lapic = self.fd.get_lapic().map_err(|e| Error::Setup("GET_LAPIC", e))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| Error::Setup("GET_LAPIC", e))?;
         for (reg, mode) in [(APIC_LVT0, DM_EXTINT), (APIC_LVT1, DM_NMI)] {
             let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
             let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
@@ -210,14 +230,25 @@ impl Vcpu {
                 lapic.regs[reg + i] = *b as i8;
             }
         }
-        self.fd.set_lapic(&lapic).map_err(|e| Error::Setup("SET_LAPIC", e))
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| Error::Setup("SET_LAPIC", e))
     }
 
     /// Boot vCPU only: registers for the kernel entry.
-    pub fn configure_boot(&self, mem: &GuestMemoryMmap, entry: regs::EntryPoint) -> Result<(), Error> {
-        let mut sregs = self.fd.get_sregs().map_err(|e| Error::Setup("GET_SREGS", e))?;
+    pub fn configure_boot(
+        &self,
+        mem: &GuestMemoryMmap,
+        entry: regs::EntryPoint,
+    ) -> Result<(), Error> {
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::Setup("GET_SREGS", e))?;
         regs::setup_sregs(mem, entry, &mut sregs)?;
-        self.fd.set_sregs(&sregs).map_err(|e| Error::Setup("SET_SREGS", e))?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| Error::Setup("SET_SREGS", e))?;
         self.fd
             .set_regs(&regs::boot_regs(entry))
             .map_err(|e| Error::Setup("SET_REGS", e))
@@ -255,7 +286,9 @@ impl Vcpu {
         let index = self.index;
         let result = self.fd.run();
         if ctx.exit.first_exit_ns.load(Ordering::Relaxed) == 0 {
-            ctx.exit.first_exit_ns.store(monotonic_ns(), Ordering::Relaxed);
+            ctx.exit
+                .first_exit_ns
+                .store(monotonic_ns(), Ordering::Relaxed);
         }
         match result {
             Ok(VcpuExit::IoOut(port, data)) => {

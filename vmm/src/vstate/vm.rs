@@ -1,6 +1,9 @@
 //! The KVM VM: memory slots, in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -58,7 +61,8 @@ impl Vm {
     /// Creates a VM with the in-kernel irqchip and PIT.
     pub fn new(kvm: &Kvm) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(Error::SetTss)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(Error::SetTss)?;
         fd.create_irq_chip().map_err(Error::CreateIrqchip)?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -68,17 +72,24 @@ impl Vm {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::SupportedCpuid)?;
-        Ok(Vm { fd, supported_cpuid })
+        Ok(Vm {
+            fd,
+            supported_cpuid,
+        })
     }
 
     /// A VM without irqchip or PIT, for the probe and hand-made test guests.
     pub fn new_bare(kvm: &Kvm) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(Error::SetTss)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(Error::SetTss)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::SupportedCpuid)?;
-        Ok(Vm { fd, supported_cpuid })
+        Ok(Vm {
+            fd,
+            supported_cpuid,
+        })
     }
 
     pub fn fd(&self) -> &VmFd {

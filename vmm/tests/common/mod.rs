@@ -134,7 +134,11 @@ pub fn vmm_bin() -> PathBuf {
 }
 
 pub fn run_vmm(args: &[&str]) -> Output {
-    Command::new(vmm_bin()).arg("run").args(args).output().unwrap()
+    Command::new(vmm_bin())
+        .arg("run")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// Programs the virtio-mmio device at `base` with one queue (index 0) of `size` entries at
@@ -156,5 +160,8 @@ pub fn virtio_init(a: &mut Asm, base: u32, ring: u32, size: u32) {
 /// Writes descriptor `i` of the table at `ring`.
 pub fn virtio_desc(a: &mut Asm, ring: u32, i: u32, addr: u32, len: u32, flags: u16, next: u16) {
     let d = ring + 16 * i;
-    a.store32(d, addr).store32(d + 4, 0).store32(d + 8, len).store32(d + 12, u32::from(flags) | (u32::from(next) << 16));
+    a.store32(d, addr)
+        .store32(d + 4, 0)
+        .store32(d + 8, len)
+        .store32(d + 12, u32::from(flags) | (u32::from(next) << 16));
 }

@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 
-use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::elf::start_info::{
@@ -78,7 +78,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
                 kernel_end: result.kernel_end,
             })
         }
-        Err(linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidElfMagicNumber)) => {
+        Err(linux_loader::loader::Error::Elf(
+            linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+        )) => {
             kernel.seek(SeekFrom::Start(0)).map_err(Error::KernelIo)?;
             let result = BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
                 .map_err(Error::KernelLoad)?;
@@ -161,7 +163,11 @@ pub fn configure_boot(
 ) -> Result<(), Error> {
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)
         .map_err(Error::CmdlineLoad)?;
-    let cmdline_len = cmdline.as_cstring().map_err(Error::Cmdline)?.as_bytes().len();
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(Error::Cmdline)?
+        .as_bytes()
+        .len();
     let e820 = e820_entries(mem);
     match kernel.entry {
         EntryPoint::Pvh(_) => {
@@ -213,7 +219,8 @@ pub fn configure_boot(
                 zero_page.hdr.ramdisk_image = initrd.address as u32;
                 zero_page.hdr.ramdisk_size = initrd.size as u32;
             }
-            for (i, (addr, size, type_)) in e820.iter().enumerate().take(zero_page.e820_table.len()) {
+            for (i, (addr, size, type_)) in e820.iter().enumerate().take(zero_page.e820_table.len())
+            {
                 zero_page.e820_table[i] = boot_e820_entry {
                     addr: *addr,
                     size: *size,
@@ -258,7 +265,8 @@ mod tests {
         assert_eq!(region.address % PAGE_SIZE, 0);
         assert!(region.address + region.size <= 64 << 20);
         let mut back = [0u8; 5000];
-        mem.read_slice(&mut back, GuestAddress(region.address)).unwrap();
+        mem.read_slice(&mut back, GuestAddress(region.address))
+            .unwrap();
         assert!(back.iter().all(|b| *b == 0xab));
 
         let kernel = LoadedKernel {
@@ -280,7 +288,8 @@ mod tests {
             .unwrap();
         assert_eq!((last.addr, last.addr + last.size), (HIMEM_START, 64 << 20));
         let mut cmd = [0u8; 14];
-        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&cmd, b"console=ttyS0\0");
     }
 

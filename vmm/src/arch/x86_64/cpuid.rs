@@ -5,7 +5,8 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 /// Brand string the guest sees in leaves 0x8000_0002..=0x8000_0004 (48 bytes, NUL padded).
-pub const BRAND_STRING: &[u8; 48] = b"kata-like virtual CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+pub const BRAND_STRING: &[u8; 48] =
+    b"kata-like virtual CPU\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 
 mod bits {
     // Leaf 1 ECX.
@@ -130,7 +131,11 @@ fn normalize_entry(entry: &mut kvm_cpuid_entry2, cpu_index: u8, cpu_count: u8) {
 
 /// Returns the CPUID `supported` normalised for vCPU `cpu_index` of `cpu_count`. Leaves that
 /// describe host-only facilities (AMD extended topology 0x8000_001e, SVM 0x8000_000a) are removed.
-pub fn normalize(supported: &CpuId, cpu_index: u8, cpu_count: u8) -> Result<CpuId, vmm_sys_util::fam::Error> {
+pub fn normalize(
+    supported: &CpuId,
+    cpu_index: u8,
+    cpu_count: u8,
+) -> Result<CpuId, vmm_sys_util::fam::Error> {
     let mut entries: Vec<kvm_cpuid_entry2> = supported
         .as_slice()
         .iter()

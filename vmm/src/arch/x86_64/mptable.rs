@@ -75,7 +75,8 @@ pub fn build(base: u64, num_cpus: u8) -> Result<Vec<u8>, Error> {
     count += 2;
     debug_assert_eq!(
         entries.len(),
-        usize::from(num_cpus) * MPC_CPU_SIZE + (count as usize - usize::from(num_cpus)) * MPC_ENTRY_SIZE
+        usize::from(num_cpus) * MPC_CPU_SIZE
+            + (count as usize - usize::from(num_cpus)) * MPC_ENTRY_SIZE
     );
 
     let table_base = base + MPF_SIZE as u64;

@@ -52,7 +52,10 @@ mod tests {
     #[test]
     fn mtrrs_default_to_write_back_and_are_enabled() {
         let entries = boot_msr_entries();
-        let mtrr = entries.iter().find(|e| e.index == MSR_MTRR_DEF_TYPE).unwrap();
+        let mtrr = entries
+            .iter()
+            .find(|e| e.index == MSR_MTRR_DEF_TYPE)
+            .unwrap();
         assert_eq!(mtrr.data & 0xff, MTRR_MEM_TYPE_WB);
         assert_ne!(mtrr.data & MTRR_ENABLE, 0);
         assert_eq!(boot_msrs().unwrap().as_slice().len(), entries.len());

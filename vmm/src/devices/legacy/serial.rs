@@ -130,7 +130,10 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let mut reader = file.try_clone().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), ConsoleWriter::new(ConsoleSink::File(file)));
+        let mut dev = SerialDevice::new(
+            irq.try_clone().unwrap(),
+            ConsoleWriter::new(ConsoleSink::File(file)),
+        );
         for b in b"hello\nwor" {
             dev.write(0, &[*b]);
         }
@@ -149,7 +152,10 @@ mod tests {
     #[test]
     fn enabling_thr_interrupt_raises_the_irq() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), ConsoleWriter::new(ConsoleSink::Null));
+        let mut dev = SerialDevice::new(
+            irq.try_clone().unwrap(),
+            ConsoleWriter::new(ConsoleSink::Null),
+        );
         // IER bit 1: transmitter holding register empty interrupt.
         dev.write(1, &[0x02]);
         assert!(irq.read().unwrap() >= 1);

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, EventRegistrar, IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateContext, EventRegistrar, IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
+};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -147,7 +149,10 @@ impl MmioTransport {
 
     fn check_broken(&mut self) {
         if self.device.is_broken() && self.status & STATUS_NEEDS_RESET == 0 {
-            tracing::warn!(device_type = self.device.device_type(), "device marked broken: driver error");
+            tracing::warn!(
+                device_type = self.device.device_type(),
+                "device marked broken: driver error"
+            );
             self.status |= STATUS_NEEDS_RESET;
             self.irq.trigger(INT_CONFIG);
         }
@@ -220,7 +225,11 @@ impl MmioTransport {
         // The driver may only add bits, in the order the spec gives.
         let added = value & !self.status;
         if value & self.status != self.status {
-            tracing::warn!(old = self.status, new = value, "driver cleared status bits without reset");
+            tracing::warn!(
+                old = self.status,
+                new = value,
+                "driver cleared status bits without reset"
+            );
             return;
         }
         if added & STATUS_FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
@@ -253,7 +262,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - REG_CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -290,7 +299,7 @@ impl BusDevice for MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         let value = u32::from_le_bytes(bytes);
@@ -315,7 +324,8 @@ impl BusDevice for MmioTransport {
             REG_QUEUE_NUM if setup => {
                 let sel = self.queue_sel as usize;
                 if let Some(q) = self.queues.get_mut(sel) {
-                    let valid = value != 0 && value <= u32::from(q.max_size()) && value.is_power_of_two();
+                    let valid =
+                        value != 0 && value <= u32::from(q.max_size()) && value.is_power_of_two();
                     if valid {
                         q.set_size(value as u16);
                     }
@@ -329,12 +339,24 @@ impl BusDevice for MmioTransport {
                     q.set_ready(value == 1);
                 }
             }
-            REG_QUEUE_DESC_LOW if setup => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            REG_QUEUE_DESC_HIGH if setup => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
-            REG_QUEUE_AVAIL_LOW if setup => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
-            REG_QUEUE_AVAIL_HIGH if setup => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
-            REG_QUEUE_USED_LOW if setup => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
-            REG_QUEUE_USED_HIGH if setup => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            REG_QUEUE_DESC_LOW if setup => {
+                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            REG_QUEUE_DESC_HIGH if setup => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            REG_QUEUE_AVAIL_LOW if setup => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            REG_QUEUE_AVAIL_HIGH if setup => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            REG_QUEUE_USED_LOW if setup => {
+                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            REG_QUEUE_USED_HIGH if setup => {
+                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
             REG_QUEUE_NOTIFY => {
                 // Only reached when no ioeventfd matched (or in tests): handle inline.
                 if (value as usize) < self.queues.len() {

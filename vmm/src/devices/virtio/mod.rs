@@ -4,9 +4,9 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-pub mod vsock;
 #[cfg(test)]
 pub mod test_utils;
+pub mod vsock;
 
 use std::any::Any;
 use std::os::unix::io::RawFd;
@@ -64,7 +64,10 @@ pub struct EventRegistrar {
 
 impl EventRegistrar {
     pub fn new(epoll: Arc<Epoll>, device_index: u32) -> Self {
-        EventRegistrar { epoll, device_index }
+        EventRegistrar {
+            epoll,
+            device_index,
+        }
     }
 
     /// The epoll token for `(device, sub)`; the loop decodes it with `decode_token`.
@@ -84,7 +87,9 @@ impl EventRegistrar {
 
     pub fn remove(&self, fd: RawFd) {
         // The fd may already be closed (and so gone from the set): nothing to do then.
-        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 }
 

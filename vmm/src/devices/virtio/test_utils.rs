@@ -34,10 +34,18 @@ pub struct TestDesc {
 
 impl TestDesc {
     pub fn read(addr: u64, len: u32) -> Self {
-        TestDesc { addr, len, write: false }
+        TestDesc {
+            addr,
+            len,
+            write: false,
+        }
     }
     pub fn write(addr: u64, len: u32) -> Self {
-        TestDesc { addr, len, write: true }
+        TestDesc {
+            addr,
+            len,
+            write: true,
+        }
     }
 }
 
@@ -96,13 +104,17 @@ impl TestQueue {
     /// Puts `head` in the avail ring and bumps the avail index.
     pub fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail_idx % self.size);
-        self.mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot)).unwrap();
+        self.mem
+            .write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.set_avail_idx(self.avail_idx);
     }
 
     pub fn set_avail_idx(&self, idx: u16) {
-        self.mem.write_obj(idx, GuestAddress(self.avail + 2)).unwrap();
+        self.mem
+            .write_obj(idx, GuestAddress(self.avail + 2))
+            .unwrap();
     }
 
     pub fn used_idx(&self) -> u16 {
@@ -125,7 +137,11 @@ pub fn test_memory() -> GuestMemoryMmap {
 }
 
 /// Activates `device` with `queues`, returning the interrupt to observe.
-pub fn activate(device: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, queues: &[&TestQueue]) -> Arc<IrqTrigger> {
+pub fn activate(
+    device: &mut dyn VirtioDevice,
+    mem: &GuestMemoryMmap,
+    queues: &[&TestQueue],
+) -> Arc<IrqTrigger> {
     let irq = Arc::new(IrqTrigger::new().unwrap());
     let epoll = Arc::new(Epoll::new().unwrap());
     device

@@ -18,7 +18,9 @@ impl Block {
         };
         let mem = active.mem.clone();
         let chains = match active.queue.iter(&mem) {
-            Ok(iter) => iter.map(|c| (c.head_index(), collect_chain(c))).collect::<Vec<_>>(),
+            Ok(iter) => iter
+                .map(|c| (c.head_index(), collect_chain(c)))
+                .collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(drive = %self.config.id, error = %e, "virtio-blk queue error");
                 self.broken = true;
@@ -51,7 +53,11 @@ impl Block {
     }
 
     /// Runs one chain; returns the number of bytes written into device-writable buffers.
-    fn execute_chain(&mut self, descs: &[virtio_queue::desc::split::Descriptor], mem: &crate::vstate::memory::GuestMemoryMmap) -> u32 {
+    fn execute_chain(
+        &mut self,
+        descs: &[virtio_queue::desc::split::Descriptor],
+        mem: &crate::vstate::memory::GuestMemoryMmap,
+    ) -> u32 {
         let request = match Request::parse(descs, mem, self.capacity()) {
             Ok(r) => r,
             Err(e) => {
@@ -127,20 +133,29 @@ impl Block {
         }
     }
 
-    fn read_into(&self, r: &Request, mem: &crate::vstate::memory::GuestMemoryMmap) -> std::io::Result<()> {
+    fn read_into(
+        &self,
+        r: &Request,
+        mem: &crate::vstate::memory::GuestMemoryMmap,
+    ) -> std::io::Result<()> {
         let backing = self.backing.as_ref().ok_or(std::io::ErrorKind::NotFound)?;
         let mut offset = r.sector << SECTOR_SHIFT;
         let mut buf = Vec::new();
         for (addr, len) in &r.data {
             buf.resize(*len as usize, 0);
             backing.file.read_exact_at(&mut buf, offset)?;
-            mem.write_slice(&buf, *addr).map_err(std::io::Error::other)?;
+            mem.write_slice(&buf, *addr)
+                .map_err(std::io::Error::other)?;
             offset += u64::from(*len);
         }
         Ok(())
     }
 
-    fn write_from(&self, r: &Request, mem: &crate::vstate::memory::GuestMemoryMmap) -> std::io::Result<()> {
+    fn write_from(
+        &self,
+        r: &Request,
+        mem: &crate::vstate::memory::GuestMemoryMmap,
+    ) -> std::io::Result<()> {
         let backing = self.backing.as_ref().ok_or(std::io::ErrorKind::NotFound)?;
         if backing.read_only || self.config.read_only {
             return Err(std::io::ErrorKind::PermissionDenied.into());
@@ -149,14 +164,14 @@ impl Block {
         let mut buf = Vec::new();
         for (addr, len) in &r.data {
             buf.resize(*len as usize, 0);
-            mem.read_slice(&mut buf, *addr).map_err(std::io::Error::other)?;
+            mem.read_slice(&mut buf, *addr)
+                .map_err(std::io::Error::other)?;
             backing.file.write_all_at(&buf, offset)?;
             offset += u64::from(*len);
         }
         Ok(())
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -176,7 +191,9 @@ mod tests {
     fn read_returns_file_bytes_and_raises_the_interrupt() {
         let contents = pattern(4096);
         let mut h = BlockHarness::new("rootfs", &contents, false);
-        let (status, len) = h.request(VIRTIO_BLK_T_IN, 2, &[(512, true), (1024, true)]).unwrap();
+        let (status, len) = h
+            .request(VIRTIO_BLK_T_IN, 2, &[(512, true), (1024, true)])
+            .unwrap();
         assert_eq!((status, len), (VIRTIO_BLK_S_OK, 1537));
         let mut got = vec![0u8; 1536];
         h.mem.read_slice(&mut got, GuestAddress(DATA_ADDR)).unwrap();
@@ -189,21 +206,32 @@ mod tests {
     #[test]
     fn write_reaches_the_backing_file() {
         let mut h = BlockHarness::new("data", &[0u8; 2048], false);
-        h.mem.write_slice(&[0x5a; 512], GuestAddress(DATA_ADDR)).unwrap();
+        h.mem
+            .write_slice(&[0x5a; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
         let (status, len) = h.request(VIRTIO_BLK_T_OUT, 3, &[(512, false)]).unwrap();
         assert_eq!((status, len), (VIRTIO_BLK_S_OK, 1));
         let on_disk = std::fs::read(h.file.path()).unwrap();
         assert!(on_disk[1536..2048].iter().all(|b| *b == 0x5a));
         assert!(on_disk[..1536].iter().all(|b| *b == 0));
-        assert_eq!(h.request(VIRTIO_BLK_T_FLUSH, 0, &[]).unwrap().0, VIRTIO_BLK_S_OK);
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_FLUSH, 0, &[]).unwrap().0,
+            VIRTIO_BLK_S_OK
+        );
     }
 
     #[test]
     fn read_only_drive_refuses_writes() {
         let mut h = BlockHarness::new("ro", &[1u8; 1024], true);
-        assert_eq!(h.request(VIRTIO_BLK_T_OUT, 0, &[(512, false)]).unwrap().0, VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_OUT, 0, &[(512, false)]).unwrap().0,
+            VIRTIO_BLK_S_IOERR
+        );
         assert_eq!(std::fs::read(h.file.path()).unwrap(), vec![1u8; 1024]);
-        assert_ne!(h.block.avail_features() & super::super::device::VIRTIO_BLK_F_RO, 0);
+        assert_ne!(
+            h.block.avail_features() & super::super::device::VIRTIO_BLK_F_RO,
+            0
+        );
     }
 
     #[test]
@@ -223,14 +251,20 @@ mod tests {
         let mut cap = [0u8; 8];
         h.block.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 0);
-        assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, &[(512, true)]).unwrap().0, VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_IN, 0, &[(512, true)]).unwrap().0,
+            VIRTIO_BLK_S_IOERR
+        );
 
         let mut f = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut f, &[9u8; 4096]).unwrap();
         h.block.set_backing(Some(Backing::new(f, false).unwrap()));
         h.block.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 8);
-        assert_eq!(h.request(VIRTIO_BLK_T_IN, 7, &[(512, true)]).unwrap().0, VIRTIO_BLK_S_OK);
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_IN, 7, &[(512, true)]).unwrap().0,
+            VIRTIO_BLK_S_OK
+        );
         let mut got = [0u8; 512];
         h.mem.read_slice(&mut got, GuestAddress(DATA_ADDR)).unwrap();
         assert_eq!(got, [9u8; 512]);
@@ -240,9 +274,18 @@ mod tests {
     fn malformed_requests_fail_without_touching_the_device() {
         let mut h = BlockHarness::new("d", &[0u8; 4096], false);
         // Past the end, partial sector, wrong direction, unsupported type.
-        assert_eq!(h.request(VIRTIO_BLK_T_IN, 8, &[(512, true)]).unwrap(), (VIRTIO_BLK_S_IOERR, 1));
-        assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, &[(100, true)]).unwrap(), (VIRTIO_BLK_S_IOERR, 1));
-        assert_eq!(h.request(VIRTIO_BLK_T_OUT, 0, &[(512, true)]).unwrap(), (VIRTIO_BLK_S_IOERR, 1));
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_IN, 8, &[(512, true)]).unwrap(),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_IN, 0, &[(100, true)]).unwrap(),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_OUT, 0, &[(512, true)]).unwrap(),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
         assert_eq!(h.request(77, 0, &[]).unwrap(), (VIRTIO_BLK_S_UNSUPP, 1));
         // Buffer outside guest memory.
         let r = h.submit(&[
@@ -260,15 +303,24 @@ mod tests {
             TestDesc::write(STATUS_ADDR, 1),
         ]);
         assert_eq!(r.map(|(_, len)| len), Some(0));
-        assert_eq!(h.mem.read_obj::<u8>(GuestAddress(STATUS_ADDR)).unwrap(), 0xff);
+        assert_eq!(
+            h.mem.read_obj::<u8>(GuestAddress(STATUS_ADDR)).unwrap(),
+            0xff
+        );
         // A status descriptor outside memory: completed with nothing written.
-        let r = h.submit(&[TestDesc::read(HDR_ADDR, 16), TestDesc::write(0xffff_0000, 1)]);
+        let r = h.submit(&[
+            TestDesc::read(HDR_ADDR, 16),
+            TestDesc::write(0xffff_0000, 1),
+        ]);
         assert!(r.is_some());
         assert_eq!(h.queue.used_elem(h.queue.used_idx() - 1).1, 0);
         assert!(!h.block.is_broken());
         assert_eq!(h.block.metrics.invalid_requests, 6);
         // The device still works.
-        assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, &[(512, true)]).unwrap().0, VIRTIO_BLK_S_OK);
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_IN, 0, &[(512, true)]).unwrap().0,
+            VIRTIO_BLK_S_OK
+        );
     }
 
     #[test]
@@ -276,7 +328,8 @@ mod tests {
         let mut h = BlockHarness::new("d", &[0u8; 4096], false);
         // Two descriptors pointing at each other forever.
         h.queue.write_desc(0, HDR_ADDR, 16, VIRTQ_DESC_F_NEXT, 1);
-        h.queue.write_desc(1, DATA_ADDR, 512, VIRTQ_DESC_F_NEXT | 2, 0);
+        h.queue
+            .write_desc(1, DATA_ADDR, 512, VIRTQ_DESC_F_NEXT | 2, 0);
         h.queue.publish(0);
         h.block.process_queue(0);
         // Completed as invalid (the chain never reaches a status descriptor it can trust).

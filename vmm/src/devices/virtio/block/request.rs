@@ -80,14 +80,22 @@ pub struct Request {
 
 /// Finds where to write the status byte of a chain that failed to parse, if the chain's
 /// last descriptor is a usable status descriptor.
-pub fn status_address<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M) -> Option<GuestAddress> {
+pub fn status_address<M: GuestMemoryBackend>(
+    descs: &[Descriptor],
+    mem: &M,
+) -> Option<GuestAddress> {
     let last = descs.last()?;
-    (last.is_write_only() && last.len() >= 1 && mem.check_range(last.addr(), 1)).then_some(last.addr())
+    (last.is_write_only() && last.len() >= 1 && mem.check_range(last.addr(), 1))
+        .then_some(last.addr())
 }
 
 impl Request {
     /// Parses `descs` (one chain, in order). `capacity` is the drive size in sectors.
-    pub fn parse<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, capacity: u64) -> Result<Request, Error> {
+    pub fn parse<M: GuestMemoryBackend>(
+        descs: &[Descriptor],
+        mem: &M,
+        capacity: u64,
+    ) -> Result<Request, Error> {
         if descs.len() < 2 {
             return Err(Error::ChainTooShort);
         }
@@ -113,8 +121,10 @@ impl Request {
         let mut data = Vec::with_capacity(descs.len() - 2);
         let mut data_len: u64 = 0;
         for d in &descs[1..descs.len() - 1] {
-            if matches!(request_type, RequestType::In | RequestType::Out | RequestType::GetDeviceId)
-                && d.is_write_only() != device_writes
+            if matches!(
+                request_type,
+                RequestType::In | RequestType::Out | RequestType::GetDeviceId
+            ) && d.is_write_only() != device_writes
             {
                 return Err(Error::WrongDirection);
             }
@@ -130,7 +140,7 @@ impl Request {
 
         match request_type {
             RequestType::In | RequestType::Out => {
-                if data_len % SECTOR_SIZE != 0 {
+                if !data_len.is_multiple_of(SECTOR_SIZE) {
                     return Err(Error::PartialSector(data_len));
                 }
                 let end = sector
@@ -182,7 +192,11 @@ mod tests {
     #[test]
     fn parses_a_read_request() {
         let mem = test_memory();
-        let descs = [header(&mem, 0, 4), desc(0x2000, 1024, true), desc(0x3000, 1, true)];
+        let descs = [
+            header(&mem, 0, 4),
+            desc(0x2000, 1024, true),
+            desc(0x3000, 1, true),
+        ];
         let r = Request::parse(&descs, &mem, 8).unwrap();
         assert_eq!(r.request_type, RequestType::In);
         assert_eq!(r.sector, 4);
@@ -193,20 +207,40 @@ mod tests {
     #[test]
     fn rejects_reads_past_the_end_and_overflowing_sectors() {
         let mem = test_memory();
-        let descs = [header(&mem, 0, 7), desc(0x2000, 1024, true), desc(0x3000, 1, true)];
+        let descs = [
+            header(&mem, 0, 7),
+            desc(0x2000, 1024, true),
+            desc(0x3000, 1, true),
+        ];
         assert_eq!(Request::parse(&descs, &mem, 8), Err(Error::PastEnd));
-        let descs = [header(&mem, 0, u64::MAX), desc(0x2000, 512, true), desc(0x3000, 1, true)];
+        let descs = [
+            header(&mem, 0, u64::MAX),
+            desc(0x2000, 512, true),
+            desc(0x3000, 1, true),
+        ];
         assert_eq!(Request::parse(&descs, &mem, u64::MAX), Err(Error::PastEnd));
     }
 
     #[test]
     fn rejects_wrong_directions() {
         let mem = test_memory();
-        let descs = [header(&mem, 1, 0), desc(0x2000, 512, true), desc(0x3000, 1, true)];
+        let descs = [
+            header(&mem, 1, 0),
+            desc(0x2000, 512, true),
+            desc(0x3000, 1, true),
+        ];
         assert_eq!(Request::parse(&descs, &mem, 8), Err(Error::WrongDirection));
-        let descs = [header(&mem, 0, 0), desc(0x2000, 512, false), desc(0x3000, 1, true)];
+        let descs = [
+            header(&mem, 0, 0),
+            desc(0x2000, 512, false),
+            desc(0x3000, 1, true),
+        ];
         assert_eq!(Request::parse(&descs, &mem, 8), Err(Error::WrongDirection));
-        let descs = [header(&mem, 0, 0), desc(0x2000, 512, true), desc(0x3000, 1, false)];
+        let descs = [
+            header(&mem, 0, 0),
+            desc(0x2000, 512, true),
+            desc(0x3000, 1, false),
+        ];
         assert_eq!(Request::parse(&descs, &mem, 8), Err(Error::BadStatus));
         let descs = [desc(0x1000, 16, true), desc(0x3000, 1, true)];
         assert_eq!(Request::parse(&descs, &mem, 8), Err(Error::BadHeader));
@@ -215,12 +249,30 @@ mod tests {
     #[test]
     fn rejects_out_of_range_huge_and_partial_buffers() {
         let mem = test_memory();
-        let descs = [header(&mem, 0, 0), desc(0xfff_fe00, 1024, true), desc(0x3000, 1, true)];
-        assert_eq!(Request::parse(&descs, &mem, 1 << 30), Err(Error::OutOfRange));
-        let descs = [header(&mem, 0, 0), desc(0x2000, u32::MAX, true), desc(0x3000, 1, true)];
+        let descs = [
+            header(&mem, 0, 0),
+            desc(0xfff_fe00, 1024, true),
+            desc(0x3000, 1, true),
+        ];
+        assert_eq!(
+            Request::parse(&descs, &mem, 1 << 30),
+            Err(Error::OutOfRange)
+        );
+        let descs = [
+            header(&mem, 0, 0),
+            desc(0x2000, u32::MAX, true),
+            desc(0x3000, 1, true),
+        ];
         assert!(Request::parse(&descs, &mem, 1 << 40).is_err());
-        let descs = [header(&mem, 1, 0), desc(0x2000, 100, false), desc(0x3000, 1, true)];
-        assert_eq!(Request::parse(&descs, &mem, 8), Err(Error::PartialSector(100)));
+        let descs = [
+            header(&mem, 1, 0),
+            desc(0x2000, 100, false),
+            desc(0x3000, 1, true),
+        ];
+        assert_eq!(
+            Request::parse(&descs, &mem, 8),
+            Err(Error::PartialSector(100))
+        );
         let descs = [desc(0x3000, 1, true)];
         assert_eq!(Request::parse(&descs, &mem, 8), Err(Error::ChainTooShort));
     }
@@ -229,8 +281,15 @@ mod tests {
     fn flush_and_get_id() {
         let mem = test_memory();
         let descs = [header(&mem, 4, 0), desc(0x3000, 1, true)];
-        assert_eq!(Request::parse(&descs, &mem, 0).unwrap().request_type, RequestType::Flush);
-        let descs = [header(&mem, 8, 0), desc(0x2000, 20, true), desc(0x3000, 1, true)];
+        assert_eq!(
+            Request::parse(&descs, &mem, 0).unwrap().request_type,
+            RequestType::Flush
+        );
+        let descs = [
+            header(&mem, 8, 0),
+            desc(0x2000, 20, true),
+            desc(0x3000, 1, true),
+        ];
         assert_eq!(Request::parse(&descs, &mem, 0).unwrap().data_len, 20);
         let descs = [header(&mem, 99, 0), desc(0x3000, 1, true)];
         assert_eq!(

@@ -36,7 +36,12 @@ impl BlockHarness {
         Self::with_backing(id, None, false, tempfile::NamedTempFile::new().unwrap())
     }
 
-    fn with_backing(id: &str, backing: Option<Backing>, read_only: bool, file: tempfile::NamedTempFile) -> Self {
+    fn with_backing(
+        id: &str,
+        backing: Option<Backing>,
+        read_only: bool,
+        file: tempfile::NamedTempFile,
+    ) -> Self {
         let mem = test_memory();
         let queue = TestQueue::new(&mem, 0x1_0000, 16);
         let mut block = Block::new(
@@ -58,15 +63,32 @@ impl BlockHarness {
 
     /// Submits one request with `data` buffers of the given lengths; returns the status byte
     /// and the used length, or None if the device did not complete it.
-    pub fn request(&mut self, request_type: u32, sector: u64, data: &[(u32, bool)]) -> Option<(u8, u32)> {
-        self.mem.write_obj(request_type, GuestAddress(HDR_ADDR)).unwrap();
-        self.mem.write_obj(0u32, GuestAddress(HDR_ADDR + 4)).unwrap();
-        self.mem.write_obj(sector, GuestAddress(HDR_ADDR + 8)).unwrap();
-        self.mem.write_obj(0xffu8, GuestAddress(STATUS_ADDR)).unwrap();
+    pub fn request(
+        &mut self,
+        request_type: u32,
+        sector: u64,
+        data: &[(u32, bool)],
+    ) -> Option<(u8, u32)> {
+        self.mem
+            .write_obj(request_type, GuestAddress(HDR_ADDR))
+            .unwrap();
+        self.mem
+            .write_obj(0u32, GuestAddress(HDR_ADDR + 4))
+            .unwrap();
+        self.mem
+            .write_obj(sector, GuestAddress(HDR_ADDR + 8))
+            .unwrap();
+        self.mem
+            .write_obj(0xffu8, GuestAddress(STATUS_ADDR))
+            .unwrap();
         let mut descs = vec![TestDesc::read(HDR_ADDR, 16)];
         let mut addr = DATA_ADDR;
         for (len, write) in data {
-            descs.push(TestDesc { addr, len: *len, write: *write });
+            descs.push(TestDesc {
+                addr,
+                len: *len,
+                write: *write,
+            });
             addr += u64::from(*len);
         }
         descs.push(TestDesc::write(STATUS_ADDR, 1));

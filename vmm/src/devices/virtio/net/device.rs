@@ -62,8 +62,15 @@ impl Net {
             return;
         }
         if let Some(a) = self.active.as_ref() {
-            let events = if armed { EventSet::IN } else { EventSet::empty() };
-            if a.events.modify(self.tap.as_raw_fd(), TAP_TOKEN, events).is_ok() {
+            let events = if armed {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
+            if a.events
+                .modify(self.tap.as_raw_fd(), TAP_TOKEN, events)
+                .is_ok()
+            {
                 self.tap_armed = armed;
             }
         }
@@ -103,9 +110,12 @@ impl VirtioDevice for Net {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let mut queues = ctx.queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::BadQueue("virtio-net needs two queues".into()));
+            return Err(ActivateError::BadQueue(
+                "virtio-net needs two queues".into(),
+            ));
         };
-        ctx.events.add(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN)?;
+        ctx.events
+            .add(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN)?;
         self.tap_armed = true;
         self.active = Some(ActiveState {
             mem: ctx.mem,
@@ -157,7 +167,10 @@ mod tests {
 
     #[test]
     fn mac_parsing() {
-        assert_eq!(parse_mac("02:00:00:aa:bb:0c"), Some([2, 0, 0, 0xaa, 0xbb, 0xc]));
+        assert_eq!(
+            parse_mac("02:00:00:aa:bb:0c"),
+            Some([2, 0, 0, 0xaa, 0xbb, 0xc])
+        );
         assert_eq!(parse_mac("02:00:00:aa:bb"), None);
         assert_eq!(parse_mac("02:00:00:aa:bb:0g"), None);
         assert_eq!(parse_mac("002:00:00:aa:bb:0c"), None);

@@ -18,7 +18,9 @@ impl Net {
         };
         let mem = active.mem.clone();
         let chains: Vec<_> = match active.tx.iter(&mem) {
-            Ok(iter) => iter.map(|c| (c.head_index(), c.collect::<Vec<_>>())).collect(),
+            Ok(iter) => iter
+                .map(|c| (c.head_index(), c.collect::<Vec<_>>()))
+                .collect(),
             Err(_) => {
                 self.broken = true;
                 return;
@@ -31,7 +33,11 @@ impl Net {
         for (head, descs) in chains {
             match read_tx_chain(&descs, &mem, &mut frame) {
                 Ok(()) => {
-                    let out = if self.tap.vnet_hdr { &frame[..] } else { &frame[VNET_HDR_LEN..] };
+                    let out = if self.tap.vnet_hdr {
+                        &frame[..]
+                    } else {
+                        &frame[VNET_HDR_LEN..]
+                    };
                     match self.tap.write_frame(out) {
                         Ok(_) => {
                             self.metrics.tx_frames += 1;
@@ -65,7 +71,11 @@ impl Net {
             let packet = match self.pending_rx.take() {
                 Some(p) => p,
                 None => {
-                    let (hdr_room, header) = if self.tap.vnet_hdr { (0, None) } else { (VNET_HDR_LEN, Some(rx_header())) };
+                    let (hdr_room, header) = if self.tap.vnet_hdr {
+                        (0, None)
+                    } else {
+                        (VNET_HDR_LEN, Some(rx_header()))
+                    };
                     let mut buf = std::mem::take(&mut self.buf);
                     let res = self.tap.read_frame(&mut buf[hdr_room..]);
                     let packet = match res {
@@ -155,8 +165,8 @@ mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{activate, test_memory, TestDesc, TestQueue};
     use crate::devices::virtio::VirtioDevice;
-    use std::os::unix::net::UnixDatagram;
     use std::os::unix::io::{FromRawFd, IntoRawFd};
+    use std::os::unix::net::UnixDatagram;
     use vm_memory::{Bytes, GuestAddress};
 
     /// A Net whose "TAP" is one end of a datagram socketpair (frame boundaries kept).
@@ -175,8 +185,10 @@ mod tests {
         let rxq = TestQueue::new(&mem, 0x1_0000, 16);
         let mut txq = TestQueue::new(&mem, 0x2_0000, 16);
         activate(&mut net, &mem, &[&rxq, &txq]);
-        mem.write_slice(&[0u8; 12], GuestAddress(0x10_0000)).unwrap();
-        mem.write_slice(b"hello-frame", GuestAddress(0x10_1000)).unwrap();
+        mem.write_slice(&[0u8; 12], GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_slice(b"hello-frame", GuestAddress(0x10_1000))
+            .unwrap();
         txq.add_chain(&[TestDesc::read(0x10_0000, 12), TestDesc::read(0x10_1000, 11)]);
         net.process_queue(TX_QUEUE);
         let mut got = [0u8; 64];

@@ -26,7 +26,11 @@ pub enum Error {
 }
 
 /// Gathers a transmit chain into `out`: virtio-net header followed by the frame.
-pub fn read_tx_chain<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, out: &mut Vec<u8>) -> Result<(), Error> {
+pub fn read_tx_chain<M: GuestMemoryBackend>(
+    descs: &[Descriptor],
+    mem: &M,
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
     out.clear();
     for d in descs {
         if d.is_write_only() {
@@ -41,7 +45,8 @@ pub fn read_tx_chain<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, out: 
         }
         let start = out.len();
         out.resize(start + len, 0);
-        mem.read_slice(&mut out[start..], d.addr()).map_err(|_| Error::OutOfRange)?;
+        mem.read_slice(&mut out[start..], d.addr())
+            .map_err(|_| Error::OutOfRange)?;
     }
     if out.len() < VNET_HDR_LEN {
         return Err(Error::TooShort);
@@ -50,7 +55,11 @@ pub fn read_tx_chain<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, out: 
 }
 
 /// Scatters `packet` (header + frame) into a receive chain; returns the bytes written.
-pub fn write_rx_chain<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, packet: &[u8]) -> Result<u32, Error> {
+pub fn write_rx_chain<M: GuestMemoryBackend>(
+    descs: &[Descriptor],
+    mem: &M,
+    packet: &[u8],
+) -> Result<u32, Error> {
     let mut capacity = 0usize;
     for d in descs {
         if !d.is_write_only() {
@@ -70,7 +79,8 @@ pub fn write_rx_chain<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, pack
             break;
         }
         let n = rest.len().min(d.len() as usize);
-        mem.write_slice(&rest[..n], d.addr()).map_err(|_| Error::OutOfRange)?;
+        mem.write_slice(&rest[..n], d.addr())
+            .map_err(|_| Error::OutOfRange)?;
         rest = &rest[n..];
     }
     Ok(packet.len() as u32)
@@ -108,10 +118,22 @@ mod tests {
     fn tx_rejects_bad_chains() {
         let mem = test_memory();
         let mut out = Vec::new();
-        assert_eq!(read_tx_chain(&[d(0x1000, 12, true)], &mem, &mut out), Err(Error::WriteOnlyTx));
-        assert_eq!(read_tx_chain(&[d(0x1000, 4, false)], &mem, &mut out), Err(Error::TooShort));
-        assert_eq!(read_tx_chain(&[d(0xfff_ff00, 0x200, false)], &mem, &mut out), Err(Error::OutOfRange));
-        assert_eq!(read_tx_chain(&[d(0x1000, u32::MAX, false)], &mem, &mut out), Err(Error::TooLong));
+        assert_eq!(
+            read_tx_chain(&[d(0x1000, 12, true)], &mem, &mut out),
+            Err(Error::WriteOnlyTx)
+        );
+        assert_eq!(
+            read_tx_chain(&[d(0x1000, 4, false)], &mem, &mut out),
+            Err(Error::TooShort)
+        );
+        assert_eq!(
+            read_tx_chain(&[d(0xfff_ff00, 0x200, false)], &mem, &mut out),
+            Err(Error::OutOfRange)
+        );
+        assert_eq!(
+            read_tx_chain(&[d(0x1000, u32::MAX, false)], &mem, &mut out),
+            Err(Error::TooLong)
+        );
     }
 
     #[test]
@@ -125,7 +147,13 @@ mod tests {
         mem.read_slice(&mut a, GuestAddress(0x1000)).unwrap();
         mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
         assert_eq!([&a[..], &b[..]].concat(), packet);
-        assert_eq!(write_rx_chain(&[d(0x1000, 16, true)], &mem, &packet), Err(Error::BufferTooSmall(16, 40)));
-        assert_eq!(write_rx_chain(&[d(0x1000, 64, false)], &mem, &packet), Err(Error::ReadOnlyRx));
+        assert_eq!(
+            write_rx_chain(&[d(0x1000, 16, true)], &mem, &packet),
+            Err(Error::BufferTooSmall(16, 40))
+        );
+        assert_eq!(
+            write_rx_chain(&[d(0x1000, 64, false)], &mem, &packet),
+            Err(Error::ReadOnlyRx)
+        );
     }
 }

@@ -29,7 +29,10 @@ impl Tap {
     /// Opens (or creates) TAP `name`, without packet info or vnet headers.
     pub fn open_named(name: &str) -> io::Result<Self> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid TAP name"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "invalid TAP name",
+            ));
         }
         let file = OpenOptions::new()
             .read(true)
@@ -46,7 +49,10 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Tap { file, vnet_hdr: false })
+        Ok(Tap {
+            file,
+            vnet_hdr: false,
+        })
     }
 
     /// Takes over an inherited TAP fd. Its flags decide whether frames carry vnet headers.
@@ -64,10 +70,16 @@ impl Tap {
         };
         // SAFETY: TUNGETIFF fills a struct ifreq.
         if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "fd is not a TAP device"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fd is not a TAP device",
+            ));
         }
         if req.flags & IFF_TAP == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "fd is a TUN, not a TAP device"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fd is a TUN, not a TAP device",
+            ));
         }
         let vnet_hdr = req.flags & IFF_VNET_HDR != 0;
         if vnet_hdr {

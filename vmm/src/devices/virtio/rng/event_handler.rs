@@ -13,7 +13,8 @@ fn getrandom(buf: &mut [u8]) -> bool {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: writes at most `buf.len() - filled` bytes into `buf[filled..]`.
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         if n <= 0 {
             return false;
         }
@@ -29,7 +30,9 @@ impl Rng {
         };
         let mem = active.mem.clone();
         let chains: Vec<_> = match active.queue.iter(&mem) {
-            Ok(iter) => iter.map(|c| (c.head_index(), c.collect::<Vec<_>>())).collect(),
+            Ok(iter) => iter
+                .map(|c| (c.head_index(), c.collect::<Vec<_>>()))
+                .collect(),
             Err(_) => {
                 self.broken = true;
                 return;

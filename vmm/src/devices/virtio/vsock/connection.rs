@@ -9,6 +9,11 @@ pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Longest `CONNECT <port>\n` line accepted from a host client.
 pub const MAX_CONNECT_LINE: usize = 32;
 
+/// The host stream failed, closed, or the peer broke the protocol: the connection is over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("vsock stream failed")]
+pub struct StreamError;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
     /// Host client accepted; waiting for its `CONNECT <port>\n` line.
@@ -45,7 +50,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(stream: UnixStream, state: State, local_port: u32, peer_port: u32, host_initiated: bool) -> Self {
+    pub fn new(
+        stream: UnixStream,
+        state: State,
+        local_port: u32,
+        peer_port: u32,
+        host_initiated: bool,
+    ) -> Self {
         Connection {
             stream,
             state,
@@ -72,26 +83,26 @@ impl Connection {
 
     /// Accepts guest data. Err if the guest overran the credit we gave it or the stream
     /// is broken.
-    pub fn send_to_stream(&mut self, data: &[u8]) -> Result<(), ()> {
+    pub fn send_to_stream(&mut self, data: &[u8]) -> Result<(), StreamError> {
         if self.to_stream.len() + data.len() > CONN_BUF_ALLOC as usize {
-            return Err(());
+            return Err(StreamError);
         }
         self.to_stream.extend_from_slice(data);
         self.flush_to_stream()
     }
 
     /// Writes what it can of the pending guest data.
-    pub fn flush_to_stream(&mut self) -> Result<(), ()> {
+    pub fn flush_to_stream(&mut self) -> Result<(), StreamError> {
         while !self.to_stream.is_empty() {
             match self.stream.write(&self.to_stream) {
-                Ok(0) => return Err(()),
+                Ok(0) => return Err(StreamError),
                 Ok(n) => {
                     self.to_stream.drain(..n);
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return Err(()),
+                Err(_) => return Err(StreamError),
             }
         }
         Ok(())
@@ -116,23 +127,25 @@ impl Connection {
 
     /// Reads the `CONNECT <port>\n` line byte by byte (so no payload after it is consumed).
     /// Ok(Some(port)) when complete, Ok(None) when more is needed, Err on a bad line.
-    pub fn read_connect_line(&mut self) -> Result<Option<u32>, ()> {
+    pub fn read_connect_line(&mut self) -> Result<Option<u32>, StreamError> {
         let mut b = [0u8; 1];
         loop {
             match self.stream.read(&mut b) {
-                Ok(0) => return Err(()),
+                Ok(0) => return Err(StreamError),
                 Ok(_) => {
                     if b[0] == b'\n' {
-                        return parse_connect_line(&self.connect_line).map(Some).ok_or(());
+                        return parse_connect_line(&self.connect_line)
+                            .map(Some)
+                            .ok_or(StreamError);
                     }
                     self.connect_line.push(b[0]);
                     if self.connect_line.len() > MAX_CONNECT_LINE {
-                        return Err(());
+                        return Err(StreamError);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => return Err(()),
+                Err(_) => return Err(StreamError),
             }
         }
     }

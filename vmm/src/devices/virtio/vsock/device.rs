@@ -96,7 +96,10 @@ impl Vsock {
     pub(super) fn alloc_local_port(&mut self) -> u32 {
         loop {
             let p = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.keys().any(|(local, _)| *local == p) {
                 return p;
             }
@@ -104,7 +107,14 @@ impl Vsock {
     }
 
     /// A header from the host to the guest for connection `key`.
-    pub(super) fn header(&self, key: ConnKey, op: u16, flags: u32, len: u32, fwd_cnt: u32) -> Header {
+    pub(super) fn header(
+        &self,
+        key: ConnKey,
+        op: u16,
+        flags: u32,
+        len: u32,
+        fwd_cnt: u32,
+    ) -> Header {
         Header {
             src_cid: HOST_CID,
             dst_cid: self.cid,
@@ -120,9 +130,18 @@ impl Vsock {
     }
 
     /// Tracks a new connection and watches its stream.
-    pub(super) fn insert_connection(&mut self, key: ConnKey, conn: Connection, token: u32, events: EventSet) {
+    pub(super) fn insert_connection(
+        &mut self,
+        key: ConnKey,
+        conn: Connection,
+        token: u32,
+        events: EventSet,
+    ) {
         if let Some(a) = self.active.as_ref() {
-            if a.events.add(conn.stream.as_raw_fd(), token, events).is_err() {
+            if a.events
+                .add(conn.stream.as_raw_fd(), token, events)
+                .is_err()
+            {
                 tracing::warn!("cannot watch a vsock stream");
             }
         }
@@ -145,14 +164,22 @@ impl Vsock {
     /// Returns the host end of the stream.
     pub fn connect_internal(&mut self, port: u32) -> std::io::Result<UnixStream> {
         if self.active.is_none() {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotConnected, "vsock not active"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "vsock not active",
+            ));
         }
         let (ours, theirs) = UnixStream::pair()?;
         ours.set_nonblocking(true)?;
         let local = self.alloc_local_port();
         let token = self.alloc_token();
         let key = (local, port);
-        self.insert_connection(key, Connection::new(ours, State::Connecting, local, port, false), token, EventSet::empty());
+        self.insert_connection(
+            key,
+            Connection::new(ours, State::Connecting, local, port, false),
+            token,
+            EventSet::empty(),
+        );
         let hdr = self.header(key, OP_REQUEST, 0, 0, 0);
         self.control.push_back(hdr);
         self.process_rx();
@@ -177,9 +204,12 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let mut queues = ctx.queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::BadQueue("virtio-vsock needs three queues".into()));
+            return Err(ActivateError::BadQueue(
+                "virtio-vsock needs three queues".into(),
+            ));
         };
-        ctx.events.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)?;
+        ctx.events
+            .add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)?;
         self.active = Some(ActiveState {
             mem: ctx.mem,
             rx,

@@ -15,7 +15,8 @@ use crate::devices::virtio::INT_VRING;
 impl Vsock {
     /// Re-arms a connection's stream for what we currently want from it.
     fn rearm(&self, key: ConnKey) {
-        let (Some((token, conn)), Some(active)) = (self.conns.get(&key), self.active.as_ref()) else {
+        let (Some((token, conn)), Some(active)) = (self.conns.get(&key), self.active.as_ref())
+        else {
             return;
         };
         let mut ev = EventSet::empty();
@@ -73,7 +74,7 @@ impl Vsock {
                     let hdr = self.header(key, OP_REQUEST, 0, 0, 0);
                     self.control.push_back(hdr);
                 }
-                Err(()) => {
+                Err(_) => {
                     tracing::debug!("bad CONNECT line on the vsock socket");
                     if let Some(a) = self.active.as_ref() {
                         a.events.remove(conn.stream.as_raw_fd());
@@ -82,7 +83,10 @@ impl Vsock {
             }
         } else if let Some(key) = self.token_keys.get(&sub).copied() {
             let writable = events & EventSet::OUT.bits() != 0;
-            let readable = events & (EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR).bits() != 0;
+            let readable = events
+                & (EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+                    .bits()
+                != 0;
             let mut failed = false;
             if let Some((_, conn)) = self.conns.get_mut(&key) {
                 if writable && conn.flush_to_stream().is_err() {
@@ -108,16 +112,24 @@ impl Vsock {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
+                    if self.conns.len() + self.accepting.len() >= MAX_CONNECTIONS
+                        || stream.set_nonblocking(true).is_err()
+                    {
                         continue;
                     }
                     let token = self.alloc_token();
                     if let Some(a) = self.active.as_ref() {
-                        if a.events.add(stream.as_raw_fd(), token, EventSet::IN).is_err() {
+                        if a.events
+                            .add(stream.as_raw_fd(), token, EventSet::IN)
+                            .is_err()
+                        {
                             continue;
                         }
                     }
-                    self.accepting.insert(token, Connection::new(stream, State::AwaitingConnectLine, 0, 0, true));
+                    self.accepting.insert(
+                        token,
+                        Connection::new(stream, State::AwaitingConnectLine, 0, 0, true),
+                    );
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -135,7 +147,9 @@ impl Vsock {
         };
         let mem = active.mem.clone();
         let chains: Vec<_> = match active.tx.iter(&mem) {
-            Ok(iter) => iter.map(|c| (c.head_index(), c.collect::<Vec<_>>())).collect(),
+            Ok(iter) => iter
+                .map(|c| (c.head_index(), c.collect::<Vec<_>>()))
+                .collect(),
             Err(_) => {
                 self.broken = true;
                 return;
@@ -274,7 +288,9 @@ impl Vsock {
     fn next_data_source(&self) -> Option<ConnKey> {
         self.conns
             .iter()
-            .find(|(_, (_, c))| c.readable && c.state == State::Established && !c.stream_eof && c.peer_credit() > 0)
+            .find(|(_, (_, c))| {
+                c.readable && c.state == State::Established && !c.stream_eof && c.peer_credit() > 0
+            })
             .map(|(k, _)| *k)
     }
 
@@ -325,7 +341,9 @@ impl Vsock {
                     self.unpop_rx();
                     break;
                 };
-                let max = (capacity - HDR_LEN).min(conn.peer_credit() as usize).min(MAX_PKT_DATA as usize);
+                let max = (capacity - HDR_LEN)
+                    .min(conn.peer_credit() as usize)
+                    .min(MAX_PKT_DATA as usize);
                 match conn.read_from_stream(max) {
                     Ok(Some(data)) if !data.is_empty() => {
                         conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
@@ -340,7 +358,10 @@ impl Vsock {
                         conn.stream_eof = true;
                         conn.state = State::Closing;
                         let fwd = conn.fwd_cnt;
-                        (self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, fwd), Vec::new())
+                        (
+                            self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, fwd),
+                            Vec::new(),
+                        )
                     }
                     Ok(None) => {
                         conn.readable = false;

@@ -106,12 +106,16 @@ pub fn parse_tx<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M) -> Result<
         let take = (d.len() as usize).min(limit - bytes.len());
         let start = bytes.len();
         bytes.resize(start + take, 0);
-        mem.read_slice(&mut bytes[start..], d.addr()).map_err(|_| Error::OutOfRange)?;
+        mem.read_slice(&mut bytes[start..], d.addr())
+            .map_err(|_| Error::OutOfRange)?;
         if bytes.len() == limit {
             break;
         }
     }
-    let Some(hdr_bytes) = bytes.get(..HDR_LEN).and_then(|b| <&[u8; HDR_LEN]>::try_from(b).ok()) else {
+    let Some(hdr_bytes) = bytes
+        .get(..HDR_LEN)
+        .and_then(|b| <&[u8; HDR_LEN]>::try_from(b).ok())
+    else {
         return Err(Error::TooShort);
     };
     let hdr = Header::from_bytes(hdr_bytes);
@@ -141,7 +145,12 @@ pub fn rx_capacity<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M) -> Resu
 }
 
 /// Writes header + payload into a receive chain (already checked by `rx_capacity`).
-pub fn write_rx<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, hdr: &Header, data: &[u8]) -> Result<u32, Error> {
+pub fn write_rx<M: GuestMemoryBackend>(
+    descs: &[Descriptor],
+    mem: &M,
+    hdr: &Header,
+    data: &[u8],
+) -> Result<u32, Error> {
     let capacity = rx_capacity(descs, mem)?;
     let total = HDR_LEN + data.len();
     if capacity < total {
@@ -155,7 +164,8 @@ pub fn write_rx<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M, hdr: &Head
         let mut addr = d.addr();
         while room > 0 && part < 2 {
             let n = room.min(parts[part].len());
-            mem.write_slice(&parts[part][..n], addr).map_err(|_| Error::OutOfRange)?;
+            mem.write_slice(&parts[part][..n], addr)
+                .map_err(|_| Error::OutOfRange)?;
             parts[part] = &parts[part][n..];
             addr = vm_memory::GuestAddress(addr.0 + n as u64);
             room -= n;
@@ -201,7 +211,8 @@ mod tests {
     #[test]
     fn tx_with_split_header_and_payload() {
         let mem = test_memory();
-        mem.write_slice(&sample().to_bytes(), GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&sample().to_bytes(), GuestAddress(0x1000))
+            .unwrap();
         mem.write_slice(b"hello", GuestAddress(0x2000)).unwrap();
         let p = parse_tx(&[d(0x1000, 44, false), d(0x2000, 5, false)], &mem).unwrap();
         assert_eq!(p.hdr, sample());
@@ -213,20 +224,40 @@ mod tests {
         let mem = test_memory();
         let mut h = sample();
         h.len = 100;
-        mem.write_slice(&h.to_bytes(), GuestAddress(0x1000)).unwrap();
-        assert_eq!(parse_tx(&[d(0x1000, 44, false), d(0x2000, 5, false)], &mem), Err(Error::BadLength(100)));
+        mem.write_slice(&h.to_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            parse_tx(&[d(0x1000, 44, false), d(0x2000, 5, false)], &mem),
+            Err(Error::BadLength(100))
+        );
         h.len = u32::MAX;
-        mem.write_slice(&h.to_bytes(), GuestAddress(0x1000)).unwrap();
-        assert_eq!(parse_tx(&[d(0x1000, 44, false), d(0x2000, u32::MAX, false)], &mem).unwrap_err(), Error::OutOfRange);
-        assert_eq!(parse_tx(&[d(0x1000, 20, false)], &mem), Err(Error::TooShort));
-        assert_eq!(parse_tx(&[d(0x1000, 44, true)], &mem), Err(Error::WriteOnlyTx));
+        mem.write_slice(&h.to_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            parse_tx(&[d(0x1000, 44, false), d(0x2000, u32::MAX, false)], &mem).unwrap_err(),
+            Error::OutOfRange
+        );
+        assert_eq!(
+            parse_tx(&[d(0x1000, 20, false)], &mem),
+            Err(Error::TooShort)
+        );
+        assert_eq!(
+            parse_tx(&[d(0x1000, 44, true)], &mem),
+            Err(Error::WriteOnlyTx)
+        );
     }
 
     #[test]
     fn rx_writes_across_descriptors() {
         let mem = test_memory();
         let h = sample();
-        let n = write_rx(&[d(0x1000, 30, true), d(0x2000, 100, true)], &mem, &h, b"hello").unwrap();
+        let n = write_rx(
+            &[d(0x1000, 30, true), d(0x2000, 100, true)],
+            &mem,
+            &h,
+            b"hello",
+        )
+        .unwrap();
         assert_eq!(n, 49);
         let mut a = [0u8; 30];
         let mut b = [0u8; 19];
