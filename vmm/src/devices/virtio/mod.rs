@@ -4,7 +4,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
-#[cfg(test)]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod vsock;
 

@@ -405,3 +405,245 @@ impl Vsock {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::device::{RX_QUEUE, TX_QUEUE};
+    use super::*;
+    use crate::devices::virtio::test_utils::{activate, test_memory, TestDesc, TestQueue};
+    use crate::devices::virtio::VirtioDevice;
+    use crate::vstate::memory::GuestMemoryMmap;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const GUEST_CID: u64 = 3;
+    const PKT_ADDR: u64 = 0x10_0000;
+    const RX_BUF: u64 = 0x20_0000;
+
+    struct Harness {
+        mem: GuestMemoryMmap,
+        rx: TestQueue,
+        tx: TestQueue,
+        vsock: Vsock,
+        dir: tempfile::TempDir,
+        next_pkt: u64,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("v.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            let mut vsock = Vsock::new(GUEST_CID, listener, path).unwrap();
+            let mem = test_memory();
+            let rx = TestQueue::new(&mem, 0x1_0000, 16);
+            let tx = TestQueue::new(&mem, 0x2_0000, 16);
+            let ev = TestQueue::new(&mem, 0x3_0000, 16);
+            activate(&mut vsock, &mem, &[&rx, &tx, &ev]);
+            Harness {
+                mem,
+                rx,
+                tx,
+                vsock,
+                dir,
+                next_pkt: PKT_ADDR,
+            }
+        }
+
+        /// The guest sends a packet.
+        fn guest_send(&mut self, op: u16, src_port: u32, dst_port: u32, data: &[u8]) {
+            self.guest_send_flags(op, 0, src_port, dst_port, data);
+        }
+
+        fn guest_send_flags(
+            &mut self,
+            op: u16,
+            flags: u32,
+            src_port: u32,
+            dst_port: u32,
+            data: &[u8],
+        ) {
+            let hdr = Header {
+                src_cid: GUEST_CID,
+                dst_cid: HOST_CID,
+                src_port,
+                dst_port,
+                len: data.len() as u32,
+                type_: TYPE_STREAM,
+                op,
+                flags,
+                buf_alloc: 65536,
+                fwd_cnt: 0,
+            };
+            let at = self.next_pkt;
+            self.next_pkt += 0x1000;
+            self.mem
+                .write_slice(&hdr.to_bytes(), GuestAddress(at))
+                .unwrap();
+            self.mem.write_slice(data, GuestAddress(at + 44)).unwrap();
+            self.tx.add_chain(&[
+                TestDesc::read(at, 44),
+                TestDesc::read(at + 44, data.len() as u32),
+            ]);
+            self.vsock.process_queue(TX_QUEUE);
+        }
+
+        /// The guest posts one receive buffer and reads what arrives in it, if anything.
+        fn guest_recv(&mut self) -> Option<(Header, Vec<u8>)> {
+            let before = self.rx.used_idx();
+            self.rx.add_chain(&[TestDesc::write(RX_BUF, 4096)]);
+            self.vsock.process_queue(RX_QUEUE);
+            if self.rx.used_idx() == before {
+                return None;
+            }
+            let (_, len) = self.rx.used_elem(before);
+            let mut buf = vec![0u8; len as usize];
+            self.mem.read_slice(&mut buf, GuestAddress(RX_BUF)).unwrap();
+            let hdr = Header::from_bytes(buf[..44].try_into().unwrap());
+            Some((hdr, buf[44..].to_vec()))
+        }
+    }
+
+    #[test]
+    fn host_initiated_connection_exchanges_data() {
+        let mut h = Harness::new();
+        let mut client =
+            std::os::unix::net::UnixStream::connect(h.dir.path().join("v.sock")).unwrap();
+        client.write_all(b"CONNECT 1234\n").unwrap();
+        h.vsock.process_event(LISTENER_TOKEN, EventSet::IN.bits());
+        h.vsock
+            .process_event(LISTENER_TOKEN + 1, EventSet::IN.bits());
+        let (req, _) = h.guest_recv().expect("REQUEST for the guest");
+        assert_eq!(
+            (req.op, req.dst_port, req.dst_cid),
+            (OP_REQUEST, 1234, GUEST_CID)
+        );
+        let host_port = req.src_port;
+
+        h.guest_send(OP_RESPONSE, 1234, host_port, b"");
+        let mut ok = [0u8; 32];
+        let n = client.read(&mut ok).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&ok[..n]).unwrap(),
+            format!("OK {host_port}\n")
+        );
+
+        client.write_all(b"to-guest").unwrap();
+        h.vsock
+            .process_event(LISTENER_TOKEN + 1, EventSet::IN.bits());
+        let (rw, data) = h.guest_recv().expect("data for the guest");
+        assert_eq!(rw.op, OP_RW);
+        assert_eq!(data, b"to-guest");
+
+        h.guest_send(OP_RW, 1234, host_port, b"to-host");
+        let mut got = [0u8; 7];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"to-host");
+
+        // The guest closes: a full shutdown gets an RST and the host sees EOF.
+        h.guest_send_flags(
+            OP_SHUTDOWN,
+            SHUTDOWN_RCV | SHUTDOWN_SEND,
+            1234,
+            host_port,
+            b"",
+        );
+        assert_eq!(h.guest_recv().map(|(p, _)| p.op), Some(OP_RST));
+        assert_eq!(client.read(&mut got).unwrap(), 0);
+        assert!(h.vsock.conns.is_empty());
+        assert_eq!(h.vsock.metrics.connections_closed, 1);
+    }
+
+    #[test]
+    fn guest_initiated_connection_reaches_the_host_listener() {
+        let mut h = Harness::new();
+        let host =
+            UnixListener::bind(format!("{}_5000", h.dir.path().join("v.sock").display())).unwrap();
+        h.guest_send(OP_REQUEST, 777, 5000, b"");
+        let (resp, _) = h.guest_recv().expect("RESPONSE");
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port),
+            (OP_RESPONSE, 5000, 777)
+        );
+        let (mut conn, _) = host.accept().unwrap();
+        h.guest_send(OP_RW, 777, 5000, b"hello");
+        let mut got = [0u8; 5];
+        conn.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        drop(conn);
+        // Host closed: the guest gets SHUTDOWN once the stream reports EOF.
+        let key = (5000, 777);
+        let token = h.vsock.conns[&key].0;
+        h.vsock.process_event(token, EventSet::IN.bits());
+        let (shut, _) = h.guest_recv().expect("SHUTDOWN");
+        assert_eq!(shut.op, OP_SHUTDOWN);
+        h.guest_send(OP_RST, 777, 5000, b"");
+        assert!(h.vsock.conns.is_empty());
+    }
+
+    #[test]
+    fn refused_and_bogus_packets_get_resets_not_panics() {
+        let mut h = Harness::new();
+        // No listener for port 6000.
+        h.guest_send(OP_REQUEST, 1, 6000, b"");
+        assert_eq!(h.guest_recv().unwrap().0.op, OP_RST);
+        // Data for a connection that does not exist.
+        h.guest_send(OP_RW, 1, 6000, b"zzz");
+        assert_eq!(h.guest_recv().unwrap().0.op, OP_RST);
+        // A payload length that lies about the chain.
+        let bad = Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            len: 60_000,
+            type_: TYPE_STREAM,
+            op: OP_RW,
+            ..Default::default()
+        };
+        h.mem
+            .write_slice(&bad.to_bytes(), GuestAddress(PKT_ADDR + 0x10_000))
+            .unwrap();
+        h.tx.add_chain(&[TestDesc::read(PKT_ADDR + 0x10_000, 44)]);
+        h.vsock.process_queue(TX_QUEUE);
+        assert_eq!(h.vsock.metrics.invalid_packets, 1);
+        // Wrong source CID: dropped.
+        let spoof = Header {
+            src_cid: 99,
+            dst_cid: HOST_CID,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            ..Default::default()
+        };
+        h.mem
+            .write_slice(&spoof.to_bytes(), GuestAddress(PKT_ADDR + 0x20_000))
+            .unwrap();
+        h.tx.add_chain(&[TestDesc::read(PKT_ADDR + 0x20_000, 44)]);
+        h.vsock.process_queue(TX_QUEUE);
+        assert_eq!(h.vsock.metrics.invalid_packets, 2);
+        assert!(h.guest_recv().is_none());
+        // That receive buffer is still posted: the next RST takes it.
+        h.guest_send(OP_REQUEST, 2, 6001, b"");
+        assert_eq!(h.rx.used_idx(), 3);
+        // An unusable receive buffer (device-readable) is skipped and counted.
+        h.rx.add_chain(&[TestDesc::read(RX_BUF, 4096)]);
+        h.guest_send(OP_REQUEST, 3, 6002, b"");
+        assert_eq!(h.vsock.metrics.invalid_packets, 3);
+        assert_eq!(h.rx.used_elem(3).1, 0);
+        assert!(!h.vsock.is_broken());
+    }
+
+    #[test]
+    fn bad_connect_lines_are_dropped() {
+        let mut h = Harness::new();
+        let mut client =
+            std::os::unix::net::UnixStream::connect(h.dir.path().join("v.sock")).unwrap();
+        client.write_all(b"HELLO 1234\n").unwrap();
+        h.vsock.process_event(LISTENER_TOKEN, EventSet::IN.bits());
+        h.vsock
+            .process_event(LISTENER_TOKEN + 1, EventSet::IN.bits());
+        assert!(h.vsock.accepting.is_empty());
+        assert!(h.vsock.conns.is_empty());
+        let mut buf = [0u8; 8];
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "client sees EOF");
+    }
+}
