@@ -118,3 +118,78 @@ pub fn probe() -> Result<ProbeResult, Error> {
         linux_capable: per_iteration < LINUX_CAPABLE_MAX_LOOP_NS,
     })
 }
+
+/// Where `tiny_elf` images load and start.
+pub const TINY_ELF_LOAD_ADDR: u64 = 0x10_0000;
+
+/// Packs `code` into an ELF64 "kernel" loaded at 1 MiB. With `pvh` the image carries a Xen
+/// PVH entry note (32-bit protected mode entry); without, the VMM enters at e_entry in
+/// 64-bit long mode.
+pub fn tiny_elf(code: &[u8], pvh: bool) -> Vec<u8> {
+    const CODE_OFF: usize = 0x1000;
+    const NOTE_OFF: usize = 0x200;
+    let load = TINY_ELF_LOAD_ADDR;
+    let phnum: u16 = if pvh { 2 } else { 1 };
+    let mut f = vec![0u8; CODE_OFF + code.len()];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little endian
+    f[6] = 1; // ELF version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&load.to_le_bytes()); // e_entry
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    f[56..58].copy_from_slice(&phnum.to_le_bytes());
+    let mut program_header = |i: usize, p_type: u32, off: usize, addr: u64, size: usize| {
+        let b = 64 + i * 56;
+        f[b..b + 4].copy_from_slice(&p_type.to_le_bytes());
+        f[b + 4..b + 8].copy_from_slice(&7u32.to_le_bytes());
+        f[b + 8..b + 16].copy_from_slice(&(off as u64).to_le_bytes());
+        f[b + 16..b + 24].copy_from_slice(&addr.to_le_bytes());
+        f[b + 24..b + 32].copy_from_slice(&addr.to_le_bytes());
+        f[b + 32..b + 40].copy_from_slice(&(size as u64).to_le_bytes());
+        f[b + 40..b + 48].copy_from_slice(&(size as u64).to_le_bytes());
+        f[b + 48..b + 56].copy_from_slice(&4u64.to_le_bytes());
+    };
+    program_header(0, 1, CODE_OFF, load, code.len()); // PT_LOAD
+    if pvh {
+        program_header(1, 4, NOTE_OFF, 0, 20); // PT_NOTE
+        f[NOTE_OFF..NOTE_OFF + 4].copy_from_slice(&4u32.to_le_bytes()); // namesz
+        f[NOTE_OFF + 4..NOTE_OFF + 8].copy_from_slice(&4u32.to_le_bytes()); // descsz
+        f[NOTE_OFF + 8..NOTE_OFF + 12].copy_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        f[NOTE_OFF + 12..NOTE_OFF + 16].copy_from_slice(b"Xen\0");
+        f[NOTE_OFF + 16..NOTE_OFF + 20].copy_from_slice(&(load as u32).to_le_bytes());
+    }
+    f[CODE_OFF..].copy_from_slice(code);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+
+    #[test]
+    fn tiny_elf_loads_with_and_without_a_pvh_note() {
+        use crate::arch::regs::EntryPoint;
+        for pvh in [true, false] {
+            let mem = create_guest_memory(4 << 20, false).unwrap();
+            let mut f = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut f, &tiny_elf(&[0xe6, 0xf4], pvh)).unwrap();
+            let k = crate::arch::boot::load_kernel(&mem, &mut f).unwrap();
+            let expected = if pvh {
+                EntryPoint::Pvh(TINY_ELF_LOAD_ADDR)
+            } else {
+                EntryPoint::Linux64(TINY_ELF_LOAD_ADDR)
+            };
+            assert_eq!(k.entry, expected);
+            let mut code = [0u8; 2];
+            vm_memory::Bytes::read_slice(&mem, &mut code, GuestAddress(TINY_ELF_LOAD_ADDR))
+                .unwrap();
+            assert_eq!(code, [0xe6, 0xf4]);
+        }
+    }
+}

@@ -150,7 +150,16 @@ impl Vmm {
             unsafe { libc::pthread_kill(*t, kick_signal()) };
         }
         lock(&self.serial).sync();
-        tracing::info!(?reason, status = reason.status(), "VM stopped");
+        let first_exit_monotonic_ns = self
+            .exit
+            .first_exit_ns
+            .load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            ?reason,
+            status = reason.status(),
+            first_exit_monotonic_ns,
+            "VM stopped"
+        );
         reason.status()
     }
 

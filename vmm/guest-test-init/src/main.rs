@@ -2,7 +2,7 @@
 //! command line, exercises one device, reports on the console (lines starting with `KL_`)
 //! and ends through the exit port (0xf4) with 0 on success, non-zero on failure.
 //!
-//! Cases: poweroff, panic, blk, blk_hotplug, vsock, net.
+//! Cases: poweroff, idle, panic, blk, blk_hotplug, vsock, net.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -335,6 +335,13 @@ fn main() {
     let case = cmdline_value("kl_test").unwrap_or_default();
     let result = match case.as_str() {
         "poweroff" => Ok(()),
+        "idle" => {
+            // Stay up (benchmarks measure the VMM while the guest is idle).
+            say("KL_IDLE");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
         "panic" => {
             say("KL_PANIC_NOW");
             // PID 1 exiting makes the kernel panic ("Attempted to kill init").

@@ -5,9 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Where the tiny kernels load and start.
-pub const LOAD_ADDR: u64 = 0x10_0000;
-
 /// A minimal 32-bit x86 code emitter for the instructions the test guests use.
 #[derive(Default)]
 pub struct Asm {
@@ -76,52 +73,7 @@ impl Asm {
     }
 }
 
-/// Packs `code` into an ELF64 image loaded at `LOAD_ADDR`. With `pvh` the image carries a
-/// Xen PVH entry note (32-bit protected mode entry); without, the VMM enters at e_entry in
-/// 64-bit long mode.
-pub fn tiny_elf(code: &[u8], pvh: bool) -> Vec<u8> {
-    let phnum: u16 = if pvh { 2 } else { 1 };
-    let code_off = 0x1000u64;
-    let note_off = 0x200u64;
-    let mut f = vec![0u8; code_off as usize + code.len()];
-    f[0..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little endian
-    f[6] = 1; // version
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    f[56..58].copy_from_slice(&phnum.to_le_bytes());
-    let mut ph = |i: usize, p_type: u32, off: u64, addr: u64, size: u64| {
-        let b = 64 + i * 56;
-        f[b..b + 4].copy_from_slice(&p_type.to_le_bytes());
-        f[b + 4..b + 8].copy_from_slice(&7u32.to_le_bytes());
-        f[b + 8..b + 16].copy_from_slice(&off.to_le_bytes());
-        f[b + 16..b + 24].copy_from_slice(&addr.to_le_bytes());
-        f[b + 24..b + 32].copy_from_slice(&addr.to_le_bytes());
-        f[b + 32..b + 40].copy_from_slice(&size.to_le_bytes());
-        f[b + 40..b + 48].copy_from_slice(&size.to_le_bytes());
-        f[b + 48..b + 56].copy_from_slice(&4u64.to_le_bytes());
-    };
-    ph(0, 1, code_off, LOAD_ADDR, code.len() as u64);
-    if pvh {
-        ph(1, 4, note_off, 0, 20);
-    }
-    if pvh {
-        let n = note_off as usize;
-        f[n..n + 4].copy_from_slice(&4u32.to_le_bytes()); // namesz
-        f[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes()); // descsz
-        f[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
-        f[n + 12..n + 16].copy_from_slice(b"Xen\0");
-        f[n + 16..n + 20].copy_from_slice(&(LOAD_ADDR as u32).to_le_bytes());
-    }
-    f[code_off as usize..].copy_from_slice(code);
-    f
-}
+pub use kata_like_vmm::test_guest::tiny_elf;
 
 pub fn write_kernel(dir: &Path, name: &str, code: &[u8], pvh: bool) -> PathBuf {
     let p = dir.join(name);

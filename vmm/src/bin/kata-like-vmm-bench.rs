@@ -1,0 +1,401 @@
+//! Benchmarks for kata-like-vmm (numbers, not pass/fail): binary size, exec to first guest
+//! exit, VMM memory overhead, and boot-to-marker time against `qemu-system-x86_64 -M microvm`
+//! with the same kernel, initramfs and command line. See vmm/README.md ("Benchmarks").
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kata_like_vmm::test_guest::tiny_elf;
+
+const CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+const MEMORY_MIB: u64 = 256;
+
+struct Options {
+    vmm: PathBuf,
+    runs: usize,
+    local: bool,
+    boot: bool,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    qemu: String,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: kata-like-vmm-bench [--vmm PATH] [--runs N] [--local-only | --boot-only] \
+         [--kernel VMLINUX --initrd CPIO] [--qemu PATH]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_options() -> Options {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let mut o = Options {
+        vmm: exe_dir.join("kata-like-vmm"),
+        runs: 10,
+        local: true,
+        boot: true,
+        kernel: std::env::var_os("KATA_LIKE_KERNEL").map(PathBuf::from),
+        initrd: std::env::var_os("KATA_LIKE_VMM_TEST_INITRD").map(PathBuf::from),
+        qemu: "qemu-system-x86_64".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--vmm" => o.vmm = PathBuf::from(value()),
+            "--runs" => o.runs = value().parse().unwrap_or_else(|_| usage()),
+            "--local-only" => o.boot = false,
+            "--boot-only" => o.local = false,
+            "--kernel" => o.kernel = Some(PathBuf::from(value())),
+            "--initrd" => o.initrd = Some(PathBuf::from(value())),
+            "--qemu" => o.qemu = value(),
+            _ => usage(),
+        }
+    }
+    if o.runs == 0 {
+        usage();
+    }
+    o
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// (median, min, max)
+fn stats(samples: &mut [f64]) -> (f64, f64, f64) {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let n = samples.len();
+    let median = if n % 2 == 1 {
+        samples[n / 2]
+    } else {
+        (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+    };
+    (median, samples[0], samples[n - 1])
+}
+
+fn report(name: &str, unit: &str, samples: &mut [f64]) -> f64 {
+    let (median, min, max) = stats(samples);
+    println!(
+        "{name:<46} median {median:>9.2} {unit}  min {min:>9.2}  max {max:>9.2}  (n={})",
+        samples.len()
+    );
+    median
+}
+
+/// Resident memory of `pid`: (total KiB, KiB in the guest RAM mapping of `guest_bytes`).
+fn rss_kib(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut current_size = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(s), Ok(e)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                current_size = e - s;
+                continue;
+            }
+        }
+        if let Some(rest) = line.strip_prefix("Rss:") {
+            let kib: u64 = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            total += kib;
+            if current_size == guest_bytes {
+                guest += kib;
+            }
+        }
+    }
+    Some((total, guest))
+}
+
+fn api_call(sock: &Path, line: &str) -> Option<String> {
+    let s = UnixStream::connect(sock).ok()?;
+    (&s).write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut resp = String::new();
+    BufReader::new(&s).read_line(&mut resp).ok()?;
+    Some(resp)
+}
+
+fn wait_for_socket(sock: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if api_call(sock, r#"{"op":"ping"}"#).is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn local_benchmarks(o: &Options, dir: &Path) {
+    println!("== local (this machine's /dev/kvm)");
+    match std::fs::metadata(&o.vmm) {
+        Ok(m) => println!(
+            "{:<46} {:.2} MiB ({} bytes)",
+            "VMM binary size",
+            m.len() as f64 / 1048576.0,
+            m.len()
+        ),
+        Err(e) => {
+            eprintln!("cannot stat {}: {e}", o.vmm.display());
+            std::process::exit(1);
+        }
+    }
+
+    // A guest whose first instruction writes the exit port.
+    let tiny = dir.join("first-exit.elf");
+    std::fs::write(&tiny, tiny_elf(&[0xe6, 0xf4], true)).expect("write tiny kernel");
+    let mut first_exit = Vec::new();
+    let mut process = Vec::new();
+    for _ in 0..o.runs.max(5) {
+        let t0 = monotonic_ns();
+        let out = Command::new(&o.vmm)
+            .args([
+                "run",
+                "--no-jail",
+                "--console",
+                "null",
+                "--log-level",
+                "info",
+                "--memory-mib",
+                "128",
+                "--kernel",
+            ])
+            .arg(&tiny)
+            .output()
+            .expect("run the VMM");
+        let t1 = monotonic_ns();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let first = stderr
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("first_exit_monotonic_ns="))
+            .and_then(|v| v.parse::<u64>().ok());
+        match (out.status.code(), first) {
+            (Some(0), Some(ns)) if ns > t0 => {
+                first_exit.push((ns - t0) as f64 / 1e6);
+                process.push((t1 - t0) as f64 / 1e6);
+            }
+            _ => eprintln!("tiny guest run failed: {:?} {stderr}", out.status),
+        }
+    }
+    if !first_exit.is_empty() {
+        report(
+            "exec -> first guest exit (tiny guest)",
+            "ms",
+            &mut first_exit,
+        );
+        report("exec -> VMM exited (tiny guest)", "ms", &mut process);
+    }
+
+    // Memory overhead with a running (spinning) tiny guest and every device type but net.
+    let spin = dir.join("spin.elf");
+    std::fs::write(&spin, tiny_elf(&[0xeb, 0xfe], true)).expect("write spin kernel");
+    let sock = dir.join("api.sock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("disk image");
+    let mut child = Command::new(&o.vmm)
+        .args([
+            "run",
+            "--no-jail",
+            "--console",
+            "null",
+            "--memory-mib",
+            &MEMORY_MIB.to_string(),
+            "--rng",
+            "--kernel",
+        ])
+        .arg(&spin)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--drive")
+        .arg(format!("id=disk0,path={}", img.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", dir.join("v.sock").display()))
+        .spawn()
+        .expect("run the VMM");
+    if wait_for_socket(&sock) {
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some((total, guest)) = rss_kib(child.id(), MEMORY_MIB << 20) {
+            println!(
+                "{:<46} {:.2} MiB (total RSS {:.2} MiB, guest RAM {:.2} MiB)",
+                "VMM RSS excluding guest memory (tiny guest)",
+                (total - guest) as f64 / 1024.0,
+                total as f64 / 1024.0,
+                guest as f64 / 1024.0
+            );
+        }
+        let _ = api_call(&sock, r#"{"op":"stop","force":true}"#);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn probe_linux_capable(vmm: &Path) -> bool {
+    Command::new(vmm)
+        .arg("probe")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("\"linux_capable\":true"))
+        .unwrap_or(false)
+}
+
+fn boot_benchmarks(o: &Options, dir: &Path) {
+    println!("== boot to marker (guest /init writes the exit port)");
+    let (Some(kernel), Some(initrd)) = (o.kernel.as_ref(), o.initrd.as_ref()) else {
+        eprintln!("boot benchmark needs --kernel and --initrd (or KATA_LIKE_KERNEL / KATA_LIKE_VMM_TEST_INITRD)");
+        std::process::exit(2);
+    };
+    if !probe_linux_capable(&o.vmm) {
+        println!("skipped: this /dev/kvm cannot boot Linux (run it inside tests/kvm-host/run, see README)");
+        return;
+    }
+    let cmdline = format!("{CMDLINE} kl_test=poweroff");
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    for _ in 0..o.runs {
+        let t0 = Instant::now();
+        let st = Command::new(&o.vmm)
+            .args([
+                "run",
+                "--no-jail",
+                "--console",
+                "null",
+                "--memory-mib",
+                &MEMORY_MIB.to_string(),
+                "--kernel",
+            ])
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(initrd)
+            .args(["--cmdline", &cmdline])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run the VMM");
+        if st.code() == Some(0) {
+            ours.push(t0.elapsed().as_secs_f64() * 1e3);
+        } else {
+            eprintln!("kata-like-vmm boot failed: {st}");
+        }
+        let t0 = Instant::now();
+        let st = Command::new(&o.qemu)
+            .args([
+                "-M",
+                "microvm,x-option-roms=off,rtc=off,acpi=off",
+                "-enable-kvm",
+                "-cpu",
+                "host",
+            ])
+            .args([
+                "-m",
+                &MEMORY_MIB.to_string(),
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+            ])
+            .args(["-display", "none", "-serial", "null", "-no-reboot"])
+            .args([
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                "-kernel",
+            ])
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", &cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run qemu");
+        // isa-debug-exit turns the guest's 0 into QEMU exit status (0 << 1) | 1.
+        if st.code() == Some(1) {
+            qemu.push(t0.elapsed().as_secs_f64() * 1e3);
+        } else {
+            eprintln!("qemu microvm boot failed: {st}");
+        }
+    }
+    if !ours.is_empty() && !qemu.is_empty() {
+        let a = report("kata-like-vmm: exec -> marker", "ms", &mut ours);
+        let b = report("qemu -M microvm: exec -> marker", "ms", &mut qemu);
+        println!(
+            "{:<46} {:.3} (target <= 0.8)",
+            "ratio kata-like-vmm / qemu microvm (medians)",
+            a / b
+        );
+    }
+
+    // VMM overhead with Linux up and idle.
+    let console = dir.join("console.log");
+    let sock = dir.join("api-linux.sock");
+    let mut child = Command::new(&o.vmm)
+        .args([
+            "run",
+            "--no-jail",
+            "--memory-mib",
+            &MEMORY_MIB.to_string(),
+            "--rng",
+            "--kernel",
+        ])
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--cmdline", &format!("{CMDLINE} kl_test=idle")])
+        .arg("--console")
+        .arg(&console)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", dir.join("v2.sock").display()))
+        .spawn()
+        .expect("run the VMM");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("KL_IDLE")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some((total, guest)) = rss_kib(child.id(), MEMORY_MIB << 20) {
+        println!(
+            "{:<46} {:.2} MiB (total RSS {:.2} MiB, guest RAM {:.2} MiB)",
+            "VMM RSS excluding guest memory (Linux idle)",
+            (total - guest) as f64 / 1024.0,
+            total as f64 / 1024.0,
+            guest as f64 / 1024.0
+        );
+    }
+    let _ = api_call(&sock, r#"{"op":"stop","force":true}"#);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    let o = parse_options();
+    let dir = std::env::temp_dir().join(format!("kata-like-vmm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    if o.local {
+        local_benchmarks(&o, &dir);
+    }
+    if o.boot {
+        boot_benchmarks(&o, &dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
