@@ -9,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 /// Sets up logging for the serving shim. `level` is a tracing filter ("info", "debug", ...);
 /// `RUST_LOG` overrides it.
 pub fn init(level: &str) {
+    // The HTTP/2 stack's debug output (every frame) would drown the shim's own events.
+    let quiet_deps = format!("{level},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info");
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        .or_else(|_| EnvFilter::try_new(quiet_deps))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

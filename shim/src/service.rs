@@ -249,6 +249,10 @@ impl Service {
             Ok(())
         };
         if let Err(e) = result {
+            if let Ok(vm) = self.vm() {
+                // The guest's side of the failure (agent and kernel messages) is on its console.
+                tracing::warn!(container_id = %req.id, error = %e, console = %vm.console_tail(), "container creation failed");
+            }
             if let Some(vm) = started_vm {
                 vm.destroy().await;
                 *lock(&self.inner.vm) = None;
@@ -562,6 +566,10 @@ impl Service {
                             tracing::warn!(container_id = %ev.container_id, "OOM kill in the guest");
                             events.oom(&ev.container_id);
                         }
+                    }
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        tracing::warn!(error = %s, "the agent has no OOM events; not watching");
+                        return;
                     }
                     Err(s) => {
                         tracing::debug!(error = %s, "OomEvents failed; retrying");

@@ -66,7 +66,7 @@ pub fn command_args(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Vec<S
     let mut cmdline = config.vmm.kernel_params.clone();
     if shape.debug_console {
         // Verbose kernel output to the console log; "quiet" from the base line is overridden.
-        cmdline.push_str(" loglevel=7 kata_like.debug=1");
+        cmdline.push_str(" loglevel=7 agent.log=debug,h2=info,hyper=info,tower=info,tonic=info");
     }
     args.extend([
         "--cmdline".into(),

@@ -101,6 +101,11 @@ impl Containerd {
             nix_is_root(),
             "the containerd end-to-end tests must run as root"
         );
+        // What containerd, the overlayfs snapshotter and the CNI bridge need from the kernel
+        // (modules on a stock kernel such as the test host's; built in elsewhere).
+        let _ = Command::new("modprobe")
+            .args(["-a", "overlay", "bridge", "veth", "tun"])
+            .status();
         let base = PathBuf::from(format!("/tmp/kata-like-e2e-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         for d in [
@@ -125,11 +130,19 @@ impl Containerd {
 
         let kata_state_dir = base.join("kata-like-state");
         let kata_config = base.join("kata-like.toml");
+        // KATA_LIKE_E2E_JAIL=0 runs the VMM unjailed: only to tell jail problems from others.
+        let jail = std::env::var("KATA_LIKE_E2E_JAIL")
+            .map(|v| v != "0")
+            .unwrap_or(true);
+        // KATA_LIKE_E2E_DEBUG=1: verbose guest kernel and agent on the console, whose tail the
+        // shim logs when a container fails.
+        let debug = std::env::var("KATA_LIKE_E2E_DEBUG").is_ok_and(|v| v == "1");
         std::fs::write(
             &kata_config,
             format!(
                 "state_dir = {state:?}\nrootfs_cache_dir = {cache:?}\nlog_level = \"debug\"\n\
-                 [vmm]\npath = {vmm:?}\nkernel = {kernel:?}\ninitrd = {initrd:?}\n",
+                 [jail]\nenabled = {jail}\n\
+                 [vmm]\ndebug_console = {debug}\npath = {vmm:?}\nkernel = {kernel:?}\ninitrd = {initrd:?}\n",
                 state = kata_state_dir.display().to_string(),
                 cache = base.join("rootfs-cache").display().to_string(),
                 vmm = kata.vmm.display().to_string(),

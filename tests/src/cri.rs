@@ -207,6 +207,41 @@ impl Cri {
             .unwrap_or_default())
     }
 
+    /// Removes every pod (a failed earlier test may have left some), so that each test starts
+    /// from an empty node.
+    pub async fn remove_all_pods(&mut self) {
+        let pods = self
+            .runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items;
+        for p in pods {
+            let _ = self.teardown_pod_best_effort(&p.id).await;
+        }
+    }
+
+    async fn teardown_pod_best_effort(&mut self, pod_id: &str) -> Result<(), tonic::Status> {
+        let containers = self
+            .runtime
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    pod_sandbox_id: pod_id.into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .containers;
+        for c in containers {
+            let _ = self.stop_container(&c.id, 1).await;
+            let _ = self.remove_container(&c.id).await;
+        }
+        let _ = self.stop_pod(pod_id).await;
+        self.remove_pod(pod_id).await
+    }
+
     /// Stops and removes a pod with everything in it (what kubelet does on pod deletion).
     pub async fn teardown_pod(&mut self, pod_id: &str) {
         let containers = self

@@ -150,6 +150,7 @@ async fn cri_pod_start_benchmark() {
     let pods = env_count("KATA_LIKE_BENCH_PODS", 5).max(1);
     let idle_pods = env_count("KATA_LIKE_BENCH_IDLE_PODS", 2).max(1);
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let log_dir = containerd.log_dir();
 
     // Warm-up, not counted: the first pod of each runtime fills caches (snapshots, erofs).

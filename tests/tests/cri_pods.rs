@@ -34,6 +34,7 @@ async fn runc_baseline_pod_runs_in_the_same_containerd() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let pod = cri::pod_config("runc-baseline", &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, "runc")
@@ -62,6 +63,7 @@ async fn kata_pod_runs_a_container_with_logs_and_exit_code() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let pod = cri::pod_config("kata-logs", &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, KATA_RUNTIME_HANDLER)
@@ -113,6 +115,7 @@ async fn kata_container_runs_under_its_own_kernel() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let pod = cri::pod_config("kata-kernel", &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, KATA_RUNTIME_HANDLER)
@@ -170,6 +173,7 @@ async fn kata_exec_sync_returns_output_and_exit_code() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let pod = cri::pod_config("kata-exec", &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, KATA_RUNTIME_HANDLER)
@@ -227,6 +231,7 @@ async fn kata_stop_container_honours_the_grace_period() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let pod = cri::pod_config("kata-stop", &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, KATA_RUNTIME_HANDLER)
@@ -311,6 +316,7 @@ async fn kata_two_containers_share_one_pod_vm() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let pod = cri::pod_config("kata-two", &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, KATA_RUNTIME_HANDLER)
@@ -383,6 +389,7 @@ async fn kata_two_pods_run_at_once() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let mut pods = Vec::new();
     for name in ["kata-pod-a", "kata-pod-b"] {
         let pod = cri::pod_config(name, &containerd.log_dir());
@@ -424,6 +431,7 @@ async fn kata_pod_refuses_hostile_annotations_and_leaves_nothing() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
     let mut pod = cri::pod_config("kata-hostile", &containerd.log_dir());
     pod.annotations
         .insert("io.kata-like.memory-mib".into(), "99999999".into());
