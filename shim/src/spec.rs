@@ -8,6 +8,7 @@
 //!   directory's files; the sandbox's /dev/shm becomes a tmpfs. Binds of /dev nodes stay.
 //! - hooks (host binaries), AppArmor and SELinux labels refer to the host and are removed.
 //! - `cgroup` mounts become `cgroup2` (the guest has only cgroup v2).
+//!
 //! Namespace paths and `cgroupsPath` are left to the agent, which maps "join the pod's
 //! namespace" onto the VM's own (the VM is the pod) and owns the guest's cgroup tree.
 
