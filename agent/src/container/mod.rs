@@ -144,7 +144,7 @@ impl Agent {
             .as_ref()
             .ok_or_else(|| invalid("rootfs is required"))?;
         let lowers = storage::check_lower_dirs(&rootfs_req.lower_dirs, &self.config.state_dir)?;
-        let stdio_req = req.stdio.clone().unwrap_or_default();
+        let stdio_req = req.stdio.unwrap_or_default();
         let stdio_req = StdioRequest {
             terminal: stdio_req.terminal,
             stdin: stdio_req.stdin,
@@ -366,7 +366,7 @@ impl Agent {
                 req.exec_id, container.id
             )));
         }
-        let stdio_req = req.stdio.clone().unwrap_or_default();
+        let stdio_req = req.stdio.unwrap_or_default();
         let stdio_req = StdioRequest {
             terminal: stdio_req.terminal,
             stdin: stdio_req.stdin,
@@ -446,7 +446,7 @@ impl Agent {
             tracing::info!(container_id, signal, "signalled all processes");
             return Ok(());
         }
-        if exec_id.is_empty() == false {
+        if !exec_id.is_empty() {
             check_id("exec id", exec_id)?;
         }
         let process = container.process(exec_id)?;
