@@ -94,7 +94,9 @@ pub fn cleanup_after_dead_shim(bundle_dir: &Path, id: &str, namespace: &str) {
         if let Ok(state_dir) = std::fs::read_to_string(bundle_dir.join(STATE_DIR_FILE)) {
             let state_dir = Path::new(state_dir.trim());
             // Only a state dir named after this very container, as the shim wrote it.
-            if state_dir.is_absolute() && state_dir.file_name().map(|n| n == id).unwrap_or(false) {
+            let expected = crate::sandbox::state_dir_name(namespace, id).ok();
+            let name = state_dir.file_name().and_then(|n| n.to_str());
+            if state_dir.is_absolute() && name.is_some() && name == expected.as_deref() {
                 match crate::sandbox::cleanup_state_dir(state_dir) {
                     Ok(()) => {
                         tracing::info!(container_id = id, namespace, "cleaned up after a dead shim")
@@ -113,5 +115,61 @@ pub fn cleanup_after_dead_shim(bundle_dir: &Path, id: &str, namespace: &str) {
         {
             let _ = std::fs::remove_file(socket);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_with(dir: &Path, role_annotations: &str, state_dir: &Path) {
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{{"annotations": {{{role_annotations}}}}}"#),
+        )
+        .expect("config.json");
+        std::fs::write(dir.join(STATE_DIR_FILE), state_dir.display().to_string())
+            .expect("state file");
+    }
+
+    #[test]
+    fn delete_after_a_dead_shim_removes_the_pods_state() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir(&bundle).expect("mkdir");
+        let name = crate::sandbox::state_dir_name("k8s.io", "pod1").expect("name");
+        let state = tmp.path().join("state").join(name);
+        std::fs::create_dir_all(state.join("jail")).expect("mkdir");
+        bundle_with(
+            &bundle,
+            r#""io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1""#,
+            &state,
+        );
+        cleanup_after_dead_shim(&bundle, "pod1", "k8s.io");
+        assert!(!state.exists());
+    }
+
+    #[test]
+    fn delete_never_removes_a_directory_the_bundle_merely_names() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let bundle = tmp.path().join("bundle");
+        std::fs::create_dir(&bundle).expect("mkdir");
+        // A hostile or stale bundle pointing elsewhere: not this container's state dir.
+        let victim = tmp.path().join("precious");
+        std::fs::create_dir(&victim).expect("mkdir");
+        bundle_with(&bundle, "", &victim);
+        cleanup_after_dead_shim(&bundle, "c1", "default");
+        assert!(victim.exists());
+        // An app container never owns the VM, whatever its state file says.
+        let name = crate::sandbox::state_dir_name("k8s.io", "c2").expect("name");
+        let state = tmp.path().join(name);
+        std::fs::create_dir(&state).expect("mkdir");
+        bundle_with(
+            &bundle,
+            r#""io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "pod1""#,
+            &state,
+        );
+        cleanup_after_dead_shim(&bundle, "c2", "k8s.io");
+        assert!(state.exists());
     }
 }
