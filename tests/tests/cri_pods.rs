@@ -462,3 +462,38 @@ async fn kata_pod_refuses_hostile_annotations_and_leaves_nothing() {
     }
     containerd.assert_no_leftovers(&kata);
 }
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_killed_shim_leaves_nothing_behind() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
+    let pod = cri::pod_config("kata-killed-shim", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    let shims = containerd::pids_of(&kata.shim);
+    assert_eq!(shims.len(), 1, "one shim for the pod");
+    // SIGKILL: the shim gets no chance to clean up; its VMM dies with it (parent-death signal)
+    // and containerd runs `containerd-shim-kata-like-v2 delete`, which removes the pod's state.
+    // SAFETY: kill(2) on a pid we just looked up.
+    unsafe {
+        libc::kill(shims[0] as i32, libc::SIGKILL);
+    }
+    let status = cri.wait_exited(&c, EXIT_LIMIT).await;
+    assert_ne!(status.exit_code, 0, "the container died with its VM");
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
