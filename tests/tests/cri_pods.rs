@@ -215,6 +215,35 @@ async fn kata_exec_sync_returns_output_and_exit_code() {
         .await
         .expect("ExecSync read");
     assert_eq!(text(&r.stdout), "persisted\n");
+    // Resources are updated in the guest: the container's cgroup gets the new memory limit.
+    cri.runtime
+        .update_container_resources(cri::v1::UpdateContainerResourcesRequest {
+            container_id: c.clone(),
+            linux: Some(cri::v1::LinuxContainerResources {
+                memory_limit_in_bytes: 96 * 1024 * 1024,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateContainerResources");
+    let limit = cri
+        .exec_sync(
+            &c,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+            ],
+            60,
+        )
+        .await
+        .expect("ExecSync memory.max");
+    assert_eq!(
+        text(&limit.stdout).trim(),
+        (96 * 1024 * 1024).to_string(),
+        "{limit:?}"
+    );
     // Stats come back decoded by containerd's CRI.
     let stats = cri.container_stats(&c).await.expect("ContainerStats");
     assert!(
