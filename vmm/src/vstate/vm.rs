@@ -44,6 +44,7 @@ pub fn open_kvm() -> Result<Kvm, Error> {
         kvm_ioctls::Cap::Ioeventfd,
         kvm_ioctls::Cap::Irqfd,
         kvm_ioctls::Cap::UserMemory,
+        kvm_ioctls::Cap::TscDeadlineTimer,
     ] {
         if !kvm.check_extension(cap) {
             return Err(Error::Capability(cap));
