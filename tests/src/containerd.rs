@@ -4,7 +4,7 @@
 //! overlayfs snapshotter cannot use an overlayfs upper), and containerd runs in a network
 //! namespace of its own, so the CNI bridge and pod networks never touch the machine's network.
 //!
-//! Needs: root, `containerd`, `ctr`, `runc`, `unshare`, `mkfs.erofs`, CNI plugins in
+//! Needs: root, `containerd`, `ctr`, `runc`, `nsenter`, `ip`, `mkfs.erofs`, CNI plugins in
 //! /usr/lib/cni, busybox-static; for kata-like pods the `KATA_LIKE_*` artifacts.
 
 use std::io::Write;
@@ -34,6 +34,8 @@ pub struct Containerd {
     /// State dir given to the kata-like shim (its per-pod state lives here).
     pub kata_state_dir: PathBuf,
     pub kata_config: PathBuf,
+    /// Named network namespace containerd (and so every shim and VMM) runs in.
+    netns: String,
     child: Option<Child>,
     /// Shim sockets present before this containerd ran (someone else's).
     baseline_shim_sockets: Vec<PathBuf>,
@@ -89,7 +91,7 @@ impl Containerd {
             "/usr/bin/containerd",
             "/usr/bin/ctr",
             "/usr/sbin/runc",
-            "/usr/bin/unshare",
+            "/usr/bin/nsenter",
             "/usr/lib/cni/bridge",
             "/usr/lib/cni/host-local",
             "/usr/lib/cni/loopback",
@@ -105,6 +107,7 @@ impl Containerd {
         // (modules on a stock kernel such as the test host's; built in elsewhere).
         let _ = Command::new("modprobe")
             .args(["-a", "overlay", "bridge", "veth", "tun"])
+            .stderr(Stdio::null())
             .status();
         let base = PathBuf::from(format!("/tmp/kata-like-e2e-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
@@ -170,42 +173,39 @@ impl Containerd {
             .expect("write the containerd config");
 
         let baseline_shim_sockets = shim_sockets();
-        let log = std::fs::File::create(base.join("containerd.log")).expect("containerd log");
-        let path = format!(
-            "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            base.join("bin").display()
-        );
-        // A network namespace of its own: the CNI bridge and every pod network stay in it.
-        let child = Command::new("/usr/bin/unshare")
-            .args([
-                "--net",
-                "--",
-                "/bin/sh",
-                "-c",
-                "ip link set lo up 2>/dev/null; exec \"$@\"",
-                "sh",
-            ])
-            .arg("/usr/bin/containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .env("KATA_LIKE_CONFIG", &kata_config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
+        // A network namespace of its own, kept across containerd restarts: the CNI bridge and
+        // every pod network stay in it.
+        let netns = format!("kata-like-e2e-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns])
+            .stderr(Stdio::null())
+            .status();
+        run(Command::new("ip").args(["netns", "add", &netns]));
+        run(Command::new("ip").args(["netns", "exec", &netns, "ip", "link", "set", "lo", "up"]));
+        let child = spawn_containerd(&base, &netns, &kata_config);
         let mut containerd = Containerd {
             base,
             socket,
             kata_state_dir,
             kata_config,
+            netns,
             child: Some(child),
             baseline_shim_sockets,
         };
         containerd.wait_ready();
         containerd.import_images();
         containerd
+    }
+
+    /// SIGKILLs containerd (its shims keep running, as on a node whose containerd crashed) and
+    /// starts it again on the same state; it reconnects to the running shims.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.child = Some(spawn_containerd(&self.base, &self.netns, &self.kata_config));
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -335,7 +335,7 @@ impl Containerd {
 impl Drop for Containerd {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SIGTERM to the containerd process (the unshare'd sh exec'd it, same pid).
+            // SIGTERM to the containerd process (nsenter exec'd it, same pid).
             unsafe {
                 libc::kill(child.id() as i32, libc::SIGTERM);
             }
@@ -362,7 +362,39 @@ impl Drop for Containerd {
             let _ = Command::new("umount").args(["-l", p]).status();
         }
         let _ = std::fs::remove_dir_all(&self.base);
+        if !self.netns.is_empty() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.netns])
+                .status();
+        }
     }
+}
+
+/// Starts containerd with the test config inside the named network namespace (nsenter joins
+/// only the network namespace: containerd's mounts stay visible to the test and its shims).
+fn spawn_containerd(base: &Path, netns: &str, kata_config: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(base.join("containerd.log"))
+        .expect("containerd log");
+    let path = format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        base.join("bin").display()
+    );
+    Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{netns}"))
+        .arg("--")
+        .arg("/usr/bin/containerd")
+        .arg("--config")
+        .arg(base.join("config.toml"))
+        .env("PATH", path)
+        .env("KATA_LIKE_CONFIG", kata_config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log)
+        .spawn()
+        .expect("start containerd")
 }
 
 fn containerd_config(base: &Path, socket: &Path, kata_config: &Path) -> String {
@@ -483,6 +515,7 @@ pub fn shared() -> std::sync::MutexGuard<'static, Containerd> {
                         socket: PathBuf::new(),
                         kata_state_dir: PathBuf::new(),
                         kata_config: PathBuf::new(),
+                        netns: String::new(),
                         child: None,
                         baseline_shim_sockets: Vec::new(),
                     };

@@ -526,3 +526,45 @@ async fn kata_killed_shim_leaves_nothing_behind() {
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_pod_survives_a_containerd_kill_and_is_cleaned_after() {
+    let mut containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
+    let pod = cri::pod_config("kata-containerd-kill", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    let vmm_before = containerd::pids_of(&kata.vmm);
+    drop(cri);
+
+    // containerd dies hard; the pod's shim and VM keep running, as with runc.
+    containerd.kill_and_restart();
+    assert_eq!(
+        containerd::pids_of(&kata.vmm),
+        vmm_before,
+        "the pod VM survived"
+    );
+    let mut cri = Cri::connect(&containerd.socket).await;
+    let r = cri
+        .exec_sync(&c, &["echo", "still running"], 60)
+        .await
+        .unwrap_or_else(|e| panic!("ExecSync after the restart: {e}\n{}", containerd.log_tail()));
+    assert_eq!(text(&r.stdout), "still running\n");
+
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
