@@ -568,3 +568,50 @@ async fn kata_pod_survives_a_containerd_kill_and_is_cleaned_after() {
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_oom_kill_is_reported_to_kubelet() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
+    let pod = cri::pod_config("kata-oom", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    // 32 MiB limit; the shell then builds a 64 MiB string.
+    let mut config = cri::container_config(
+        "hog",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    );
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: 32 * 1024 * 1024,
+            ..Default::default()
+        });
+    }
+    let c = cri
+        .create_container(&pod_id, &config, &pod)
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    let status = cri.wait_exited(&c, EXIT_LIMIT).await;
+    assert_ne!(status.exit_code, 0, "{status:?}");
+    // The OOM event (guest cgroup -> agent -> shim -> containerd) marks the container.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut reason = status.reason.clone();
+    while reason != "OOMKilled" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reason = cri.container_status(&c).await.reason;
+    }
+    assert_eq!(reason, "OOMKilled", "{status:?}");
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
