@@ -456,12 +456,7 @@ impl Service {
                 exec_id: p.exec_id.clone(),
             };
             tokio::spawn(async move {
-                let pump = stdio::pump_stdin(input, &mut sink);
-                let result = tokio::select! {
-                    r = pump => r,
-                    _ = close_rx => stdio::StdinSink::close(&mut sink).await.map(|_| 0),
-                };
-                if let Err(e) = result {
+                if let Err(e) = stdio::pump_stdin(input, &mut sink, close_rx).await {
                     tracing::warn!(container_id = %sink.container_id, exec_id = %sink.exec_id, error = %e, "stdin copy ended with an error");
                 }
             });

@@ -11,6 +11,7 @@
 //! `CloseIO`) closes the process's stdin.
 
 use std::future::Future;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use futures::{Stream, StreamExt};
@@ -71,34 +72,66 @@ pub trait StdinSink {
     fn close(&mut self) -> impl Future<Output = Result<()>> + Send;
 }
 
-/// Pumps `input` into `sink` until EOF, then closes the sink. Returns the bytes forwarded.
-pub async fn pump_stdin<R, K>(mut input: R, sink: &mut K) -> Result<u64>
+/// Pumps `input` into `sink` until EOF on the FIFO or until `close` fires (CloseIO), then
+/// closes the process's stdin. Returns the bytes forwarded.
+///
+/// containerd writes everything it has into the FIFO before it sends CloseIO, but keeps its
+/// write end open, so EOF may never come: on `close`, whatever the FIFO still holds is read with
+/// plain non-blocking reads (not through the reactor, whose readiness may lag) and forwarded
+/// before stdin is closed. Nothing written before CloseIO is lost.
+pub async fn pump_stdin<R, K>(
+    mut input: R,
+    sink: &mut K,
+    mut close: tokio::sync::oneshot::Receiver<()>,
+) -> Result<u64>
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + AsFd + Unpin,
     K: StdinSink,
 {
     let mut buf = vec![0u8; STDIN_CHUNK];
     let mut total = 0u64;
     loop {
-        let n = input
-            .read(&mut buf)
-            .await
-            .map_err(Error::io("read stdin FIFO"))?;
+        let n = tokio::select! {
+            // Data first: CloseIO is only looked at when nothing is ready to read.
+            biased;
+            read = input.read(&mut buf) => read.map_err(Error::io("read stdin FIFO"))?,
+            _ = &mut close => {
+                loop {
+                    let n = match nix::unistd::read(input.as_fd(), &mut buf) {
+                        Ok(n) => n,
+                        Err(nix::errno::Errno::EAGAIN) => 0,
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => return Err(Error::io("read stdin FIFO")(e.into())),
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    forward(sink, &buf[..n]).await?;
+                    total += n as u64;
+                }
+                0
+            }
+        };
         if n == 0 {
             break;
         }
-        let mut chunk = buf[..n].to_vec();
-        while !chunk.is_empty() {
-            let written = sink.write(chunk.clone()).await?;
-            if written == 0 {
-                return Err(Error::Agent("WriteStdin accepted no bytes".into()));
-            }
-            chunk.drain(..written.min(chunk.len()));
-        }
+        forward(sink, &buf[..n]).await?;
         total += n as u64;
     }
     sink.close().await?;
     Ok(total)
+}
+
+async fn forward<K: StdinSink>(sink: &mut K, data: &[u8]) -> Result<()> {
+    let mut chunk = data.to_vec();
+    while !chunk.is_empty() {
+        let written = sink.write(chunk.clone()).await?;
+        if written == 0 {
+            return Err(Error::Agent("WriteStdin accepted no bytes".into()));
+        }
+        chunk.drain(..written.min(chunk.len()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -173,17 +206,66 @@ mod tests {
         }
     }
 
+    fn fifo(dir: &Path, name: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        path
+    }
+
     #[tokio::test]
     async fn stdin_is_forwarded_completely_then_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = fifo(dir.path(), "stdin");
+        let receiver = open_input_fifo(&path).expect("open");
         let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let to_write = input.clone();
+        let writer = tokio::spawn(async move {
+            let mut w = tokio::net::unix::pipe::OpenOptions::new()
+                .open_sender(&path)
+                .expect("writer");
+            w.write_all(&to_write).await.expect("write");
+        });
         let mut sink = RecordingSink {
             limit: 10_000,
             ..Default::default()
         };
-        let n = pump_stdin(&input[..], &mut sink).await.expect("pump");
+        let (_close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let n = pump_stdin(receiver, &mut sink, close_rx)
+            .await
+            .expect("pump");
+        writer.await.expect("writer");
         assert_eq!(n, input.len() as u64);
         assert_eq!(*sink.data.lock().expect("lock"), input);
         assert!(*sink.closed.lock().expect("lock"));
+    }
+
+    #[tokio::test]
+    async fn close_io_forwards_what_the_fifo_still_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = fifo(dir.path(), "stdin");
+        let receiver = open_input_fifo(&path).expect("open");
+        // containerd's side: writes, keeps the FIFO open, then asks for CloseIO.
+        let mut writer = tokio::net::unix::pipe::OpenOptions::new()
+            .open_sender(&path)
+            .expect("writer");
+        writer
+            .write_all(b"written before CloseIO")
+            .await
+            .expect("write");
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        close_tx.send(()).expect("close");
+        let mut sink = RecordingSink {
+            limit: usize::MAX,
+            ..Default::default()
+        };
+        let n = pump_stdin(receiver, &mut sink, close_rx)
+            .await
+            .expect("pump");
+        assert_eq!(n, 22);
+        assert_eq!(&*sink.data.lock().expect("lock"), b"written before CloseIO");
+        assert!(*sink.closed.lock().expect("lock"));
+        drop(writer);
     }
 
     #[tokio::test]
@@ -206,7 +288,10 @@ mod tests {
                 .expect("writer");
             w.write_all(b"hello from containerd").await.expect("write");
         });
-        let n = pump_stdin(receiver, &mut sink).await.expect("pump");
+        let (_close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let n = pump_stdin(receiver, &mut sink, close_rx)
+            .await
+            .expect("pump");
         writer.await.expect("writer");
         assert_eq!(n, 21);
         assert_eq!(&*sink.data.lock().expect("lock"), b"hello from containerd");

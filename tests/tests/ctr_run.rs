@@ -136,3 +136,41 @@ fn ctr_task_lifecycle_pause_resume_ps_metrics_exec_kill() {
     ctr_ok(&containerd, &["containers", "rm", id]);
     containerd.assert_no_leftovers(&kata);
 }
+
+#[test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+fn ctr_run_with_a_terminal_gets_its_size() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    // `script` gives ctr a pseudo-terminal of a known size; ctr passes it on with ResizePty, and
+    // the container's terminal in the guest reports it.
+    let ctr = format!(
+        "stty rows 33 cols 77; /usr/bin/ctr --address {} -n k8s.io run -t --rm --runtime {} \
+         --runtime-config-path {} {} ctr-tty sh -c 'stty size; [ -t 0 ] && echo is-a-tty'",
+        containerd.socket.display(),
+        KATA_RUNTIME_TYPE,
+        containerd.kata_config.display(),
+        BUSYBOX_IMAGE
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let stdout = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        containerd.log_tail()
+    );
+    let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
+    // (`script` turns its stdin's EOF into a byte on the terminal, which the container's tty
+    // may echo as "^@" in front of the first line.)
+    assert!(
+        lines.iter().any(|l| l.ends_with("33 77")),
+        "terminal size reached the guest: {stdout:?}"
+    );
+    assert!(lines.contains(&"is-a-tty"), "{stdout:?}");
+    containerd.assert_no_leftovers(&kata);
+}
