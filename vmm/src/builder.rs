@@ -146,11 +146,63 @@ pub fn path_in_jail(p: &Path, jail_dir: Option<&Path>) -> PathBuf {
 }
 
 /// Builds the VM: memory, kernel, devices, vCPUs. Nothing runs yet.
-pub fn build_vmm(r: &VmResources, mut o: OpenedResources) -> Result<Vmm, BuildError> {
+pub fn build_vmm(r: &VmResources, o: OpenedResources) -> Result<Vmm, BuildError> {
     let mem = create_guest_memory(r.machine.memory_mib << 20, r.machine.hugepages)?;
-    let vm = Vm::new(&o.kvm)?;
-    vm.register_memory(&mem)?;
+    let vm = Vm::new_without_pit(&o.kvm)?;
+    // Registering the memory slot and creating the PIT are slow ioctls (milliseconds on some
+    // hosts) that nothing else waits for until the vCPUs run: do them while the kernel loads
+    // and the devices are set up.
+    let parts = std::thread::scope(|s| {
+        let background = s.spawn(|| -> Result<(), crate::vstate::vm::Error> {
+            vm.create_pit()?;
+            vm.register_memory(&mem)
+        });
+        let parts = assemble(r, o, &vm, &mem);
+        match background.join() {
+            Ok(Ok(())) => parts,
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(BuildError::Device(std::io::Error::other(
+                "VM setup thread panicked",
+            ))),
+        }
+    })?;
+    Ok(Vmm {
+        vm,
+        mem,
+        control: Arc::new(VcpuControl::default()),
+        epoll: parts.epoll,
+        exit: parts.exit,
+        pio: parts.pio,
+        mmio: parts.mmio,
+        serial: parts.serial,
+        console_bytes: parts.console_bytes,
+        transports: parts.transports,
+        devices: parts.devices,
+        vcpus: parts.vcpus,
+    })
+}
 
+/// Everything of a `Vmm` but the VM and its memory.
+struct Parts {
+    epoll: Arc<Epoll>,
+    exit: Arc<ExitSignal>,
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    console_bytes: Arc<std::sync::atomic::AtomicU64>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    devices: Vec<DeviceInfo>,
+    vcpus: Vec<Vcpu>,
+}
+
+/// Loads the kernel and builds devices and vCPUs.
+fn assemble(
+    r: &VmResources,
+    mut o: OpenedResources,
+    vm: &Vm,
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+) -> Result<Parts, BuildError> {
+    let mem = mem.clone();
     let kernel = boot::load_kernel(&mem, &mut o.kernel)?;
     let initrd = match o.initrd.as_mut() {
         Some(f) => Some(boot::load_initrd(&mem, f, kernel.kernel_end)?),
@@ -281,12 +333,9 @@ pub fn build_vmm(r: &VmResources, mut o: OpenedResources) -> Result<Vmm, BuildEr
         vcpus.push(vcpu);
     }
 
-    Ok(Vmm {
-        vm,
-        mem,
+    Ok(Parts {
         epoll,
         exit,
-        control: Arc::new(VcpuControl::default()),
         pio,
         mmio,
         serial,

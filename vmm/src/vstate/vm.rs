@@ -61,15 +61,18 @@ pub struct Vm {
 impl Vm {
     /// Creates a VM with the in-kernel irqchip and PIT.
     pub fn new(kvm: &Kvm) -> Result<Self, Error> {
+        let vm = Self::new_without_pit(kvm)?;
+        vm.create_pit()?;
+        Ok(vm)
+    }
+
+    /// A VM with the in-kernel irqchip; `create_pit` must follow before vCPUs run. Split so
+    /// that the PIT (which starts a kernel thread) can be created while the kernel loads.
+    pub fn new_without_pit(kvm: &Kvm) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(Error::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(Error::SetTss)?;
         fd.create_irq_chip().map_err(Error::CreateIrqchip)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(Error::CreatePit)?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::SupportedCpuid)?;
@@ -77,6 +80,15 @@ impl Vm {
             fd,
             supported_cpuid,
         })
+    }
+
+    /// The in-kernel PIT (speaker port emulated as a dummy).
+    pub fn create_pit(&self) -> Result<(), Error> {
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(Error::CreatePit)
     }
 
     /// A VM without irqchip or PIT, for the probe and hand-made test guests.
