@@ -325,7 +325,7 @@ fn assemble(
 
     let mut vcpus = Vec::new();
     for index in 0..r.machine.vcpus {
-        let vcpu = Vcpu::new(&vm, index)?;
+        let vcpu = Vcpu::new(vm, index)?;
         vcpu.configure_cpu(vm.supported_cpuid(), r.machine.vcpus)?;
         if index == 0 {
             vcpu.configure_boot(&mem, kernel.entry)?;
