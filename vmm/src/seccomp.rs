@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    apply_filter, BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch,
+    apply_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,8 +58,9 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_fcntl,
 ];
 
-/// vCPU threads: KVM_RUN and friends, device register emulation.
-const VCPU: &[libc::c_long] = &[libc::SYS_ioctl];
+/// vCPU threads: KVM_RUN and friends, device register emulation (activating a device adds
+/// its fds to the event loop's epoll set).
+const VCPU: &[libc::c_long] = &[libc::SYS_ioctl, libc::SYS_epoll_ctl];
 
 /// The event loop: queue processing, block I/O, TAP, vsock sockets.
 const VMM: &[libc::c_long] = &[
@@ -110,10 +112,16 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<libc::c_long> {
 
 /// Compiles the filter for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, Error> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind)
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind)
         .into_iter()
         .map(|n| (n, vec![]))
         .collect();
+    if kind != ThreadKind::Vcpu {
+        // Sockets are made non-blocking with ioctl(FIONBIO); no other ioctl is allowed.
+        let fionbio =
+            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)?;
+        rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![fionbio])?]);
+    }
     let f = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -149,5 +157,61 @@ mod tests {
         }
         assert!(!allowed_syscalls(ThreadKind::Vcpu).contains(&libc::SYS_openat));
         assert!(allowed_syscalls(ThreadKind::Vcpu).contains(&libc::SYS_ioctl));
+    }
+}
+
+#[cfg(test)]
+mod enforcement_tests {
+    use super::*;
+
+    /// Runs `f` in a forked child after installing the filter for `kind`; returns the
+    /// child's wait status.
+    fn in_filtered_child(kind: ThreadKind, f: fn()) -> i32 {
+        let prog = filter(kind).unwrap();
+        // SAFETY: the child only installs the filter, runs `f` and exits.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if apply_filter(&prog).is_err() {
+                    libc::_exit(99);
+                }
+                f();
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            status
+        }
+    }
+
+    #[test]
+    fn fionbio_is_allowed_other_ioctls_and_syscalls_kill() {
+        let nonblocking: fn() = || {
+            let mut one: libc::c_int = 1;
+            // SAFETY: FIONBIO reads an int; the fd may not be a socket, only the filter matters.
+            unsafe { libc::ioctl(2, libc::FIONBIO, &mut one) };
+        };
+        let status = in_filtered_child(ThreadKind::Vmm, nonblocking);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+        let tiocgwinsz: fn() = || {
+            let mut ws = [0u16; 4];
+            // SAFETY: TIOCGWINSZ writes a struct winsize into `ws`.
+            unsafe { libc::ioctl(0, libc::TIOCGWINSZ, ws.as_mut_ptr()) };
+        };
+        let status = in_filtered_child(ThreadKind::Api, tiocgwinsz);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "status {status:#x}"
+        );
+        let status = in_filtered_child(ThreadKind::Vcpu, forbidden_syscall);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "status {status:#x}"
+        );
     }
 }

@@ -147,16 +147,49 @@ fn boots_to_init_and_powers_off() {
 
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
-fn boots_two_vcpus_in_the_jail() {
-    let mut vm = Vm::start("poweroff", &["--vcpus", "2", "--rng"], |cmd, dir| {
-        let jail = dir.join("jail");
-        std::fs::create_dir(&jail).unwrap();
-        cmd.arg("--jail-dir").arg(&jail);
-    });
+fn boots_two_vcpus_in_the_jail_as_nobody() {
+    let mut vm = Vm::start(
+        "poweroff",
+        &["--vcpus", "2", "--rng", "--uid", "65534", "--gid", "65534"],
+        |cmd, dir| {
+            let jail = dir.join("jail");
+            std::fs::create_dir(&jail).unwrap();
+            cmd.arg("--jail-dir").arg(&jail);
+        },
+    );
     let st = vm.wait();
     let console = vm.console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(console.contains("KL_INIT_REACHED"), "console:\n{console}");
+    assert!(
+        console.contains("KL_CPUS 2"),
+        "both vCPUs online; console:\n{console}"
+    );
+}
+
+#[test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+fn graceful_stop_asks_the_guest_through_the_power_port() {
+    let scratch = tempfile::tempdir().unwrap();
+    let jail = scratch.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let vsock = format!("cid=3,uds={}", jail.join("v.sock").display());
+    let api = jail.join("api.sock");
+    let mut vm = Vm::start("power_port", &["--vsock", &vsock], |cmd, _| {
+        cmd.arg("--jail-dir").arg(&jail).arg("--api-sock").arg(&api);
+    });
+    vm.wait_for("KL_POWER_PORT_READY");
+    let stream = UnixStream::connect(&api).unwrap();
+    (&stream)
+        .write_all(b"{\"op\":\"stop\",\"force\":false,\"timeout_ms\":60000}\n")
+        .unwrap();
+    let mut resp = String::new();
+    BufReader::new(&stream).read_line(&mut resp).unwrap();
+    assert!(resp.contains("\"graceful\":true"), "{resp}");
+    let st = vm.wait();
+    let console = vm.console();
+    assert!(console.contains("KL_POWER_REQUEST"), "console:\n{console}");
+    assert_eq!(st.code(), Some(0), "console:\n{console}");
 }
 
 #[test]

@@ -465,3 +465,66 @@ fn seccomp_kills_the_vmm_on_a_forbidden_syscall_in_each_thread() {
         assert_eq!(status.signal(), None);
     }
 }
+
+/// The jailed VMM with vsock: the guest activates the device (epoll registration on the vCPU
+/// thread), a host client connects (accept and non-blocking setup on the VMM thread), the API
+/// stops the VM. Any syscall outside a thread's filter would kill the VMM with SIGSYS.
+#[test]
+fn jailed_vsock_activation_and_host_connection_stay_within_the_filters() {
+    if !is_root() {
+        panic!("the jail needs root (mount and pid namespaces)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let mut a = Asm::new();
+    virtio_init(&mut a, VIRTIO0, RING, 8);
+    a.serial_print(b"activated\n").spin();
+    let k = write_kernel(dir.path(), "k", &a.code, true);
+    let console = dir.path().join("console.log");
+    let sock = jail.join("api.sock");
+    let child = Command::new(vmm_bin())
+        .args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--jail-dir",
+            jail.to_str().unwrap(),
+        ])
+        .args([
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--console",
+            console.to_str().unwrap(),
+        ])
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", jail.join("v.sock").display()))
+        .arg("--api-sock")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("activated")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "guest never activated the device"
+        );
+        assert!(child.0.try_wait().unwrap().is_none(), "VMM died");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut host = UnixStream::connect(jail.join("v.sock")).unwrap();
+    host.write_all(b"CONNECT 1234\n").unwrap();
+    let mut api = Api::connect(&sock);
+    let m = api.call(r#"{"op":"metrics"}"#);
+    assert_eq!(m["metrics"]["devices"][0]["type"], "vsock");
+    assert_eq!(m["metrics"]["devices"][0]["status"], 0xf);
+    assert!(child.0.try_wait().unwrap().is_none(), "VMM died");
+    assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+}

@@ -2,7 +2,7 @@
 //! command line, exercises one device, reports on the console (lines starting with `KL_`)
 //! and ends through the exit port (0xf4) with 0 on success, non-zero on failure.
 //!
-//! Cases: poweroff, idle, panic, blk, blk_hotplug, vsock, net.
+//! Cases: poweroff, idle, panic, blk, blk_hotplug, vsock, net, power_port.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -129,6 +129,32 @@ impl DirectIo for OpenOptions {
     fn custom_flags_direct(&mut self) -> &mut Self {
         std::os::unix::fs::OpenOptionsExt::custom_flags(self, libc::O_SYNC)
     }
+}
+
+/// Serves vsock port 1025 like the agent: a connection there means "power off".
+fn wait_power_request() -> io::Result<()> {
+    let listener = vsock_socket()?;
+    let addr = vsock_addr(u32::MAX, 1025);
+    // SAFETY: valid sockaddr_vm.
+    unsafe {
+        if libc::bind(
+            listener,
+            (&addr as *const SockaddrVm).cast(),
+            std::mem::size_of::<SockaddrVm>() as u32,
+        ) < 0
+            || libc::listen(listener, 4) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    say("KL_POWER_PORT_READY");
+    // SAFETY: accept on our listener.
+    let conn = unsafe { libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) };
+    if conn < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    say("KL_POWER_REQUEST");
+    Ok(())
 }
 
 fn test_blk_hotplug() -> io::Result<()> {
@@ -332,6 +358,9 @@ fn main() {
         }
     }
     say("KL_INIT_REACHED");
+    // SAFETY: sysconf has no memory effects.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    say(&format!("KL_CPUS {cpus}"));
     let case = cmdline_value("kl_test").unwrap_or_default();
     let result = match case.as_str() {
         "poweroff" => Ok(()),
@@ -348,6 +377,7 @@ fn main() {
             std::process::exit(7);
         }
         "blk" => test_blk(),
+        "power_port" => wait_power_request(),
         "blk_hotplug" => test_blk_hotplug(),
         "vsock" => test_vsock(),
         "net" => test_net(),
