@@ -615,3 +615,50 @@ async fn kata_oom_kill_is_reported_to_kubelet() {
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_vm_death_ends_the_pods_containers() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
+    let pod = cri::pod_config("kata-vm-death", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    let vmms = containerd::pids_of(&kata.vmm);
+    assert_eq!(vmms.len(), 1);
+    // The VM dies under a live shim: its container exits (status 255) and the sandbox is no
+    // longer ready; the shim stays to answer kubelet.
+    // SAFETY: kill(2) on a pid we just looked up.
+    unsafe {
+        libc::kill(vmms[0] as i32, libc::SIGKILL);
+    }
+    let status = cri.wait_exited(&c, EXIT_LIMIT).await;
+    assert_eq!(status.exit_code, 255, "{status:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while cri.pod_status(&pod_id).await.state != cri::v1::PodSandboxState::SandboxNotready as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox stayed ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        containerd.log_tail().contains("the pod VM died"),
+        "the shim logged the VM's death with its console"
+    );
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
