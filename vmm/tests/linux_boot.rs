@@ -205,7 +205,7 @@ fn guest_panic_exits_non_zero_and_keeps_the_console() {
 
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
-fn virtio_blk_reads_and_writes_host_files() {
+fn virtio_blk_reads_and_writes_host_files_jailed() {
     let scratch = tempfile::tempdir().unwrap();
     let ro = scratch.path().join("ro.img");
     let rw = scratch.path().join("rw.img");
@@ -217,8 +217,12 @@ fn virtio_blk_reads_and_writes_host_files() {
     let rw_arg = format!("id=klrw,path={}", rw.display());
     let mut vm = Vm::start(
         "blk",
-        &["--no-jail", "--drive", &ro_arg, "--drive", &rw_arg],
-        no_jail,
+        &["--drive", &ro_arg, "--drive", &rw_arg],
+        |cmd, dir| {
+            let jail = dir.join("jail");
+            std::fs::create_dir(&jail).unwrap();
+            cmd.arg("--jail-dir").arg(&jail);
+        },
     );
     let st = vm.wait();
     let console = vm.console();
@@ -302,13 +306,17 @@ fn empty_drive_slot_is_filled_through_the_api() {
 
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
-fn vsock_carries_data_both_ways() {
+fn vsock_carries_data_both_ways_jailed() {
     let scratch = tempfile::tempdir().unwrap();
-    let uds = scratch.path().join("v.sock");
-    // Guest-initiated connections to host port 5000 land here.
+    let jail = scratch.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let uds = jail.join("v.sock");
+    // Guest-initiated connections to host port 5000 land here (inside the jail).
     let host_listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
     let vsock = format!("cid=3,uds={}", uds.display());
-    let mut vm = Vm::start("vsock", &["--no-jail", "--vsock", &vsock], no_jail);
+    let mut vm = Vm::start("vsock", &["--vsock", &vsock], |cmd, _| {
+        cmd.arg("--jail-dir").arg(&jail);
+    });
     vm.wait_for("KL_VSOCK_LISTENING");
 
     // Host-initiated: CONNECT 1234 -> OK <port>, then an echo.
@@ -461,4 +469,42 @@ fn virtio_net_frames_cross_the_tap() {
     let console = vm.console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(console.contains("KL_NET_RX ok"), "console:\n{console}");
+}
+
+/// A bzImage (64-bit boot protocol): the test host's Debian kernel, or KATA_LIKE_BZIMAGE.
+fn bzimage() -> PathBuf {
+    if let Some(p) = std::env::var_os("KATA_LIKE_BZIMAGE") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("KATA_LIKE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kata-like")
+        });
+    std::fs::read_dir(cache.join("test-host"))
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("vmlinuz"))
+        .find(|p| p.is_file())
+        .expect("no bzImage: set KATA_LIKE_BZIMAGE (tests/kvm-host/prepare caches one)")
+}
+
+#[test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+fn boots_a_bzimage_through_the_64_bit_protocol() {
+    let kernel = bzimage();
+    let mut vm = Vm::start(
+        "poweroff",
+        &["--no-jail", "--memory-mib", "512"],
+        |cmd, _| {
+            // The later --kernel wins: the bzImage replaces the vmlinux.
+            cmd.arg("--kernel").arg(&kernel);
+        },
+    );
+    let st = vm.wait();
+    let console = vm.console();
+    assert!(console.contains("KL_INIT_REACHED"), "console:\n{console}");
+    assert_eq!(st.code(), Some(0), "console:\n{console}");
 }
