@@ -29,10 +29,13 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
     let mut regions = Vec::new();
     for (start, len) in arch_memory_regions(size) {
         let len = usize::try_from(len).map_err(|_| Error::InvalidSize(size >> 20))?;
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        if hugepages {
-            flags |= libc::MAP_HUGETLB | MAP_HUGE_2MB;
-        }
+        // Hugepages are reserved at mmap time (no MAP_NORESERVE), so a host without enough
+        // free 2 MiB pages fails here with a clear error instead of SIGBUS later.
+        let flags = if hugepages {
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | MAP_HUGE_2MB
+        } else {
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+        };
         let mapping =
             MmapRegion::<()>::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags)?;
         // SAFETY: the mapping is ours, `len` bytes long; madvise only sets hints on it.
