@@ -528,3 +528,59 @@ fn jailed_vsock_activation_and_host_connection_stay_within_the_filters() {
     assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
     assert_eq!(child.0.wait().unwrap().code(), Some(0));
 }
+
+/// Inherited descriptors the VMM was not told about are closed before the guest runs; the
+/// ones named on the command line (`--console fd:N`) stay.
+#[test]
+fn unnamed_inherited_fds_are_closed() {
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kernel(
+        dir.path(),
+        "k",
+        &Asm::new().serial_print(b"up\n").spin().code,
+        true,
+    );
+    let sock = dir.path().join("api.sock");
+    let console = std::fs::File::create(dir.path().join("console.log")).unwrap();
+    let secret = std::fs::File::open("/dev/null").unwrap();
+    let (console_fd, secret_fd) = (console.as_raw_fd(), secret.as_raw_fd());
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args([
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--no-jail",
+        "--console",
+        "fd:60",
+    ])
+    .arg("--api-sock")
+    .arg(&sock);
+    // SAFETY: only dup2 between fork and exec; the copies are inherited (no CLOEXEC).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(console_fd, 60) < 0 || libc::dup2(secret_fd, 61) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = ChildGuard(cmd.spawn().unwrap());
+    let mut api = Api::connect(&sock);
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", child.0.id()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(fds.contains(&"60".to_string()), "console fd kept: {fds:?}");
+    assert!(
+        !fds.contains(&"61".to_string()),
+        "unnamed fd closed: {fds:?}"
+    );
+    assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("console.log")).unwrap(),
+        "up\n"
+    );
+}
