@@ -79,6 +79,8 @@ fn main() {
         }
     }
     let filter = log_filter.unwrap_or_else(|| if args.debug { "debug" } else { "info" }.into());
+    // Runtime helpers log with the same filter (they read it from the environment).
+    std::env::set_var(runtime::LOG_ENV, &filter);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter)

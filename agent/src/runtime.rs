@@ -26,6 +26,19 @@ pub const HELPER_ARG: &str = "__runtime";
 const RESPONSE_FD: i32 = 3;
 /// Longest answer a helper writes (it must fit in a pipe buffer, see `run_helper`).
 const MAX_RESPONSE: usize = 32 * 1024;
+/// File descriptor on which the helper logs: a copy of the agent's stderr (the console).
+const LOG_FD: i32 = 4;
+/// Environment variable carrying the agent's log filter to the helper.
+pub const LOG_ENV: &str = "KATA_LIKE_AGENT_LOG";
+
+/// The agent's stderr, duplicated once (close-on-exec) so helpers can log there even though
+/// their own stderr is the container's.
+fn agent_log_fd() -> i32 {
+    static FD: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *FD.get_or_init(|| {
+        nix::fcntl::fcntl(2, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap_or(-1)
+    })
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RuntimeRequest {
@@ -93,6 +106,7 @@ pub async fn run_helper(
     let (read_end, write_end) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let write_raw = write_end.as_raw_fd();
+    let log_raw = agent_log_fd();
     let mut command = Command::new(exe);
     command
         .arg(HELPER_ARG)
@@ -117,6 +131,9 @@ pub async fn run_helper(
                     return Err(std::io::Error::last_os_error());
                 }
             } else if libc::dup2(write_raw, RESPONSE_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if log_raw >= 0 && libc::dup2(log_raw, LOG_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -159,6 +176,19 @@ fn read_available(fd: &OwnedFd) -> Vec<u8> {
 
 /// Entry point of the helper process (`kata-like-agent __runtime <json>`). Returns the exit code.
 pub fn helper_main(request_json: &str) -> i32 {
+    // libcontainer logs through tracing: send it to the agent's log (fd 4), marked as helper.
+    // SAFETY: fd 4 was set up by `run_helper`; if it is not open, logging fails silently.
+    let log = unsafe { std::fs::File::from(OwnedFd::from_raw_fd(LOG_FD)) };
+    let filter = std::env::var(LOG_ENV).unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(false)
+        .compact()
+        .try_init();
     // SAFETY: fd 3 was set up by `run_helper` and is owned by this process from here on.
     let mut out = unsafe { std::fs::File::from(OwnedFd::from_raw_fd(RESPONSE_FD)) };
     let response = match serde_json::from_str::<RuntimeRequest>(request_json) {

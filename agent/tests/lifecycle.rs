@@ -689,3 +689,27 @@ async fn pause_resume_list_and_remove_with_leftovers() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test]
+async fn hooks_run_at_their_lifecycle_points_and_sysctls_apply() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-hooks").await;
+    let marks = agent.state.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let hook = |name: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}/{name}", marks.display())]});
+    let mut s = spec(&["sh", "-c", "cat /proc/sys/net/ipv4/ip_forward"]);
+    s["hooks"] = serde_json::json!({
+        "createRuntime": [hook("createRuntime")],
+        "poststart": [hook("poststart")],
+        "poststop": [hook("poststop")]
+    });
+    s["linux"]["sysctl"] = serde_json::json!({"net.ipv4.ip_forward": "1"});
+    let result = run(&mut agent, "c1", &s).await;
+    assert_eq!(result.status, 0, "{}", result.stderr());
+    assert_eq!(result.stdout(), "1\n");
+    for name in ["createRuntime", "poststart", "poststop"] {
+        // Hooks get the container's state on stdin.
+        let state = std::fs::read_to_string(marks.join(name)).unwrap_or_default();
+        assert!(state.contains("\"id\":\"c1\""), "{name}: {state:?}");
+    }
+}

@@ -41,6 +41,7 @@ pub struct Container {
     pub lifecycle: tokio::sync::Mutex<Lifecycle>,
     pub paused: AtomicBool,
     has_poststart_hooks: AtomicBool,
+    has_poststop_hooks: AtomicBool,
     processes: Mutex<HashMap<String, Arc<Process>>>,
     oom_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -107,6 +108,8 @@ impl Agent {
             lifecycle: tokio::sync::Mutex::new(Lifecycle::Creating),
             paused: AtomicBool::new(false),
             has_poststart_hooks: AtomicBool::new(false),
+            // Until the spec is known, assume hooks (the helper path is always correct).
+            has_poststop_hooks: AtomicBool::new(true),
             processes: Mutex::new(HashMap::new()),
             oom_watch: Mutex::new(None),
         });
@@ -159,7 +162,21 @@ impl Agent {
             terminal: stdio_req.terminal,
             sandbox_pid_ns: sandbox.pid_ns_path(),
             sandbox_hostname: Some(sandbox.hostname.clone()).filter(|h| !h.is_empty()),
-            sandbox_files: sandbox.files.clone(),
+            // On a read-only rootfs a missing mount point cannot be created: inject the
+            // sandbox files only where the image has them.
+            sandbox_files: sandbox
+                .files
+                .iter()
+                .filter(|(dest, _)| {
+                    rootfs_req.writable
+                        || lowers.iter().any(|l| {
+                            l.join(dest.strip_prefix("/").unwrap_or(dest))
+                                .symlink_metadata()
+                                .is_ok()
+                        })
+                })
+                .cloned()
+                .collect(),
         };
         let spec = adapt_spec(&req.oci_spec_json, &ctx)?;
         let poststart = spec
@@ -170,6 +187,14 @@ impl Agent {
         container
             .has_poststart_hooks
             .store(poststart, Ordering::Relaxed);
+        let poststop = spec
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.poststop().as_ref())
+            .is_some_and(|h| !h.is_empty());
+        container
+            .has_poststop_hooks
+            .store(poststop, Ordering::Relaxed);
 
         match std::fs::create_dir(&container.dir) {
             Ok(()) => {}
@@ -264,6 +289,26 @@ impl Agent {
             }
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            if !container.has_poststop_hooks.load(Ordering::Relaxed) {
+                // Without poststop hooks a delete does not fork (kill, cgroup and state
+                // removal): run it here and save a helper exec on every container's end.
+                let dir = self.runtime_root().join(&container.id);
+                let result = tokio::task::spawn_blocking(move || {
+                    let mut c = libcontainer::container::Container::load(dir)?;
+                    c.delete(true)
+                })
+                .await;
+                match result {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!(container_id = %container.id, attempt, error = %e, "runtime delete failed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(container_id = %container.id, attempt, error = %e, "runtime delete task failed")
+                    }
+                }
+                continue;
             }
             let request = RuntimeRequest::Delete {
                 id: container.id.clone(),
