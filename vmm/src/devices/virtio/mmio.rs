@@ -379,3 +379,144 @@ impl MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::test_utils::test_memory;
+    use crate::devices::virtio::{INT_VRING, TYPE_RNG};
+    use vmm_sys_util::epoll::Epoll;
+
+    fn transport() -> MmioTransport {
+        let mut t = MmioTransport::new(Box::new(Rng::new()), test_memory()).unwrap();
+        t.set_registrar(EventRegistrar::new(Arc::new(Epoll::new().unwrap()), 0));
+        t
+    }
+
+    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write(t: &mut MmioTransport, offset: u64, v: u32) {
+        t.write(offset, &v.to_le_bytes());
+    }
+
+    /// Drives the init sequence up to FEATURES_OK with queue 0 of `size` at 0x10000.
+    fn negotiate(t: &mut MmioTransport, size: u32) {
+        write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(t, REG_DRIVER_FEATURES_SEL, 1);
+        write(t, REG_DRIVER_FEATURES, 1);
+        write(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        write(t, REG_QUEUE_SEL, 0);
+        write(t, REG_QUEUE_NUM, size);
+        write(t, REG_QUEUE_DESC_LOW, 0x10000);
+        write(t, REG_QUEUE_AVAIL_LOW, 0x11000);
+        write(t, REG_QUEUE_USED_LOW, 0x12000);
+        write(t, REG_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn identifies_the_device() {
+        let mut t = transport();
+        assert_eq!(read(&mut t, REG_MAGIC), MMIO_MAGIC);
+        assert_eq!(read(&mut t, REG_VERSION), 2);
+        assert_eq!(read(&mut t, REG_DEVICE_ID), TYPE_RNG);
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 1, "VIRTIO_F_VERSION_1");
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(read(&mut t, REG_DEVICE_FEATURES), 0);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 64);
+        write(&mut t, REG_QUEUE_SEL, 5);
+        assert_eq!(read(&mut t, REG_QUEUE_NUM_MAX), 0, "no such queue");
+        // Unaligned or narrow register reads read as zero.
+        let mut b = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn full_init_activates_the_device() {
+        let mut t = transport();
+        negotiate(&mut t, 16);
+        write(&mut t, REG_STATUS, 0xf);
+        assert_eq!(read(&mut t, REG_STATUS), 0xf);
+        assert!(t.device().is_activated());
+        // Queue setup is frozen after DRIVER_OK.
+        write(&mut t, REG_QUEUE_NUM, 32);
+        write(&mut t, REG_QUEUE_READY, 0);
+        assert_eq!(read(&mut t, REG_QUEUE_READY), 1);
+        // Interrupt status and ack.
+        t.irq().trigger(INT_VRING | INT_CONFIG);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 3);
+        write(&mut t, REG_INTERRUPT_ACK, INT_VRING);
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), INT_CONFIG);
+        // Config change bumps the generation.
+        let generation = read(&mut t, REG_CONFIG_GENERATION);
+        t.notify_config_change();
+        assert_eq!(read(&mut t, REG_CONFIG_GENERATION), generation + 1);
+        // Reset returns to the initial state.
+        write(&mut t, REG_STATUS, 0);
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+        assert!(!t.device().is_activated());
+        assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn driver_without_version_1_never_gets_features_ok() {
+        let mut t = transport();
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(read(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        // DRIVER_OK without FEATURES_OK: the device asks for a reset and stays inactive.
+        write(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+        );
+        assert_ne!(read(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        assert!(!t.device().is_activated());
+    }
+
+    #[test]
+    fn bad_queue_sizes_and_addresses_need_reset() {
+        for (size, desc) in [
+            (6, 0x10000u32),
+            (0, 0x10000),
+            (128, 0x10000),
+            (16, 0xffff_f000),
+        ] {
+            let mut t = transport();
+            negotiate(&mut t, size);
+            write(&mut t, REG_QUEUE_DESC_LOW, desc);
+            write(&mut t, REG_STATUS, 0xf);
+            assert_ne!(
+                read(&mut t, REG_STATUS) & STATUS_NEEDS_RESET,
+                0,
+                "size {size} desc {desc:#x}"
+            );
+            assert!(!t.device().is_activated());
+        }
+    }
+
+    #[test]
+    fn clearing_status_bits_without_reset_is_ignored() {
+        let mut t = transport();
+        negotiate(&mut t, 16);
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(
+            read(&mut t, REG_STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+        );
+    }
+}
