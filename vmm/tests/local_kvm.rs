@@ -584,3 +584,45 @@ fn unnamed_inherited_fds_are_closed() {
         "up\n"
     );
 }
+
+/// `--net tap=NAME` opens (creating) the TAP; the device shows up in the metrics.
+#[test]
+fn named_tap_backs_virtio_net() {
+    if !is_root() || !std::path::Path::new("/dev/net/tun").exists() {
+        panic!("needs root and /dev/net/tun");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
+    let sock = dir.path().join("api.sock");
+    let child = Command::new(vmm_bin())
+        .args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--no-jail",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .args(["--net", "tap=kltest0,mac=02:00:00:00:00:07"])
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let mut api = Api::connect(&sock);
+    let m = api.call(r#"{"op":"metrics"}"#);
+    assert_eq!(m["metrics"]["devices"][0]["type"], "net");
+    assert!(
+        std::path::Path::new("/sys/class/net/kltest0").exists(),
+        "TAP created"
+    );
+    assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    // A name that cannot be a TAP is a configuration error.
+    let out = run_vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--no-jail",
+        "--net",
+        "tap=bad/name",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}
