@@ -184,9 +184,11 @@ async fn run_agent(
         .expect("sandbox");
     let spec = serde_json::to_vec(&config("rootfs")).expect("json");
     let mut samples = Vec::new();
+    let mut phases: [Vec<f64>; 4] = Default::default();
     for i in 0..iterations + 3 {
         let id = format!("c{i}");
         let t = Instant::now();
+        let mut marks = [0f64; 4];
         client
             .create_container(CreateContainerRequest {
                 container_id: id.clone(),
@@ -200,12 +202,14 @@ async fn run_agent(
             })
             .await
             .expect("create");
+        marks[0] = t.elapsed().as_secs_f64() * 1e3;
         client
             .start_container(ContainerRequest {
                 container_id: id.clone(),
             })
             .await
             .expect("start");
+        marks[1] = t.elapsed().as_secs_f64() * 1e3;
         let status = client
             .wait_process(ProcessRequest {
                 container_id: id.clone(),
@@ -216,6 +220,7 @@ async fn run_agent(
             .into_inner()
             .exit_status;
         assert_eq!(status, 0);
+        marks[2] = t.elapsed().as_secs_f64() * 1e3;
         client
             .remove_container(RemoveContainerRequest {
                 container_id: id,
@@ -224,11 +229,27 @@ async fn run_agent(
             .await
             .expect("remove");
         let elapsed = t.elapsed();
+        marks[3] = elapsed.as_secs_f64() * 1e3;
         if i >= 3 {
             samples.push(elapsed);
+            let mut prev = 0.0;
+            for (phase, mark) in phases.iter_mut().zip(marks) {
+                phase.push(mark - prev);
+                prev = mark;
+            }
         }
     }
     drop(child);
+    for (name, mut v) in ["create", "start", "wait", "remove"]
+        .into_iter()
+        .zip(phases)
+    {
+        v.sort_by(|a, b| a.total_cmp(b));
+        eprintln!(
+            "  agent (writable={writable}) {name}: median {:.2} ms",
+            v[v.len() / 2]
+        );
+    }
     let name = if writable {
         "agent (overlay rootfs)"
     } else {
