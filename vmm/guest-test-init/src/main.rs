@@ -20,6 +20,10 @@ fn say(msg: &str) {
 
 /// Ends the VM with `status` through the VMM's exit port.
 fn exit_vm(status: u8) -> ! {
+    // The tty sends console output from an interrupt-driven buffer: wait until the UART has
+    // taken all of it, or the VM could end before the last lines reach the host.
+    // SAFETY: tcdrain on our stdout.
+    unsafe { libc::tcdrain(1) };
     // SAFETY: ioperm grants this process access to one port; `out` then writes it.
     unsafe {
         if libc::ioperm(u64::from(EXIT_PORT), 1, 1) == 0 {
