@@ -713,3 +713,59 @@ async fn hooks_run_at_their_lifecycle_points_and_sysctls_apply() {
         assert!(state.contains("\"id\":\"c1\""), "{name}: {state:?}");
     }
 }
+
+#[tokio::test]
+async fn signal_all_kills_every_process_and_waiters_all_get_the_status() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-all").await;
+    create(
+        &mut agent,
+        "c1",
+        &spec(&["sh", "-c", "sleep 1000 & sleep 1001"]),
+        stdio(false, false),
+        true,
+    )
+    .await
+    .unwrap();
+    start(&mut agent, "c1").await;
+    // Several concurrent waiters on the same process.
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = agent.client.clone();
+            tokio::spawn(async move { wait(&mut client, "c1", "").await })
+        })
+        .collect();
+    let mut count = 0;
+    for _ in 0..100 {
+        count = agent
+            .client
+            .list_processes(ContainerRequest {
+                container_id: "c1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .processes
+            .len();
+        if count == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(count, 2, "two sleeps (sh execs the last command)");
+    agent
+        .client
+        .signal_process(SignalProcessRequest {
+            container_id: "c1".into(),
+            exec_id: String::new(),
+            signal: libc::SIGKILL as u32,
+            all: true,
+        })
+        .await
+        .unwrap();
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap(), 128 + libc::SIGKILL);
+    }
+    remove(&mut agent, "c1").await;
+    assert!(agent.mounts_under_state().is_empty());
+}
