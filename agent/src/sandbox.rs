@@ -49,11 +49,28 @@ impl Sandbox {
             });
             let _ = tokio::time::timeout(Duration::from_secs(10), wait_exit(exit)).await;
         }
+        remove_sandbox_cgroups(&self.id);
         let dir = agent.sandbox_dir();
         for name in ["hostname", "hosts", "resolv.conf"] {
             let _ = std::fs::remove_file(dir.join(name));
         }
         tracing::info!(sandbox_id = %self.id, "sandbox destroyed");
+    }
+}
+
+/// Removes the (by now empty) parent cgroups `/kata-like/<sandbox>` the containers lived in:
+/// the v2 directory, or one per v1 hierarchy on a host with v1 controllers.
+fn remove_sandbox_cgroups(sandbox_id: &str) {
+    let root = Path::new(crate::cgroups::CGROUP_ROOT);
+    let mut candidates = vec![root.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        candidates.extend(entries.flatten().map(|e| e.path()));
+    }
+    for hierarchy in candidates {
+        let dir = hierarchy.join("kata-like").join(sandbox_id);
+        if dir.is_dir() {
+            let _ = std::fs::remove_dir(&dir);
+        }
     }
 }
 
