@@ -153,18 +153,22 @@ pub fn build_vmm(r: &VmResources, o: OpenedResources) -> Result<Vmm, BuildError>
     // hosts) that nothing else waits for until the vCPUs run: do them while the kernel loads
     // and the devices are set up.
     let parts = std::thread::scope(|s| {
-        let background = s.spawn(|| -> Result<(), crate::vstate::vm::Error> {
-            vm.create_pit()?;
-            vm.register_memory(&mem)
-        });
+        // Two threads: the two ioctls take different KVM locks and run in parallel.
+        let pit = s.spawn(|| vm.create_pit());
+        let memory = s.spawn(|| vm.register_memory(&mem));
         let parts = assemble(r, o, &vm, &mem);
-        match background.join() {
-            Ok(Ok(())) => parts,
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(BuildError::Device(std::io::Error::other(
-                "VM setup thread panicked",
-            ))),
+        for handle in [pit, memory] {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => {
+                    return Err(BuildError::Device(std::io::Error::other(
+                        "VM setup thread panicked",
+                    )))
+                }
+            }
         }
+        parts
     })?;
     Ok(Vmm {
         vm,

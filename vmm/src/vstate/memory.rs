@@ -1,5 +1,5 @@
 //! Guest memory: anonymous private mappings (optionally 2 MiB hugetlbfs pages), not dumped
-//! in cores and never merged with other processes' pages.
+//! in cores (KSM merges only pages marked MADV_MERGEABLE, which we never set).
 
 use vm_memory::{GuestAddress, GuestRegionMmap, MmapRegion};
 
@@ -41,7 +41,6 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
         // SAFETY: the mapping is ours, `len` bytes long; madvise only sets hints on it.
         unsafe {
             libc::madvise(mapping.as_ptr().cast(), len, libc::MADV_DONTDUMP);
-            libc::madvise(mapping.as_ptr().cast(), len, libc::MADV_UNMERGEABLE);
         }
         let region =
             GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(Error::Region(start))?;
