@@ -19,6 +19,7 @@ step "release build and guest initramfs"
 cargo build --release --workspace --bins
 agent/initramfs/build
 agent/initramfs/build --debug --agent target/x86_64-unknown-linux-gnu/release/kata-like-agent
+vmm/tests/build-test-initramfs
 step "unit and host tests"
 cargo test --release --workspace
 step "end-to-end tests"
