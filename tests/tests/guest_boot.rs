@@ -73,7 +73,10 @@ async fn agent_boots_as_init_in_our_jailed_vmm_and_answers_over_vsock() {
     let Some(ready) = ready else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("the agent never reported ready; console:\n{}", console.dump());
+        panic!(
+            "the agent never reported ready; console:\n{}",
+            console.dump()
+        );
     };
     assert!(
         console
