@@ -18,7 +18,7 @@ kernel-config/check-config
 step "release build and guest initramfs"
 cargo build --release --workspace --bins
 agent/initramfs/build
-agent/initramfs/build --debug --agent target/x86_64-unknown-linux-gnu/release/kata-like-agent
+agent/initramfs/build --debug --agent target/x86_64-unknown-linux-gnu/guest/kata-like-agent
 vmm/tests/build-test-initramfs
 step "unit and host tests"
 cargo test --release --workspace
