@@ -69,7 +69,17 @@ fn vmlinux_is_an_uncompressed_elf_with_a_pvh_entry_note() {
         .iter()
         .find(|n| n.name == "Xen" && n.kind == elf::XEN_ELFNOTE_PHYS32_ENTRY)
         .expect("a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)");
-    assert_eq!(pvh.desc.len(), 4, "the PVH entry is a 32-bit address");
-    let entry = u32::from_le_bytes(pvh.desc[..4].try_into().expect("4 bytes"));
-    assert_ne!(entry, 0);
+    // A 32-bit physical address, stored as a 4- or (since Linux 6.x) 8-byte little-endian word.
+    assert!(
+        matches!(pvh.desc.len(), 4 | 8),
+        "PVH entry note of {} bytes",
+        pvh.desc.len()
+    );
+    let mut word = [0u8; 8];
+    word[..pvh.desc.len()].copy_from_slice(&pvh.desc);
+    let entry = u64::from_le_bytes(word);
+    assert!(
+        entry != 0 && entry < (1 << 32),
+        "PVH entry {entry:#x} is not a 32-bit physical address"
+    );
 }
