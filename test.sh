@@ -21,7 +21,7 @@ agent/initramfs/build
 agent/initramfs/build --debug --agent target/x86_64-unknown-linux-gnu/guest/kata-like-agent
 vmm/tests/build-test-initramfs
 step "unit and host tests"
-cargo test --release --workspace
+cargo test --release --workspace --no-fail-fast
 step "end-to-end tests"
 tests/run-e2e
 step "all tests passed"
