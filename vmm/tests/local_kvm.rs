@@ -236,14 +236,133 @@ impl Drop for ChildGuard {
     }
 }
 
+impl ChildGuard {
+    /// Waits for the VMM to exit (blocking on its pidfd; HANG_GUARD only turns a hang into a
+    /// failure).
+    fn wait_guarded(&mut self) -> std::process::ExitStatus {
+        // SAFETY: pidfd_open on our own child, which is not reaped before `wait` below.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.0.id(), 0) } as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; then closing the pidfd we opened.
+        let n = unsafe {
+            let n = libc::poll(&mut pfd, 1, HANG_GUARD.as_millis() as i32);
+            libc::close(pidfd);
+            n
+        };
+        assert!(n > 0, "the VMM did not exit within {HANG_GUARD:?}");
+        self.0.wait().unwrap()
+    }
+
+    /// Panics if the VMM has exited (with its status) instead of waiting for something it
+    /// would never do.
+    fn assert_alive(&mut self, waiting_for: &str) {
+        if let Some(status) = self.0.try_wait().unwrap() {
+            panic!("the VMM exited ({status:?}) while waiting for {waiting_for}");
+        }
+    }
+}
+
+/// Longest wait for one event the test expects (console output, the API socket): only turns
+/// a hung VMM into a failure, it never decides a result.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// The read end of a pipe the VMM writes its console to (`--console fd:60`): tests wait for
+/// guest output on it instead of polling a file.
+struct ConsolePipe {
+    reader: std::io::PipeReader,
+    seen: Vec<u8>,
+}
+
+/// The fd number the console pipe gets in the VMM.
+const CONSOLE_FD: i32 = 60;
+
+impl ConsolePipe {
+    /// Spawns `cmd` (which must pass `--console fd:60`) with a pipe's write end as fd 60.
+    fn spawn(cmd: &mut Command) -> (ChildGuard, ConsolePipe) {
+        use std::os::unix::io::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let (reader, writer) = std::io::pipe().unwrap();
+        let wfd = writer.as_raw_fd();
+        // SAFETY: only dup2 between fork and exec; `writer` (CLOEXEC) outlives the spawn. The
+        // copy is inherited (no CLOEXEC).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(wfd, CONSOLE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = ChildGuard(cmd.spawn().unwrap());
+        // Only the VMM holds a write end now: EOF means it is gone.
+        drop(writer);
+        (
+            child,
+            ConsolePipe {
+                reader,
+                seen: Vec::new(),
+            },
+        )
+    }
+
+    /// Reads one chunk; false at EOF (every writer, i.e. the VMM, is gone).
+    fn read_some(&mut self) -> bool {
+        use std::io::Read;
+        use std::os::unix::io::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.reader.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, HANG_GUARD.as_millis() as i32) };
+        assert!(
+            n > 0,
+            "no console output for {HANG_GUARD:?}; so far: {:?}",
+            String::from_utf8_lossy(&self.seen)
+        );
+        let mut buf = [0u8; 4096];
+        let n = self.reader.read(&mut buf).unwrap();
+        self.seen.extend_from_slice(&buf[..n]);
+        n > 0
+    }
+
+    /// Blocks until the console output contains `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        while !String::from_utf8_lossy(&self.seen).contains(needle) {
+            assert!(
+                self.read_some(),
+                "console closed before {needle:?}: {:?}",
+                String::from_utf8_lossy(&self.seen)
+            );
+        }
+    }
+
+    /// Everything the console got, once the VMM has exited (reads to EOF).
+    fn all(mut self) -> String {
+        while self.read_some() {}
+        String::from_utf8(self.seen).unwrap()
+    }
+}
+
 struct Api {
     reader: BufReader<UnixStream>,
     stream: UnixStream,
 }
 
 impl Api {
-    fn connect(path: &std::path::Path) -> Api {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Connects once the VMM has bound its API socket (it does so before the guest runs).
+    fn connect(path: &std::path::Path, vmm: &mut ChildGuard) -> Api {
+        let deadline = Instant::now() + HANG_GUARD;
         loop {
             if let Ok(s) = UnixStream::connect(path) {
                 return Api {
@@ -251,17 +370,55 @@ impl Api {
                     stream: s,
                 };
             }
+            vmm.assert_alive("its API socket");
             assert!(Instant::now() < deadline, "API socket never appeared");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     fn call(&mut self, line: &str) -> serde_json::Value {
-        self.stream.write_all(line.as_bytes()).unwrap();
-        self.stream.write_all(b"\n").unwrap();
+        let mut msg = line.as_bytes().to_vec();
+        msg.push(b'\n');
+        self.stream.write_all(&msg).unwrap();
         let mut resp = String::new();
         self.reader.read_line(&mut resp).unwrap();
         serde_json::from_str(&resp).unwrap()
+    }
+
+    /// Sends a line the VMM refuses for its length. The VMM answers and closes the connection
+    /// as soon as it has read more than the limit, possibly before the whole line is written:
+    /// the write may then fail with EPIPE. Returns the response and what the next read gives.
+    fn call_oversized(&mut self, line: &str) -> (serde_json::Value, std::io::Result<usize>) {
+        let mut msg = line.as_bytes().to_vec();
+        msg.push(b'\n');
+        match self.stream.write_all(&msg) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => panic!("writing the oversized line: {e}"),
+        }
+        let mut resp = String::new();
+        self.reader.read_line(&mut resp).unwrap();
+        let mut rest = String::new();
+        let after = self.reader.read_line(&mut rest);
+        (serde_json::from_str(&resp).unwrap(), after)
+    }
+
+    /// Polls `metrics` until `ready` holds for them (an event on the VMM thread the test
+    /// cannot see otherwise).
+    fn wait_metrics(
+        &mut self,
+        what: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + HANG_GUARD;
+        loop {
+            let m = self.call(r#"{"op":"metrics"}"#);
+            if ready(&m["metrics"]) {
+                return m["metrics"].clone();
+            }
+            assert!(Instant::now() < deadline, "never saw {what}: {m}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn call_with_fd(&mut self, line: &str, fd: std::os::unix::io::RawFd) -> serde_json::Value {
@@ -319,7 +476,7 @@ fn api_controls_a_running_vm() {
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
-    let mut api = Api::connect(&sock);
+    let mut api = Api::connect(&sock, &mut child);
     let v = api.call(r#"{"op":"ping"}"#);
     assert_eq!(v["ok"], true);
     assert!(v["version"].is_string());
@@ -366,15 +523,24 @@ fn api_controls_a_running_vm() {
     assert_eq!(api.call(r#"{"op":"metrics"}"#)["metrics"]["paused"], false);
 
     // Oversized line: error, and the connection is dropped.
-    let mut other = Api::connect(&sock);
+    let mut other = Api::connect(&sock, &mut child);
     let big = format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(70 * 1024));
-    assert_eq!(other.call(&big)["ok"], false);
+    let (v, after) = other.call_oversized(&big);
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("longer than"), "{v}");
+    // Then EOF, or ECONNRESET when the VMM closed with part of the line still unread.
+    match after {
+        Ok(n) => assert_eq!(n, 0, "connection closed after the error"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    // The VMM itself carries on.
+    assert_eq!(api.call(r#"{"op":"ping"}"#)["ok"], true);
 
     // No vsock: a graceful stop cannot ask the guest, so it forces after the timeout.
     let v = api.call(r#"{"op":"stop","force":false,"timeout_ms":100}"#);
     assert_eq!(v["ok"], true);
     assert_eq!(v["graceful"], false);
-    let status = child.0.wait().unwrap();
+    let status = child.wait_guarded();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -395,22 +561,25 @@ fn api_force_stop_ends_the_vm() {
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
-    let mut api = Api::connect(&sock);
+    let mut api = Api::connect(&sock, &mut child);
     assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
-    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    assert_eq!(child.wait_guarded().code(), Some(0));
 }
 
 fn jailed_run(violation: Option<&str>) -> std::process::ExitStatus {
     let dir = tempfile::tempdir().unwrap();
     let jail = dir.path().join("jail");
     std::fs::create_dir(&jail).unwrap();
-    let k = write_kernel(
-        dir.path(),
-        "k",
-        &Asm::new().serial_print(b"jailed\n").exit(9).code,
-        true,
-    );
-    let console = dir.path().join("console.log");
+    // Without a violation the guest ends the VM itself. With one it spins: the violating
+    // thread may make its syscall after the guest ran (the API thread starts last), and only
+    // the SIGSYS kill may end the VMM.
+    let mut guest = Asm::new();
+    guest.serial_print(b"jailed\n");
+    match violation {
+        None => guest.exit(9),
+        Some(_) => guest.spin(),
+    };
+    let k = write_kernel(dir.path(), "k", &guest.code, true);
     let mut cmd = Command::new(vmm_bin());
     cmd.args([
         "run",
@@ -419,19 +588,16 @@ fn jailed_run(violation: Option<&str>) -> std::process::ExitStatus {
         "--jail-dir",
         jail.to_str().unwrap(),
     ])
-    .args([
-        "--console",
-        console.to_str().unwrap(),
-        "--rng",
-        "--api-sock",
-    ])
+    .args(["--console", "fd:60", "--rng", "--api-sock"])
     .arg(jail.join("api.sock"));
     if let Some(v) = violation {
         cmd.args(["--seccomp-test-violation", v]);
     }
-    let status = cmd.status().unwrap();
+    let (mut child, console) = ConsolePipe::spawn(&mut cmd);
+    let status = child.wait_guarded();
+    let output = console.all();
     if violation.is_none() {
-        assert_eq!(std::fs::read_to_string(&console).unwrap(), "jailed\n");
+        assert_eq!(output, "jailed\n");
     }
     status
 }
@@ -481,52 +647,36 @@ fn jailed_vsock_activation_and_host_connection_stay_within_the_filters() {
     virtio_init(&mut a, VIRTIO0, RING, 8);
     a.serial_print(b"activated\n").spin();
     let k = write_kernel(dir.path(), "k", &a.code, true);
-    let console = dir.path().join("console.log");
     let sock = jail.join("api.sock");
-    let child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            k.to_str().unwrap(),
-            "--jail-dir",
-            jail.to_str().unwrap(),
-        ])
-        .args([
-            "--uid",
-            "65534",
-            "--gid",
-            "65534",
-            "--console",
-            console.to_str().unwrap(),
-        ])
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", jail.join("v.sock").display()))
-        .arg("--api-sock")
-        .arg(&sock)
-        .spawn()
-        .unwrap();
-    let mut child = ChildGuard(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&console)
-        .unwrap_or_default()
-        .contains("activated")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "guest never activated the device"
-        );
-        assert!(child.0.try_wait().unwrap().is_none(), "VMM died");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args([
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--jail-dir",
+        jail.to_str().unwrap(),
+    ])
+    .args(["--uid", "65534", "--gid", "65534", "--console", "fd:60"])
+    .arg("--vsock")
+    .arg(format!("cid=3,uds={}", jail.join("v.sock").display()))
+    .arg("--api-sock")
+    .arg(&sock);
+    let (mut child, mut console) = ConsolePipe::spawn(&mut cmd);
+    console.wait_for("activated\n");
     let mut host = UnixStream::connect(jail.join("v.sock")).unwrap();
     host.write_all(b"CONNECT 1234\n").unwrap();
-    let mut api = Api::connect(&sock);
-    let m = api.call(r#"{"op":"metrics"}"#);
-    assert_eq!(m["metrics"]["devices"][0]["type"], "vsock");
-    assert_eq!(m["metrics"]["devices"][0]["status"], 0xf);
-    assert!(child.0.try_wait().unwrap().is_none(), "VMM died");
+    let mut api = Api::connect(&sock, &mut child);
+    // The VMM thread accepted the client and read its CONNECT line: the connection exists
+    // (its REQUEST waits for a receive buffer the guest never posts).
+    let m = api.wait_metrics("the host connection", |m| {
+        m["devices"][0]["connections_opened"] == 1
+    });
+    assert_eq!(m["devices"][0]["type"], "vsock");
+    assert_eq!(m["devices"][0]["status"], 0xf);
+    child.assert_alive("the stop");
     assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
-    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    assert_eq!(child.wait_guarded().code(), Some(0));
+    assert_eq!(console.all(), "activated\n");
 }
 
 /// Inherited descriptors the VMM was not told about are closed before the guest runs; the
@@ -543,9 +693,8 @@ fn unnamed_inherited_fds_are_closed() {
         true,
     );
     let sock = dir.path().join("api.sock");
-    let console = std::fs::File::create(dir.path().join("console.log")).unwrap();
     let secret = std::fs::File::open("/dev/null").unwrap();
-    let (console_fd, secret_fd) = (console.as_raw_fd(), secret.as_raw_fd());
+    let secret_fd = secret.as_raw_fd();
     let mut cmd = Command::new(vmm_bin());
     cmd.args([
         "run",
@@ -557,17 +706,18 @@ fn unnamed_inherited_fds_are_closed() {
     ])
     .arg("--api-sock")
     .arg(&sock);
-    // SAFETY: only dup2 between fork and exec; the copies are inherited (no CLOEXEC).
+    // SAFETY: only dup2 between fork and exec; the copy is inherited (no CLOEXEC).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(console_fd, 60) < 0 || libc::dup2(secret_fd, 61) < 0 {
+            if libc::dup2(secret_fd, 61) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let mut child = ChildGuard(cmd.spawn().unwrap());
-    let mut api = Api::connect(&sock);
+    let (mut child, mut console) = ConsolePipe::spawn(&mut cmd);
+    // The guest runs (and so the jail-less start-up, fd closing included, is over).
+    console.wait_for("up\n");
     let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", child.0.id()))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
@@ -577,12 +727,10 @@ fn unnamed_inherited_fds_are_closed() {
         !fds.contains(&"61".to_string()),
         "unnamed fd closed: {fds:?}"
     );
+    let mut api = Api::connect(&sock, &mut child);
     assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
-    assert_eq!(child.0.wait().unwrap().code(), Some(0));
-    assert_eq!(
-        std::fs::read_to_string(dir.path().join("console.log")).unwrap(),
-        "up\n"
-    );
+    assert_eq!(child.wait_guarded().code(), Some(0));
+    assert_eq!(console.all(), "up\n");
 }
 
 /// `--net tap=NAME` opens (creating) the TAP; the device shows up in the metrics.
@@ -607,7 +755,7 @@ fn named_tap_backs_virtio_net() {
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
-    let mut api = Api::connect(&sock);
+    let mut api = Api::connect(&sock, &mut child);
     let m = api.call(r#"{"op":"metrics"}"#);
     assert_eq!(m["metrics"]["devices"][0]["type"], "net");
     assert!(
@@ -615,7 +763,7 @@ fn named_tap_backs_virtio_net() {
         "TAP created"
     );
     assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
-    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    assert_eq!(child.wait_guarded().code(), Some(0));
     // A name that cannot be a TAP is a configuration error.
     let out = run_vmm(&[
         "--kernel",
