@@ -48,15 +48,9 @@ fn mount_fs(
 /// needs. Re-root onto a bind mount of the same tree (as switch_root does, without copying), so
 /// "/" becomes an ordinary mount with a parent.
 fn leave_rootfs() -> Result<(), String> {
-    let statfs = nix::sys::statfs::statfs("/").map_err(|e| format!("statfs /: {e}"))?;
-    let ty = statfs.filesystem_type();
-    if ty != nix::sys::statfs::FsType(0x8584_58f6) && ty != nix::sys::statfs::TMPFS_MAGIC {
-        return Ok(());
-    }
-    let is_top = std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().count() <= 1)
-        .unwrap_or(true);
-    if !is_top {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
+    if !root_is_initial_rootfs(&mountinfo) {
         return Ok(());
     }
     let new_root = "/.kata-like-root";
@@ -75,6 +69,29 @@ fn leave_rootfs() -> Result<(), String> {
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
     Ok(())
+}
+
+/// Whether "/" is the kernel's initial rootfs (the initramfs): the mount at "/" whose file system
+/// type is `rootfs` and which is its own parent (the root of the mount tree). After
+/// `leave_rootfs`, "/" is a bind mount whose parent is that rootfs, so this is false.
+fn root_is_initial_rootfs(mountinfo: &str) -> bool {
+    mountinfo.lines().any(|line| {
+        // "<id> <parent> <major:minor> <root> <mount point> <options> ... - <fstype> <source> ..."
+        let mut fields = line.split_whitespace();
+        let (Some(id), Some(parent), Some(_), Some(_), Some(mount_point)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            return false;
+        };
+        let fstype = line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        mount_point == "/" && id == parent && fstype == Some("rootfs")
+    })
 }
 
 /// Mounts what a container host needs. Idempotent for what the kernel already mounted.
@@ -180,6 +197,22 @@ pub fn fatal(message: &str) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detects_the_initial_rootfs_even_with_proc_mounted() {
+        let initramfs = "1 1 0:2 / / rw - rootfs rootfs rw,size=61380k\n\
+                         12 1 0:13 / /proc rw,nosuid,nodev,noexec,relatime - proc proc rw\n";
+        assert!(root_is_initial_rootfs(initramfs));
+        // After leave_rootfs, seen from the new root: "/" is a bind mount of rootfs whose parent
+        // (the original rootfs mount, outside the new root) is no longer listed.
+        let rerooted = "13 1 0:2 / / rw - rootfs rootfs rw\n\
+                        14 13 0:13 / /proc rw - proc proc rw\n";
+        assert!(!root_is_initial_rootfs(rerooted));
+        let disk_root = "21 1 8:1 / / rw,relatime - ext4 /dev/vda1 rw\n";
+        assert!(!root_is_initial_rootfs(disk_root));
+        assert!(!root_is_initial_rootfs(""));
+        assert!(!root_is_initial_rootfs("garbage\n1 1\n"));
+    }
 
     #[test]
     fn kernel_options_are_read() {

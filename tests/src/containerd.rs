@@ -468,6 +468,25 @@ pub fn pids_of(binary: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// One pid per running VMM instance. A jailed VMM is two processes (the jail's parent, which
+/// waits, and the VM process in its own pid namespace); this returns the outer one, whose parent
+/// is not a VMM. Use [`pids_of`] to see (or account the memory of) every VMM process.
+pub fn vmm_instances(vmm: &Path) -> Vec<u32> {
+    let pids = pids_of(vmm);
+    pids.iter()
+        .copied()
+        .filter(|pid| parent_of(*pid).is_none_or(|parent| !pids.contains(&parent)))
+        .collect()
+}
+
+/// The parent pid of `pid` from /proc/<pid>/stat ("pid (comm) state ppid ...").
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: the fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn same_file(exe: &Path, binary: &Path) -> bool {
     let exe = exe.to_string_lossy();
     let exe = exe.trim_end_matches(" (deleted)");

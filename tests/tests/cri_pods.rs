@@ -80,7 +80,7 @@ async fn kata_pod_runs_a_container_with_logs_and_exit_code() {
     let ip = state.network.map(|n| n.ip).unwrap_or_default();
     assert!(ip.starts_with("10.234.0."), "pod IP {ip:?}");
     assert_eq!(
-        containerd::pids_of(&kata.vmm).len(),
+        containerd::vmm_instances(&kata.vmm).len(),
         1,
         "one VMM for the pod"
     );
@@ -370,7 +370,7 @@ async fn kata_two_containers_share_one_pod_vm() {
         ids.push(c);
     }
     assert_eq!(
-        containerd::pids_of(&kata.vmm).len(),
+        containerd::vmm_instances(&kata.vmm).len(),
         1,
         "both containers in one VM"
     );
@@ -442,7 +442,11 @@ async fn kata_two_pods_run_at_once() {
         cri.start_container(&c).await.expect("StartContainer");
         pods.push((pod_id, c));
     }
-    assert_eq!(containerd::pids_of(&kata.vmm).len(), 2, "a VM per pod");
+    assert_eq!(
+        containerd::vmm_instances(&kata.vmm).len(),
+        2,
+        "a VM per pod"
+    );
     assert_eq!(containerd::pids_of(&kata.shim).len(), 2, "a shim per pod");
     let mut boot_ids = Vec::new();
     for (_, c) in &pods {
@@ -548,13 +552,13 @@ async fn kata_pod_survives_a_containerd_kill_and_is_cleaned_after() {
         .await
         .expect("CreateContainer");
     cri.start_container(&c).await.expect("StartContainer");
-    let vmm_before = containerd::pids_of(&kata.vmm);
+    let vmm_before = containerd::vmm_instances(&kata.vmm);
     drop(cri);
 
     // containerd dies hard; the pod's shim and VM keep running, as with runc.
     containerd.kill_and_restart();
     assert_eq!(
-        containerd::pids_of(&kata.vmm),
+        containerd::vmm_instances(&kata.vmm),
         vmm_before,
         "the pod VM survived"
     );
@@ -637,7 +641,7 @@ async fn kata_vm_death_ends_the_pods_containers() {
         .await
         .expect("CreateContainer");
     cri.start_container(&c).await.expect("StartContainer");
-    let vmms = containerd::pids_of(&kata.vmm);
+    let vmms = containerd::vmm_instances(&kata.vmm);
     assert_eq!(vmms.len(), 1);
     // The VM dies under a live shim: its container exits (status 255) and the sandbox is no
     // longer ready; the shim stays to answer kubelet.
