@@ -22,9 +22,9 @@ use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::{EventRegistrar, VirtioDevice};
+use crate::devices::virtio::{EventRegistrar, VirtioDevice, WORK_TOKEN};
 use crate::resources::VmResources;
-use crate::vmm::{DeviceInfo, Vmm, EXIT_TOKEN};
+use crate::vmm::{DeviceInfo, Vmm, VmmRequests, EXIT_TOKEN, REQUEST_TOKEN};
 use crate::vmm_config::{ConsoleConfig, DriveConfig, NetBackend};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
@@ -176,6 +176,7 @@ pub fn build_vmm(r: &VmResources, o: OpenedResources) -> Result<Vmm, BuildError>
         control: Arc::new(VcpuControl::default()),
         epoll: parts.epoll,
         exit: parts.exit,
+        requests: parts.requests,
         pio: parts.pio,
         mmio: parts.mmio,
         serial: parts.serial,
@@ -190,6 +191,7 @@ pub fn build_vmm(r: &VmResources, o: OpenedResources) -> Result<Vmm, BuildError>
 struct Parts {
     epoll: Arc<Epoll>,
     exit: Arc<ExitSignal>,
+    requests: Arc<VmmRequests>,
     pio: Bus,
     mmio: Bus,
     serial: Arc<Mutex<SerialDevice>>,
@@ -220,6 +222,14 @@ fn assemble(
             ControlOperation::Add,
             exit_fd(&exit.evt),
             EpollEvent::new(EventSet::IN, EXIT_TOKEN),
+        )
+        .map_err(BuildError::Device)?;
+    let requests = Arc::new(VmmRequests::new().map_err(BuildError::Device)?);
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            exit_fd(&requests.evt),
+            EpollEvent::new(EventSet::IN, REQUEST_TOKEN),
         )
         .map_err(BuildError::Device)?;
 
@@ -315,6 +325,13 @@ fn assemble(
                 )
                 .map_err(BuildError::Device)?;
         }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                exit_fd(transport.work_evt()),
+                EpollEvent::new(EventSet::IN, EventRegistrar::token(i as u32, WORK_TOKEN)),
+            )
+            .map_err(BuildError::Device)?;
         transport.set_registrar(EventRegistrar::new(epoll.clone(), i as u32));
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(addr, MMIO_DEVICE_SIZE, transport.clone())?;
@@ -340,6 +357,7 @@ fn assemble(
     Ok(Parts {
         epoll,
         exit,
+        requests,
         pio,
         mmio,
         serial,

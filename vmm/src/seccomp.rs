@@ -58,11 +58,14 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_fcntl,
 ];
 
-/// vCPU threads: KVM_RUN and friends, device register emulation (activating a device adds
-/// its fds to the event loop's epoll set).
-const VCPU: &[libc::c_long] = &[libc::SYS_ioctl, libc::SYS_epoll_ctl];
+/// vCPU threads: nothing beyond COMMON but their KVM ioctls (added with their arguments in
+/// `filter`). Register emulation only records what the guest asked for and signals eventfds
+/// (`write`): device activation, reset and queue work run on the VMM thread, so no socket,
+/// epoll or file I/O is reachable from a guest exit on a vCPU thread.
+const VCPU: &[libc::c_long] = &[];
 
-/// The event loop: queue processing, block I/O, TAP, vsock sockets.
+/// The event loop: queue processing, block I/O, TAP, vsock sockets (including the internal
+/// connection the API's graceful stop asks for), device activation and reset.
 const VMM: &[libc::c_long] = &[
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -77,6 +80,7 @@ const VMM: &[libc::c_long] = &[
     libc::SYS_accept4,
     libc::SYS_socket,
     libc::SYS_connect,
+    libc::SYS_socketpair,
     libc::SYS_shutdown,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
@@ -84,20 +88,17 @@ const VMM: &[libc::c_long] = &[
     libc::SYS_recvfrom,
 ];
 
-/// The API thread: its socket, opening drive paths, vsock power-port connections.
+/// The API thread: its own socket (requests and SCM_RIGHTS fds in with recvmsg, responses out
+/// with send) and opening drive paths. Device sockets are the VMM thread's: the API asks it
+/// through `VmmRequests`.
 const API: &[libc::c_long] = &[
     libc::SYS_accept,
     libc::SYS_accept4,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
     libc::SYS_sendto,
-    libc::SYS_recvfrom,
     libc::SYS_openat,
-    libc::SYS_socketpair,
-    libc::SYS_epoll_ctl,
-    libc::SYS_shutdown,
 ];
 
 /// The allowed syscall numbers for `kind`.
@@ -110,17 +111,52 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<libc::c_long> {
     COMMON.iter().chain(extra).copied().collect()
 }
 
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_REGS,
+    kvm_bindings::KVMIO,
+    0x81,
+    kvm_bindings::kvm_regs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_SREGS,
+    kvm_bindings::KVMIO,
+    0x83,
+    kvm_bindings::kvm_sregs
+);
+
+/// ioctl's request argument (the low 32 bits: the kernel takes it as an unsigned int) is
+/// `request`.
+fn ioctl_request_is(request: libc::c_ulong) -> Result<SeccompCondition, Error> {
+    Ok(SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        request,
+    )?)
+}
+
 /// Compiles the filter for `kind`.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind)
         .into_iter()
         .map(|n| (n, vec![]))
         .collect();
-    if kind != ThreadKind::Vcpu {
-        // Sockets are made non-blocking with ioctl(FIONBIO); no other ioctl is allowed.
-        let fionbio =
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::FIONBIO)?;
-        rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![fionbio])?]);
+    match kind {
+        ThreadKind::Vcpu => {
+            // KVM_RUN, and the register reads logged when a guest dies.
+            let mut allowed = Vec::new();
+            for request in [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()] {
+                allowed.push(SeccompRule::new(vec![ioctl_request_is(request)?])?);
+            }
+            rules.insert(libc::SYS_ioctl, allowed);
+        }
+        ThreadKind::Vmm => {
+            // Sockets are made non-blocking with ioctl(FIONBIO); no other ioctl is allowed.
+            let fionbio = ioctl_request_is(libc::FIONBIO)?;
+            rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![fionbio])?]);
+        }
+        ThreadKind::Api => {}
     }
     let f = SeccompFilter::new(
         rules,
@@ -155,8 +191,27 @@ mod tests {
             assert!(!allowed_syscalls(kind).contains(&libc::SYS_getppid));
             assert!(!allowed_syscalls(kind).contains(&libc::SYS_execve));
         }
+        // Socket and epoll work belongs to the VMM thread only.
+        for kind in [ThreadKind::Vcpu, ThreadKind::Api] {
+            for sys in [
+                libc::SYS_epoll_ctl,
+                libc::SYS_socket,
+                libc::SYS_socketpair,
+                libc::SYS_connect,
+                libc::SYS_shutdown,
+            ] {
+                assert!(!allowed_syscalls(kind).contains(&sys), "{kind:?}: {sys}");
+            }
+        }
         assert!(!allowed_syscalls(ThreadKind::Vcpu).contains(&libc::SYS_openat));
-        assert!(allowed_syscalls(ThreadKind::Vcpu).contains(&libc::SYS_ioctl));
+        assert!(!allowed_syscalls(ThreadKind::Vcpu).contains(&libc::SYS_pread64));
+    }
+
+    #[test]
+    fn kvm_ioctl_numbers() {
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
     }
 }
 
@@ -186,32 +241,75 @@ mod enforcement_tests {
         }
     }
 
+    fn exited_ok(status: i32) -> bool {
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    fn fionbio() {
+        let mut one: libc::c_int = 1;
+        // SAFETY: FIONBIO reads an int; the fd may not be a socket, only the filter matters.
+        unsafe { libc::ioctl(2, libc::FIONBIO, &mut one) };
+    }
+
+    fn kvm_run_on_a_bad_fd() {
+        // SAFETY: fails with EBADF; only the filter matters.
+        unsafe { libc::ioctl(-1, KVM_RUN(), 0) };
+    }
+
+    fn epoll_ctl() {
+        // SAFETY: fails with EBADF; only the filter matters.
+        unsafe { libc::epoll_ctl(-1, libc::EPOLL_CTL_DEL, -1, std::ptr::null_mut()) };
+    }
+
+    fn socketpair() {
+        let mut fds = [0; 2];
+        // SAFETY: valid out-array; the fds are left to the child's exit.
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+    }
+
     #[test]
     fn fionbio_is_allowed_other_ioctls_and_syscalls_kill() {
-        let nonblocking: fn() = || {
-            let mut one: libc::c_int = 1;
-            // SAFETY: FIONBIO reads an int; the fd may not be a socket, only the filter matters.
-            unsafe { libc::ioctl(2, libc::FIONBIO, &mut one) };
-        };
-        let status = in_filtered_child(ThreadKind::Vmm, nonblocking);
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "status {status:#x}"
-        );
+        let status = in_filtered_child(ThreadKind::Vmm, fionbio);
+        assert!(exited_ok(status), "status {status:#x}");
         let tiocgwinsz: fn() = || {
             let mut ws = [0u16; 4];
             // SAFETY: TIOCGWINSZ writes a struct winsize into `ws`.
             unsafe { libc::ioctl(0, libc::TIOCGWINSZ, ws.as_mut_ptr()) };
         };
         let status = in_filtered_child(ThreadKind::Api, tiocgwinsz);
-        assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
-            "status {status:#x}"
-        );
+        assert!(killed_by_sigsys(status), "status {status:#x}");
         let status = in_filtered_child(ThreadKind::Vcpu, forbidden_syscall);
-        assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
-            "status {status:#x}"
-        );
+        assert!(killed_by_sigsys(status), "status {status:#x}");
+    }
+
+    /// vCPU threads may run KVM_RUN but neither touch the epoll set nor make sockets non-blocking;
+    /// the API thread hands socket work to the VMM thread.
+    #[test]
+    fn vcpu_and_api_threads_cannot_do_socket_or_epoll_work() {
+        let status = in_filtered_child(ThreadKind::Vcpu, kvm_run_on_a_bad_fd);
+        assert!(exited_ok(status), "vCPU KVM_RUN: status {status:#x}");
+        for (kind, f, what) in [
+            (ThreadKind::Vcpu, epoll_ctl as fn(), "epoll_ctl"),
+            (ThreadKind::Vcpu, fionbio, "FIONBIO"),
+            (ThreadKind::Vcpu, socketpair, "socketpair"),
+            (ThreadKind::Api, epoll_ctl, "epoll_ctl"),
+            (ThreadKind::Api, socketpair, "socketpair"),
+            (ThreadKind::Api, kvm_run_on_a_bad_fd, "KVM_RUN"),
+            (ThreadKind::Vmm, kvm_run_on_a_bad_fd, "KVM_RUN"),
+        ] {
+            let status = in_filtered_child(kind, f);
+            assert!(
+                killed_by_sigsys(status),
+                "{kind:?} {what}: status {status:#x}"
+            );
+        }
+        for f in [epoll_ctl as fn(), socketpair] {
+            let status = in_filtered_child(ThreadKind::Vmm, f);
+            assert!(exited_ok(status), "VMM thread: status {status:#x}");
+        }
     }
 }

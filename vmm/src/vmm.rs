@@ -1,17 +1,21 @@
 //! The running VM: vCPU threads, the API thread and the event loop on the main thread.
 
-use std::os::unix::net::UnixListener;
+use std::collections::VecDeque;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::ApiContext;
 use crate::devices::bus::{lock, Bus};
 use crate::devices::legacy::serial::SerialDevice;
-use crate::devices::virtio::decode_token;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{decode_token, DEVICE_TOKEN_BASE, WORK_TOKEN};
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm_config::SeccompViolation;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -22,6 +26,45 @@ use crate::vstate::vm::Vm;
 
 /// Epoll token of the exit eventfd; device tokens have a non-zero high half.
 pub const EXIT_TOKEN: u64 = 0;
+/// Epoll token of `VmmRequests::evt`.
+pub const REQUEST_TOKEN: u64 = 1;
+
+/// Work another thread hands to the VMM thread, which owns the devices' sockets and the
+/// epoll set (the other threads' seccomp filters allow neither).
+pub enum VmmRequest {
+    /// Open a vsock connection to this guest port; the reply is the host end of the stream.
+    VsockConnect {
+        port: u32,
+        reply: SyncSender<std::io::Result<UnixStream>>,
+    },
+}
+
+/// The VMM thread's request queue and the eventfd that wakes it.
+pub struct VmmRequests {
+    queue: Mutex<VecDeque<VmmRequest>>,
+    pub evt: EventFd,
+}
+
+impl VmmRequests {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(VmmRequests {
+            queue: Mutex::new(VecDeque::new()),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn send(&self, request: VmmRequest) {
+        lock(&self.queue).push_back(request);
+        if let Err(e) = self.evt.write(1) {
+            tracing::warn!(error = %e, "cannot wake the VMM thread");
+        }
+    }
+
+    fn take(&self) -> VecDeque<VmmRequest> {
+        let _ = self.evt.read();
+        std::mem::take(&mut *lock(&self.queue))
+    }
+}
 
 /// What a virtio device slot is, for metrics and the API.
 #[derive(Clone, Debug)]
@@ -35,6 +78,7 @@ pub struct Vmm {
     pub mem: GuestMemoryMmap,
     pub epoll: Arc<Epoll>,
     pub exit: Arc<ExitSignal>,
+    pub requests: Arc<VmmRequests>,
     pub control: Arc<VcpuControl>,
     pub pio: Bus,
     pub mmio: Bus,
@@ -115,6 +159,7 @@ impl Vmm {
         if let Some(listener) = api_listener {
             let api = Arc::new(ApiContext {
                 exit: self.exit.clone(),
+                requests: self.requests.clone(),
                 control: self.control.clone(),
                 transports: self.transports.clone(),
                 devices: self.devices.clone(),
@@ -180,6 +225,10 @@ impl Vmm {
                 if token == EXIT_TOKEN {
                     continue;
                 }
+                if token == REQUEST_TOKEN {
+                    self.handle_requests();
+                    continue;
+                }
                 let Some((dev, sub)) = decode_token(token) else {
                     continue;
                 };
@@ -187,12 +236,46 @@ impl Vmm {
                     continue;
                 };
                 let mut t = lock(transport);
-                if sub < crate::devices::virtio::DEVICE_TOKEN_BASE {
+                if sub == WORK_TOKEN {
+                    t.process_work();
+                } else if sub < DEVICE_TOKEN_BASE {
                     t.process_queue(sub as usize);
                 } else {
                     t.process_event(sub, ev.events());
                 }
             }
         }
+    }
+
+    fn handle_requests(&self) {
+        for request in self.requests.take() {
+            match request {
+                VmmRequest::VsockConnect { port, reply } => {
+                    let result = self.vsock_connect(port);
+                    if let Err(e) = &result {
+                        tracing::info!(port, error = %e, "internal vsock connection not opened");
+                    }
+                    // The requester may have stopped waiting: then the stream just closes.
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    fn vsock_connect(&self, port: u32) -> std::io::Result<UnixStream> {
+        let transport = self
+            .devices
+            .iter()
+            .position(|d| d.kind == "vsock")
+            .and_then(|i| self.transports.get(i))
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no vsock device"))?;
+        let mut t = lock(transport);
+        t.apply_pending();
+        let vsock = t
+            .device_mut()
+            .as_any_mut()
+            .downcast_mut::<Vsock>()
+            .ok_or_else(|| std::io::Error::other("vsock slot holds another device"))?;
+        vsock.connect_internal(port)
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
@@ -773,4 +773,269 @@ fn named_tap_backs_virtio_net() {
         "tap=bad/name",
     ]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// A hand-made virtio-vsock driver in guest code (guest CID 3): rings of 8 entries, receive
+/// buffers of 4 KiB at RX_BUFS, small transmit packets at TX_PKTS.
+struct VsockGuest {
+    a: Asm,
+    base: u32,
+    rx: u32,
+    tx: u32,
+    /// Transmit descriptors used since the last activation.
+    sent: u32,
+}
+
+const VSOCK_HDR: u32 = 44;
+const RX_BUFS: u32 = 0x4_0000;
+const TX_PKTS: u32 = 0x5_0000;
+const OP_REQUEST: u32 = 1;
+const OP_RESPONSE: u32 = 2;
+const OP_RST: u32 = 3;
+const OP_SHUTDOWN: u32 = 4;
+const OP_RW: u32 = 5;
+const OP_CREDIT_UPDATE: u32 = 6;
+
+impl VsockGuest {
+    fn new(base: u32) -> Self {
+        VsockGuest {
+            a: Asm::new(),
+            base,
+            rx: 0,
+            tx: 0,
+            sent: 0,
+        }
+    }
+
+    /// Driver init with fresh rings at `rx` and `tx` (zeroed memory), then all eight receive
+    /// buffers posted.
+    fn activate(&mut self, rx: u32, tx: u32) {
+        let (a, base) = (&mut self.a, self.base);
+        a.store32(base + 0x70, 3)
+            .store32(base + 0x24, 1)
+            .store32(base + 0x20, 1)
+            .store32(base + 0x70, 0xb);
+        virtio_queue(a, base, 0, rx, 8);
+        virtio_queue(a, base, 1, tx, 8);
+        a.store32(base + 0x70, 0xf);
+        for i in 0..8 {
+            virtio_desc(a, rx, i, RX_BUFS + i * 0x1000, 0x1000, 2, 0);
+            a.store32(rx + 0x84 + 2 * i, i);
+        }
+        a.store32(rx + 0x80, 8 << 16).store32(base + 0x50, 0);
+        self.rx = rx;
+        self.tx = tx;
+        self.sent = 0;
+    }
+
+    fn rx_buf(i: u32) -> u32 {
+        RX_BUFS + i * 0x1000
+    }
+
+    /// Waits for the `n`-th received packet (1-based) and exits with `status` unless its op
+    /// is `op`.
+    fn expect(&mut self, n: u16, op: u32, status: u8) {
+        let buf = Self::rx_buf(u32::from(n) - 1);
+        self.a
+            .wait_idx_at_least(self.rx + 0x100, n)
+            .load_eax(buf + 28)
+            .exit_unless_eax(1 | (op << 16), status);
+    }
+
+    /// Sends a packet: header (ports from `ports`), then `data` in the same descriptor, or a
+    /// zero-filled payload of `zeros` bytes at `big` instead.
+    fn send(&mut self, ports: Ports, op: u32, data: &[u8], big: Option<(u32, u32)>) {
+        let j = self.sent;
+        let pkt = big.map_or(TX_PKTS + j * 0x1000, |(addr, _)| addr);
+        let len = big.map_or(data.len() as u32, |(_, n)| n);
+        let a = &mut self.a;
+        a.store32(pkt, 3)
+            .store32(pkt + 4, 0)
+            .store32(pkt + 8, 2)
+            .store32(pkt + 12, 0);
+        match ports {
+            Ports::Fixed(src, dst) => {
+                a.store32(pkt + 16, src).store32(pkt + 20, dst);
+            }
+            Ports::ReplyTo(i) => {
+                let buf = Self::rx_buf(i);
+                a.copy32(pkt + 16, buf + 20).copy32(pkt + 20, buf + 16);
+            }
+        }
+        a.store32(pkt + 24, len)
+            .store32(pkt + 28, 1 | (op << 16))
+            .store32(pkt + 32, 0)
+            .store32(pkt + 36, 256 * 1024)
+            .store32(pkt + 40, 0);
+        for (k, chunk) in data.chunks(4).enumerate() {
+            let mut word = [0u8; 4];
+            word[..chunk.len()].copy_from_slice(chunk);
+            a.store32(pkt + VSOCK_HDR + 4 * k as u32, u32::from_le_bytes(word));
+        }
+        virtio_desc(a, self.tx, j, pkt, VSOCK_HDR + len, 0, 0);
+        a.store32(self.tx + 0x84 + 2 * j, j)
+            .store32(self.tx + 0x80, (j + 1) << 16)
+            .store32(self.base + 0x50, 1);
+        self.sent += 1;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ports {
+    /// (guest port, host port)
+    Fixed(u32, u32),
+    /// Back to the sender of the packet in receive buffer i.
+    ReplyTo(u32),
+}
+
+fn read_line(s: &mut UnixStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "EOF after {line:?}");
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+/// What a pod's shim and guest do with vsock, on a jailed VMM, with a guest driver written in
+/// guest code: two host-initiated streams open at once, data both ways, a 64 KiB guest write
+/// (credit update), a guest-initiated stream, a stream closed by the host, API calls while
+/// streams are open, the guest resetting the device with streams open (Linux does so at
+/// poweroff) and activating it again, then a graceful API stop through the power port. Device
+/// activation and reset are written by the vCPU thread; every socket and epoll operation must
+/// happen on the VMM thread, or the VMM dies of SIGSYS (exit status 159).
+#[test]
+fn jailed_vsock_traffic_resets_and_api_calls_stay_within_the_filters() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::io::AsRawFd;
+    if !is_root() {
+        panic!("the jail needs root (mount and pid namespaces)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    // Guest-initiated connections to host port 5000 go to <uds>_5000 (inside the jail); the
+    // jailed VMM runs as nobody.
+    let host_listener = std::os::unix::net::UnixListener::bind(jail.join("v.sock_5000")).unwrap();
+    std::fs::set_permissions(
+        jail.join("v.sock_5000"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+
+    // The drive slot is device 0, vsock device 1.
+    let mut g = VsockGuest::new(VIRTIO0 + 0x1000);
+    g.activate(0x1_0000, 0x1_1000);
+    g.a.serial_print(b"A\n");
+    // Host-initiated connections, one after the other: REQUEST -> RESPONSE.
+    g.expect(1, OP_REQUEST, 0x91);
+    g.send(Ports::ReplyTo(0), OP_RESPONSE, b"", None);
+    g.expect(2, OP_REQUEST, 0x92);
+    g.send(Ports::ReplyTo(1), OP_RESPONSE, b"", None);
+    g.a.serial_print(b"B\n");
+    // Data from the first stream, answered.
+    g.expect(3, OP_RW, 0x93);
+    g.send(Ports::ReplyTo(2), OP_RW, b"pong", None);
+    // 64 KiB on the second stream: the VMM reports the freed credit once the host read it.
+    g.send(Ports::ReplyTo(1), OP_RW, b"", Some((0x80_0000, 64 * 1024)));
+    g.expect(4, OP_CREDIT_UPDATE, 0x94);
+    // A guest-initiated connection to host port 5000, and data on it.
+    g.send(Ports::Fixed(777, 5000), OP_REQUEST, b"", None);
+    g.expect(5, OP_RESPONSE, 0x95);
+    g.send(Ports::Fixed(777, 5000), OP_RW, b"hi", None);
+    g.a.serial_print(b"E\n");
+    // The host closes the first stream: SHUTDOWN, answered with RST.
+    g.expect(6, OP_SHUTDOWN, 0x96);
+    g.send(Ports::ReplyTo(5), OP_RST, b"", None);
+    g.a.serial_print(b"F\n");
+    // On the host's word, reset the device with two streams open, then activate it again.
+    g.expect(7, OP_RW, 0x97);
+    g.a.store32(g.base + 0x70, 0);
+    g.a.serial_print(b"G\n");
+    g.activate(0x1_2000, 0x1_3000);
+    g.a.serial_print(b"H\n");
+    // The API's graceful stop connects to the power port: exit 0x42 once asked.
+    g.expect(1, OP_REQUEST, 0x98);
+    g.a.load_eax(VsockGuest::rx_buf(0) + 20)
+        .exit_unless_eax(1025, 0x99)
+        .exit(0x42);
+    let k = write_kernel(dir.path(), "k", &g.a.code, true);
+
+    let sock = jail.join("api.sock");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args([
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--jail-dir",
+        jail.to_str().unwrap(),
+    ])
+    .args(["--uid", "65534", "--gid", "65534", "--console", "fd:60"])
+    .args(["--drive", "id=slot0,empty,ro", "--vsock"])
+    .arg(format!("cid=3,uds={}", jail.join("v.sock").display()))
+    .arg("--api-sock")
+    .arg(&sock);
+    let (mut child, mut console) = ConsolePipe::spawn(&mut cmd);
+    console.wait_for("A\n");
+
+    let mut c1 = UnixStream::connect(jail.join("v.sock")).unwrap();
+    c1.write_all(b"CONNECT 1234\n").unwrap();
+    assert!(read_line(&mut c1).starts_with("OK "));
+    let mut c2 = UnixStream::connect(jail.join("v.sock")).unwrap();
+    c2.write_all(b"CONNECT 1235\n").unwrap();
+    assert!(read_line(&mut c2).starts_with("OK "));
+    console.wait_for("B\n");
+
+    c1.write_all(b"ping").unwrap();
+    let mut pong = [0u8; 4];
+    c1.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong");
+    let mut bulk = vec![0xffu8; 64 * 1024];
+    c2.read_exact(&mut bulk).unwrap();
+    assert!(bulk.iter().all(|b| *b == 0));
+
+    let (mut from_guest, _) = host_listener.accept().unwrap();
+    let mut hi = [0u8; 2];
+    from_guest.read_exact(&mut hi).unwrap();
+    assert_eq!(&hi, b"hi");
+    console.wait_for("E\n");
+
+    drop(c1);
+    console.wait_for("F\n");
+    let mut api = Api::connect(&sock, &mut child);
+    // The RST for the first stream reached the VMM thread: two streams left.
+    api.wait_metrics("two open streams", |m| {
+        m["devices"][1]["open_connections"] == 2
+    });
+    let img = dir.path().join("rootfs.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let f = std::fs::File::open(&img).unwrap();
+    let v = api.call_with_fd(
+        r#"{"op":"set_drive","id":"slot0","read_only":true}"#,
+        f.as_raw_fd(),
+    );
+    assert_eq!(v["capacity_sectors"], 8, "{v}");
+    assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+    assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
+
+    // The guest resets the device: both remaining streams end (closed by the VMM thread).
+    c2.write_all(b"reset").unwrap();
+    let mut rest = Vec::new();
+    c2.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    from_guest.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    console.wait_for("H\n");
+    let m = api.wait_metrics("the device active again", |m| {
+        m["devices"][1]["status"] == 0xf && m["devices"][1]["open_connections"] == 0
+    });
+    assert_eq!(m["devices"][1]["connections_closed"], 3, "{m}");
+    child.assert_alive("the graceful stop");
+
+    let v = api.call(r#"{"op":"stop","force":false,"timeout_ms":120000}"#);
+    assert_eq!(v["graceful"], true, "{v}");
+    assert_eq!(child.wait_guarded().code(), Some(0x42));
+    assert_eq!(console.all(), "A\nB\nE\nF\nG\nH\n");
 }

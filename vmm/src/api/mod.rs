@@ -10,7 +10,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -18,18 +18,20 @@ use crate::devices::bus::lock;
 use crate::devices::virtio::block::device::Backing;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::vsock::Vsock;
-use crate::vmm::DeviceInfo;
+use crate::vmm::{DeviceInfo, VmmRequest, VmmRequests};
 use crate::vstate::vcpu::{kick_signal, ExitReason, ExitSignal, VcpuControl};
 pub use request::{parse_request, Request, MAX_LINE};
 
 /// Guest vsock port whose connection asks the agent to power off.
 pub const POWER_PORT: u32 = 1025;
 const MAX_CLIENTS: usize = 16;
+/// How long a graceful stop waits for the VMM thread to open the power-port connection.
+const POWER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_FDS_PER_MESSAGE: usize = 4;
 
 pub struct ApiContext {
     pub exit: Arc<ExitSignal>,
+    pub requests: Arc<VmmRequests>,
     pub control: Arc<VcpuControl>,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub devices: Vec<DeviceInfo>,
@@ -133,10 +135,7 @@ impl ApiContext {
                 let stream = self.power_port_connect();
                 let graceful = stream.is_some();
                 let after: Box<dyn FnOnce() + Send> = Box::new(move || {
-                    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-                    while exit.reason().is_none() && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+                    exit.wait_timeout(Duration::from_millis(timeout_ms));
                     drop(stream);
                     exit.request(ExitReason::Stopped);
                 });
@@ -145,11 +144,18 @@ impl ApiContext {
         }
     }
 
+    /// Asks the VMM thread (the owner of the vsock sockets) to connect to the power port.
     fn power_port_connect(&self) -> Option<UnixStream> {
-        let i = self.devices.iter().position(|d| d.kind == "vsock")?;
-        let mut t = lock(self.transports.get(i)?);
-        let vsock = t.device_mut().as_any_mut().downcast_mut::<Vsock>()?;
-        vsock.connect_internal(POWER_PORT).ok()
+        if !self.devices.iter().any(|d| d.kind == "vsock") {
+            return None;
+        }
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.requests.send(VmmRequest::VsockConnect {
+            port: POWER_PORT,
+            reply,
+        });
+        // The VMM thread answers at once unless the VM is ending.
+        answer.recv_timeout(POWER_CONNECT_TIMEOUT).ok()?.ok()
     }
 
     pub fn metrics(&self) -> Value {

@@ -52,9 +52,11 @@ impl ExitReason {
     }
 }
 
-/// Shared "the VM is over" flag: the first reason wins; `evt` wakes the VMM thread.
+/// Shared "the VM is over" flag: the first reason wins; `evt` wakes the VMM thread, `cond`
+/// other threads waiting for the end (`wait_timeout`).
 pub struct ExitSignal {
     reason: Mutex<Option<ExitReason>>,
+    cond: Condvar,
     pub evt: EventFd,
     /// CLOCK_MONOTONIC time of the first exit to user space (benchmarks: exec to first exit).
     pub first_exit_ns: AtomicU64,
@@ -64,6 +66,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitSignal {
             reason: Mutex::new(None),
+            cond: Condvar::new(),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             first_exit_ns: AtomicU64::new(0),
         })
@@ -74,7 +77,26 @@ impl ExitSignal {
         if r.is_none() {
             *r = Some(reason);
             let _ = self.evt.write(1);
+            self.cond.notify_all();
         }
+    }
+
+    /// Waits until the VM is over or `timeout` has passed; returns the reason if over.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<ExitReason> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut r = lock(&self.reason);
+        while r.is_none() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            r = self
+                .cond
+                .wait_timeout(r, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *r
     }
 
     pub fn reason(&self) -> Option<ExitReason> {

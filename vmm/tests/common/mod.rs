@@ -36,6 +36,32 @@ impl Asm {
         self.code.extend_from_slice(&[0x74, 0xf4]); // jz back to the load (12 bytes)
         self
     }
+    /// mov dword [addr], eax
+    pub fn store_eax(&mut self, addr: u32) -> &mut Self {
+        self.code.push(0xa3);
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self
+    }
+    /// mov dword [dst], dword [src] (through eax)
+    pub fn copy32(&mut self, dst: u32, src: u32) -> &mut Self {
+        self.load_eax(src).store_eax(dst)
+    }
+    /// Spins until the 16-bit value at `addr + 2` (a virtqueue ring's idx) is at least `n`.
+    pub fn wait_idx_at_least(&mut self, ring: u32, n: u16) -> &mut Self {
+        self.load_eax(ring);
+        self.code.extend_from_slice(&[0xc1, 0xe8, 0x10]); // shr eax, 16
+        self.code.push(0x3d); // cmp eax, imm32
+        self.code.extend_from_slice(&u32::from(n).to_le_bytes());
+        self.code.extend_from_slice(&[0x72, 0xf1]); // jb back to the load (15 bytes)
+        self
+    }
+    /// Exits with `status` unless eax == `value`.
+    pub fn exit_unless_eax(&mut self, value: u32, status: u8) -> &mut Self {
+        self.code.push(0x3d); // cmp eax, imm32
+        self.code.extend_from_slice(&value.to_le_bytes());
+        self.code.extend_from_slice(&[0x74, 0x04]); // je over the exit
+        self.mov_al(status).out_al(0xf4)
+    }
     /// mov al, imm
     pub fn mov_al(&mut self, imm: u8) -> &mut Self {
         self.code.extend_from_slice(&[0xb0, imm]);
@@ -81,8 +107,12 @@ pub fn write_kernel(dir: &Path, name: &str, code: &[u8], pvh: bool) -> PathBuf {
     p
 }
 
+/// The VMM under test: this package's binary, or `KATA_LIKE_TEST_VMM` (e.g. an older build,
+/// to show that a new test catches what it was written for).
 pub fn vmm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_kata-like-vmm"))
+    std::env::var_os("KATA_LIKE_TEST_VMM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kata-like-vmm")))
 }
 
 pub fn run_vmm(args: &[&str]) -> Output {
@@ -107,6 +137,17 @@ pub fn virtio_init(a: &mut Asm, base: u32, ring: u32, size: u32) {
         .store32(base + 0xa0, ring + 0x100)
         .store32(base + 0x44, 1) // QueueReady
         .store32(base + 0x70, 0xf); // | DRIVER_OK
+}
+
+/// Sets up queue `sel` of the device at `base` with `size` entries at `ring` (descriptors,
+/// avail at +0x80, used at +0x100). Between FEATURES_OK and DRIVER_OK.
+pub fn virtio_queue(a: &mut Asm, base: u32, sel: u32, ring: u32, size: u32) {
+    a.store32(base + 0x30, sel)
+        .store32(base + 0x38, size)
+        .store32(base + 0x80, ring)
+        .store32(base + 0x90, ring + 0x80)
+        .store32(base + 0xa0, ring + 0x100)
+        .store32(base + 0x44, 1);
 }
 
 /// Writes descriptor `i` of the table at `ring`.

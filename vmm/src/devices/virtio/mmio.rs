@@ -1,6 +1,12 @@
 //! The virtio-mmio transport (version 2). Every register write from the guest is checked:
 //! queue setup only before DRIVER_OK, features limited to what the device offers,
 //! activation only with valid queues; a driver that breaks the rules gets DEVICE_NEEDS_RESET.
+//!
+//! Register accesses run on vCPU threads, whose seccomp filter allows KVM_RUN and eventfd
+//! writes but no socket or epoll work. So the transport only records what the driver asked
+//! for: device activation (which registers the device's fds with the event loop), device reset
+//! (which closes them) and trapped queue notifications are handed to the VMM thread through
+//! `work_evt` and the queue eventfds, and carried out there (`apply_pending`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +56,12 @@ pub const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const REG_CONFIG: u64 = 0x100;
 
+/// Device work a register write asked for, done later on the VMM thread.
+enum Pending {
+    Reset,
+    Activate { ctx: ActivateContext, features: u64 },
+}
+
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
@@ -65,6 +77,10 @@ pub struct MmioTransport {
     acked_features: u64,
     queue_sel: u32,
     config_generation: u32,
+    /// Resets and activations not yet applied to the device, in the driver's order.
+    pending: Vec<Pending>,
+    /// Signalled when `pending` gets work; the VMM thread then calls `apply_pending`.
+    work_evt: EventFd,
 }
 
 impl MmioTransport {
@@ -89,7 +105,51 @@ impl MmioTransport {
             acked_features: 0,
             queue_sel: 0,
             config_generation: 0,
+            pending: Vec::new(),
+            work_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
+    }
+
+    /// Signalled when a register write left device work for the VMM thread.
+    pub fn work_evt(&self) -> &EventFd {
+        &self.work_evt
+    }
+
+    /// VMM thread: `work_evt` fired. Applies what the driver asked for since the last call.
+    pub fn process_work(&mut self) {
+        // Drain the counter first: work queued after this read signals again.
+        let _ = self.work_evt.read();
+        self.apply_pending();
+    }
+
+    /// Applies pending resets and activations to the device (VMM or API thread only: this
+    /// registers and closes fds). Called before anything else touches the device, so the
+    /// device state always follows the driver's register writes in order.
+    pub fn apply_pending(&mut self) {
+        for work in std::mem::take(&mut self.pending) {
+            match work {
+                Pending::Reset => self.device.reset(),
+                Pending::Activate { ctx, features } => {
+                    self.device.set_acked_features(features);
+                    if let Err(e) = self.device.activate(ctx) {
+                        tracing::warn!(
+                            device_type = self.device.device_type(),
+                            error = %e,
+                            "device activation failed"
+                        );
+                        self.status |= STATUS_NEEDS_RESET;
+                        self.irq.trigger(INT_CONFIG);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_work(&mut self, work: Pending) {
+        self.pending.push(work);
+        if let Err(e) = self.work_evt.write(1) {
+            tracing::warn!(error = %e, "cannot signal device work to the VMM thread");
+        }
     }
 
     /// Where device-owned fds go once the device is active.
@@ -132,6 +192,7 @@ impl MmioTransport {
             // Drain the counter; a spurious wake just finds an empty queue.
             let _ = evt.read();
         }
+        self.apply_pending();
         if !self.device.is_activated() || self.status & STATUS_NEEDS_RESET != 0 {
             return;
         }
@@ -140,6 +201,7 @@ impl MmioTransport {
     }
 
     pub fn process_event(&mut self, sub: u32, events: u32) {
+        self.apply_pending();
         if !self.device.is_activated() || self.status & STATUS_NEEDS_RESET != 0 {
             return;
         }
@@ -163,7 +225,12 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        self.device.reset();
+        // An activation not applied yet never reaches the device; the device itself is reset
+        // on the VMM thread (it closes the device's sockets).
+        self.pending.retain(|w| matches!(w, Pending::Reset));
+        if self.pending.is_empty() {
+            self.push_work(Pending::Reset);
+        }
         for q in self.queues.iter_mut() {
             q.reset();
         }
@@ -211,10 +278,8 @@ impl MmioTransport {
             irq: self.irq.clone(),
             events,
         };
-        if let Err(e) = self.device.activate(ctx) {
-            tracing::warn!(error = %e, "device activation failed");
-            self.status |= STATUS_NEEDS_RESET;
-        }
+        let features = self.acked_features;
+        self.push_work(Pending::Activate { ctx, features });
     }
 
     fn write_status(&mut self, value: u32) {
@@ -243,9 +308,6 @@ impl MmioTransport {
             return;
         }
         self.status = value;
-        if added & STATUS_FEATURES_OK != 0 {
-            self.device.set_acked_features(self.acked_features);
-        }
         if added & STATUS_DRIVER_OK != 0 {
             self.activate();
         }
@@ -358,9 +420,12 @@ impl BusDevice for MmioTransport {
                 self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
             }
             REG_QUEUE_NOTIFY => {
-                // Only reached when no ioeventfd matched (or in tests): handle inline.
-                if (value as usize) < self.queues.len() {
-                    self.process_queue(value as usize);
+                // Only reached when no ioeventfd matched: signal the queue's eventfd as KVM
+                // would have, so that the VMM thread does the work.
+                if let Some(evt) = self.queue_evts.get(value as usize) {
+                    if let Err(e) = evt.write(1) {
+                        tracing::warn!(error = %e, "cannot signal a queue notification");
+                    }
                 }
             }
             REG_INTERRUPT_ACK => {
@@ -447,6 +512,10 @@ mod tests {
         negotiate(&mut t, 16);
         write(&mut t, REG_STATUS, 0xf);
         assert_eq!(read(&mut t, REG_STATUS), 0xf);
+        // The register write only queued the activation for the VMM thread.
+        assert!(!t.device().is_activated());
+        assert_eq!(t.work_evt().read().unwrap(), 1, "VMM thread signalled");
+        t.process_work();
         assert!(t.device().is_activated());
         // Queue setup is frozen after DRIVER_OK.
         write(&mut t, REG_QUEUE_NUM, 32);
@@ -461,11 +530,56 @@ mod tests {
         let generation = read(&mut t, REG_CONFIG_GENERATION);
         t.notify_config_change();
         assert_eq!(read(&mut t, REG_CONFIG_GENERATION), generation + 1);
-        // Reset returns to the initial state.
+        // Reset returns to the initial state (the device's own reset on the VMM thread).
         write(&mut t, REG_STATUS, 0);
         assert_eq!(read(&mut t, REG_STATUS), 0);
-        assert!(!t.device().is_activated());
         assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0);
+        assert!(t.device().is_activated());
+        t.process_work();
+        assert!(!t.device().is_activated());
+    }
+
+    /// What the driver does between two runs of the VMM thread is applied in order: reset
+    /// then re-activation leaves the device active, activation then reset leaves it reset.
+    #[test]
+    fn queued_work_follows_the_driver_order() {
+        let mut t = transport();
+        negotiate(&mut t, 16);
+        write(&mut t, REG_STATUS, 0xf);
+        t.process_work();
+        assert!(t.device().is_activated());
+        write(&mut t, REG_STATUS, 0);
+        negotiate(&mut t, 16);
+        write(&mut t, REG_STATUS, 0xf);
+        t.process_work();
+        assert!(t.device().is_activated());
+        assert_eq!(read(&mut t, REG_STATUS), 0xf);
+
+        write(&mut t, REG_STATUS, 0);
+        negotiate(&mut t, 16);
+        write(&mut t, REG_STATUS, 0xf);
+        write(&mut t, REG_STATUS, 0);
+        t.process_work();
+        assert!(!t.device().is_activated());
+        assert_eq!(read(&mut t, REG_STATUS), 0);
+    }
+
+    /// A notification that reaches the transport (no ioeventfd matched) is not processed on
+    /// the vCPU thread: it signals the queue's eventfd, as KVM would have.
+    #[test]
+    fn trapped_notify_signals_the_queue_eventfd() {
+        let mut t = transport();
+        negotiate(&mut t, 16);
+        write(&mut t, REG_STATUS, 0xf);
+        write(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
+        // Out of range: ignored.
+        write(&mut t, REG_QUEUE_NOTIFY, 7);
+        assert!(t.queue_evts()[0].read().is_err(), "nothing more signalled");
+        // The queue work itself applies the pending activation first.
+        assert!(!t.device().is_activated());
+        t.process_queue(0);
+        assert!(t.device().is_activated());
     }
 
     #[test]

@@ -30,8 +30,11 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
-/// First token a device may use for its own fds; lower values are queue indices.
+/// First token a device may use for its own fds; lower values are queue indices and
+/// `WORK_TOKEN`.
 pub const DEVICE_TOKEN_BASE: u32 = 0x1000;
+/// The transport's `work_evt` (device activation and reset left by a vCPU thread).
+pub const WORK_TOKEN: u32 = DEVICE_TOKEN_BASE - 1;
 
 /// The device's interrupt: status bits the driver reads and acks, and an irqfd.
 pub struct IrqTrigger {
