@@ -259,6 +259,114 @@ fn test_vsock() -> io::Result<()> {
     Ok(())
 }
 
+/// A listening vsock socket on `port` (any CID).
+fn vsock_listen(port: u32) -> io::Result<RawFd> {
+    let listener = vsock_socket()?;
+    let addr = vsock_addr(u32::MAX, port);
+    // SAFETY: valid sockaddr_vm.
+    unsafe {
+        if libc::bind(
+            listener,
+            (&addr as *const SockaddrVm).cast(),
+            std::mem::size_of::<SockaddrVm>() as u32,
+        ) < 0
+            || libc::listen(listener, 16) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(listener)
+}
+
+fn vsock_accept(listener: RawFd) -> io::Result<File> {
+    // SAFETY: accept on our listener.
+    let conn = unsafe { libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) };
+    if conn < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: we own the accepted fd.
+    Ok(unsafe { File::from_raw_fd(conn) })
+}
+
+fn vsock_connect(cid: u32, port: u32) -> io::Result<File> {
+    let fd = vsock_socket()?;
+    // SAFETY: we own the new fd.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let addr = vsock_addr(cid, port);
+    // SAFETY: valid sockaddr_vm.
+    if unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const SockaddrVm).cast(),
+            std::mem::size_of::<SockaddrVm>() as u32,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Echoes a stream back until EOF or an error.
+fn echo(conn: File) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match (&conn).read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if (&conn).write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Unbinds the virtio-vsock driver from its device and binds it again: the driver resets the
+/// device with its streams open, then activates it anew.
+fn rebind_vsock_driver() -> io::Result<()> {
+    let driver = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport";
+    let device = fs::read_dir(driver)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("virtio"))
+        .ok_or_else(|| io::Error::other("no device bound to the vsock driver"))?;
+    fs::write(format!("{driver}/unbind"), &device)?;
+    fs::write(format!("{driver}/bind"), &device)?;
+    Ok(())
+}
+
+/// The pattern of a pod's shim and agent (see linux_boot.rs `vsock_shim_pattern_jailed`): an
+/// echo service on port 1024 for any number of concurrent streams, a guest-initiated stream
+/// kept open, and on a power-port request a device reset with streams open, re-activation
+/// and a new guest-initiated stream.
+fn test_vsock_shim() -> io::Result<()> {
+    let service = vsock_listen(1024)?;
+    let power = vsock_listen(1025)?;
+    std::thread::spawn(move || {
+        while let Ok(conn) = vsock_accept(service) {
+            std::thread::spawn(move || echo(conn));
+        }
+    });
+    say("KL_VSOCK_LISTENING");
+    let out = vsock_connect(2, 5000)?;
+    (&out).write_all(b"hello-from-guest\n")?;
+    let mut reply = String::new();
+    BufReader::new(&out).read_line(&mut reply)?;
+    say(&format!("KL_VSOCK_REPLY {}", reply.trim_end()));
+    let _request = vsock_accept(power)?;
+    say("KL_POWER_REQUEST");
+    rebind_vsock_driver()?;
+    say("KL_VSOCK_REBOUND");
+    let again = vsock_connect(2, 5000)?;
+    (&again).write_all(b"after-reset\n")?;
+    let mut reply = String::new();
+    BufReader::new(&again).read_line(&mut reply)?;
+    say(&format!("KL_VSOCK_REPLY2 {}", reply.trim_end()));
+    drop(out);
+    Ok(())
+}
+
 const ETH_P_TEST: u16 = 0x88b5;
 
 fn if_up(name: &str) -> io::Result<i32> {
@@ -384,6 +492,7 @@ fn main() {
         "power_port" => wait_power_request(),
         "blk_hotplug" => test_blk_hotplug(),
         "vsock" => test_vsock(),
+        "vsock_shim" => test_vsock_shim(),
         "net" => test_net(),
         other => Err(io::Error::other(format!("unknown kl_test {other:?}"))),
     };
