@@ -74,3 +74,33 @@ fn refuses_a_call_without_a_command() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no command"));
 }
+
+#[test]
+fn a_frozen_test_host_is_detected_and_stopped() {
+    // Stopping the heartbeat inside looks, from outside, exactly like a frozen emulator.
+    let tmp = std::env::temp_dir().join(format!("kvm-host-frozen-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("private tmp");
+    let out = kvm_host()
+        .env("TMPDIR", &tmp)
+        .env("KVM_HOST_STALL_SECONDS", "15")
+        .args(["--timeout", "600", "--", "sh", "-c"])
+        .arg(
+            "kill -STOP $(cat /run/kvm-host/heartbeat.pid) && echo heartbeat-stopped && sleep 3600",
+        )
+        .output()
+        .expect("run starts");
+    let leftovers = processes_mentioning(tmp.to_str().expect("utf-8 tmp"));
+    let files: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("tmp")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("heartbeat-stopped"), "stdout: {stdout}");
+    assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
+    assert!(stderr.contains("froze"), "stderr: {stderr}");
+    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
+    assert!(files.is_empty(), "files left: {files:?}");
+}
