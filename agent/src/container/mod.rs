@@ -572,7 +572,7 @@ impl Agent {
 
     pub async fn update_container(&self, id: &str, resources_json: &[u8]) -> Result<(), Status> {
         let container = self.container(id)?;
-        let resources: oci_spec::runtime::LinuxResources =
+        let mut resources: oci_spec::runtime::LinuxResources =
             serde_json::from_slice(resources_json)
                 .map_err(|e| invalid(format!("oci_linux_resources_json: {e}")))?;
         let lifecycle = container.lifecycle.lock().await;
@@ -581,6 +581,10 @@ impl Agent {
                 "container {id} is {lifecycle:?}"
             )));
         }
+        // Device rules are fixed at creation, as with `runc update`: libcgroups re-applies the
+        // device filter on every update, and an update without them (most are) would replace the
+        // container's rules with the defaults.
+        resources.set_devices(created_devices(&container.dir)?);
         container.cgroup.update(&resources)?;
         tracing::info!(container_id = %id, "container resources updated");
         Ok(())
@@ -598,6 +602,19 @@ impl Agent {
         list.sort();
         Ok(list)
     }
+}
+
+/// The device cgroup rules of the container's adapted config.json.
+fn created_devices(
+    dir: &Path,
+) -> Result<Option<Vec<oci_spec::runtime::LinuxDeviceCgroup>>, Status> {
+    let spec = oci_spec::runtime::Spec::load(dir.join("config.json"))
+        .map_err(|e| Status::internal(format!("reading the container's config.json: {e}")))?;
+    Ok(spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.devices().clone()))
 }
 
 fn runtime_error(error: Option<String>) -> Status {

@@ -219,6 +219,14 @@ pub fn adapt_spec(json: &[u8], ctx: &SpecContext) -> Result<Spec, Status> {
     }
 
     let mut linux = spec.linux().clone().unwrap_or_default();
+    // Device rules (linux.resources.devices) pass through untouched: libcgroups turns them into
+    // the eBPF device filter of the container's cgroup (default deny, then the rules in order,
+    // then runc's default allow list). libcontainer applies no resources at all to a spec without
+    // linux.resources, which on cgroup v2 would leave every device of the guest (the pod's other
+    // block devices included) open to a container with CAP_MKNOD: give it an empty one.
+    if linux.resources().is_none() {
+        linux.set_resources(Some(Default::default()));
+    }
     // cgroups: the guest's hierarchy is the agent's; the host's cgroupsPath means nothing here.
     linux.set_cgroups_path(Some(
         PathBuf::from("/kata-like")
@@ -330,6 +338,42 @@ mod tests {
         assert_eq!(namespaces.len(), 1, "the host netns path is dropped");
         assert_eq!(namespaces[0].typ(), LinuxNamespaceType::Uts);
         assert_eq!(spec.hostname().as_deref(), Some("pod"));
+    }
+
+    #[test]
+    fn device_rules_pass_through_and_resources_always_exist() {
+        let state = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("rootfs");
+        let spec = adapt_spec(&spec_with(""), &ctx(state.path(), &rootfs)).unwrap();
+        let resources = spec.linux().as_ref().unwrap().resources().as_ref();
+        assert!(resources.is_some(), "an empty linux.resources is added");
+        assert!(resources.unwrap().devices().is_none());
+
+        let json = String::from_utf8(spec_with("")).unwrap().replace(
+            r#""cgroupsPath":"/host/path""#,
+            r#""cgroupsPath":"/host/path","resources":{"devices":[{"allow":false,"access":"rwm"},
+               {"allow":true,"type":"c","major":1,"minor":3,"access":"rwm"},
+               {"allow":false,"type":"b","major":254,"access":"r"}]}"#,
+        );
+        let spec = adapt_spec(json.as_bytes(), &ctx(state.path(), &rootfs)).unwrap();
+        let devices = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .clone()
+            .unwrap();
+        let rules: Vec<String> = devices
+            .iter()
+            .map(|d| format!("{}:{d}", d.allow()))
+            .collect();
+        assert_eq!(
+            rules,
+            ["false:a *:* rwm", "true:c 1:3 rwm", "false:b 254:* r"]
+        );
     }
 
     #[test]
