@@ -67,14 +67,29 @@ impl ContainerCgroup {
     }
 
     pub fn update(&self, resources: &LinuxResources) -> Result<(), Status> {
-        self.manager()?
+        let manager = self.manager()?;
+        // On cgroup v2 libcgroups raises RLIMIT_MEMLOCK to 128 MiB before it loads the device
+        // filter; here that is the agent's own limit, which every process it starts later would
+        // inherit: put it back.
+        let mut memlock = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the rlimit we pass.
+        let saved = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut memlock) } == 0;
+        let result = manager
             .apply(&ControllerOpt {
                 resources,
                 disable_oom_killer: false,
                 oom_score_adj: None,
                 freezer_state: None,
             })
-            .map_err(|e| Status::internal(format!("applying resources: {e}")))
+            .map_err(|e| Status::internal(format!("applying resources: {e}")));
+        if saved {
+            // SAFETY: setrlimit reads the rlimit we pass; lowering a limit is always allowed.
+            unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &memlock) };
+        }
+        result
     }
 
     pub fn pids(&self) -> Result<Vec<u32>, Status> {

@@ -259,6 +259,28 @@ if head -c 1 /dev/probe-disk > /dev/null; then echo disk=open; else echo disk=de
 const KMSG_DENIED: &str = "can't create /dev/probe-kmsg: Operation not permitted";
 const DISK_DENIED: &str = "/dev/probe-disk: Operation not permitted";
 
+/// `ulimit -l` of a process exec'd in the container.
+async fn exec_memlock(agent: &mut TestAgent, id: &str, exec_id: &str) -> String {
+    let process = spec(&["sh", "-c", "ulimit -l"])["process"].clone();
+    agent
+        .client
+        .exec_process(ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: serde_json::to_vec(&process).unwrap(),
+            stdio: stdio(false, false),
+        })
+        .await
+        .expect("exec");
+    let out = collect_output(&agent.client, id, exec_id, OutputFd::Stdout);
+    assert_eq!(wait(&mut agent.client, id, exec_id).await, 0);
+    let out = String::from_utf8_lossy(&out.await.unwrap())
+        .trim()
+        .to_string();
+    assert!(!out.is_empty());
+    out
+}
+
 async fn exec_probe(agent: &mut TestAgent, id: &str, exec_id: &str) -> (i32, String, String) {
     let process = spec(&["sh", "-c", DEVICE_PROBE])["process"].clone();
     agent
@@ -333,6 +355,7 @@ async fn device_cgroup_allows_a_listed_device_also_after_an_update() {
         })
         .await
         .unwrap();
+    let memlock_before = exec_memlock(&mut agent, "allow", "memlock1").await;
     let (status, out, err) = exec_probe(&mut agent, "allow", "probe1").await;
     assert_eq!(status, 0, "stdout: {out} stderr: {err}");
     assert_eq!(out, "kmsg=open\ndisk=denied\n", "stderr: {err}");
@@ -353,6 +376,12 @@ async fn device_cgroup_allows_a_listed_device_also_after_an_update() {
     assert_eq!(status, 0, "stdout: {out} stderr: {err}");
     assert_eq!(out, "kmsg=open\ndisk=denied\n", "stderr: {err}");
     assert!(err.contains(DISK_DENIED), "{err}");
+    // Loading the device filter raises RLIMIT_MEMLOCK; the agent's own limit (which exec'd
+    // processes inherit) stays what it was.
+    assert_eq!(
+        exec_memlock(&mut agent, "allow", "memlock2").await,
+        memlock_before
+    );
     agent
         .client
         .remove_container(RemoveContainerRequest {
