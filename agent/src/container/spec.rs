@@ -6,7 +6,9 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Process, Spec};
+use oci_spec::runtime::{
+    LinuxNamespace, LinuxNamespaceType, Mount, PosixRlimitBuilder, PosixRlimitType, Process, Spec,
+};
 use tonic::Status;
 
 /// Limits on list sizes in a spec (far above what any real pod uses).
@@ -149,6 +151,38 @@ fn check_process(process: &Process) -> Result<(), Status> {
     Ok(())
 }
 
+/// libcgroups raises RLIMIT_MEMLOCK to 128 MiB in the process that loads the cgroup v2 device
+/// filter, and the container's init would inherit that. Under runc a container inherits the
+/// runtime's own limit; an explicit rlimit with the agent's limit (applied by the container's init
+/// after the cgroup setup) keeps it so. A spec that sets RLIMIT_MEMLOCK itself is left alone.
+fn keep_inherited_memlock(process: &mut Process) {
+    let mut rlimits = process.rlimits().clone().unwrap_or_default();
+    if rlimits
+        .iter()
+        .any(|r| r.typ() == PosixRlimitType::RlimitMemlock)
+    {
+        return;
+    }
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) } != 0 {
+        return;
+    }
+    let memlock = PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitMemlock)
+        .soft(current.rlim_cur)
+        .hard(current.rlim_max)
+        .build();
+    match memlock {
+        Ok(memlock) => rlimits.push(memlock),
+        Err(_) => return,
+    }
+    process.set_rlimits(Some(rlimits));
+}
+
 /// Parses an OCI "process" object for ExecProcess.
 pub fn parse_process(json: &[u8], terminal: bool) -> Result<Process, Status> {
     let mut process: Process =
@@ -175,6 +209,7 @@ pub fn adapt_spec(json: &[u8], ctx: &SpecContext) -> Result<Spec, Status> {
         .ok_or_else(|| invalid("the spec has no process"))?;
     check_process(&process)?;
     process.set_terminal(Some(ctx.terminal));
+    keep_inherited_memlock(&mut process);
     spec.set_process(Some(process));
 
     // The rootfs is what the agent mounted; root.path from the host means nothing here.
@@ -338,6 +373,40 @@ mod tests {
         assert_eq!(namespaces.len(), 1, "the host netns path is dropped");
         assert_eq!(namespaces[0].typ(), LinuxNamespaceType::Uts);
         assert_eq!(spec.hostname().as_deref(), Some("pod"));
+    }
+
+    #[test]
+    fn the_container_keeps_the_agents_memlock_limit_unless_the_spec_sets_one() {
+        let state = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("rootfs");
+        let memlock = |spec: &Spec| {
+            let rlimits = spec.process().as_ref().unwrap().rlimits().clone();
+            let found: Vec<_> = rlimits
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|r| r.typ() == PosixRlimitType::RlimitMemlock)
+                .map(|r| (r.soft(), r.hard()))
+                .collect();
+            found
+        };
+        let mut own = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the rlimit we pass.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut own) },
+            0
+        );
+        let spec = adapt_spec(&spec_with(""), &ctx(state.path(), &rootfs)).unwrap();
+        assert_eq!(memlock(&spec), vec![(own.rlim_cur, own.rlim_max)]);
+
+        let json = String::from_utf8(spec_with("")).unwrap().replace(
+            r#""cwd":"/""#,
+            r#""cwd":"/","rlimits":[{"type":"RLIMIT_MEMLOCK","soft":4096,"hard":8192}]"#,
+        );
+        let spec = adapt_spec(json.as_bytes(), &ctx(state.path(), &rootfs)).unwrap();
+        assert_eq!(memlock(&spec), vec![(4096, 8192)]);
     }
 
     #[test]
