@@ -261,6 +261,70 @@ async fn kata_exec_sync_returns_output_and_exit_code() {
 
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_container_cannot_open_the_pod_vms_block_devices() {
+    // The pod's containers share one VM whose virtio disks hold every container's rootfs. A
+    // container has CAP_MKNOD by default, so only the device cgroup (an eBPF filter on cgroup v2)
+    // keeps it from reading the disks, as runc's device rules do on a node.
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
+    let pod = cri::pod_config("kata-devices", &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let c = cri
+        .create_container(
+            &pod_id,
+            &cri::container_config("prober", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &pod,
+        )
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    // The disk exists and its node can be made (mknod itself is allowed, as under runc); opening
+    // it is what the filter refuses.
+    let probe = "for b in /sys/class/block/vd*; do d=$(cat $b/dev); break; done; \
+                 echo dev=$d; mknod /tmp/disk b ${d%:*} ${d#*:} && echo made && \
+                 head -c 512 /tmp/disk | wc -c";
+    let r = cri
+        .exec_sync(&c, &["sh", "-c", probe], 60)
+        .await
+        .expect("ExecSync probe");
+    let (out, err) = (text(&r.stdout), text(&r.stderr));
+    assert!(
+        out.starts_with("dev=254:") || out.starts_with("dev=253:"),
+        "{out} {err}"
+    );
+    assert!(out.contains("made\n"), "mknod: {out} {err}");
+    assert!(
+        err.contains("/tmp/disk: Operation not permitted"),
+        "{out} {err}"
+    );
+    assert!(!out.contains("512"), "the disk was read: {out}");
+    // Devices of the default list still work.
+    let ok = cri
+        .exec_sync(
+            &c,
+            &[
+                "sh",
+                "-c",
+                "head -c 4 /dev/zero | wc -c; echo x > /dev/null",
+            ],
+            60,
+        )
+        .await
+        .expect("ExecSync /dev/zero");
+    assert_eq!(text(&ok.stdout).trim(), "4", "{ok:?}");
+    assert_eq!(ok.exit_code, 0, "{ok:?}");
+
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_stop_container_honours_the_grace_period() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
