@@ -26,6 +26,10 @@ impl Phases {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().len() > 1 {
+        eprintln!("usage: kata-like-demo (no arguments; run it through ./demo.sh)");
+        std::process::exit(2);
+    }
     let kata = KataArtifacts::from_env();
     let mut phases = Phases(Vec::new());
 
@@ -35,6 +39,28 @@ async fn main() {
         t,
         Containerd::start(&kata),
     );
+    // Containerd's Drop stops it and removes its mounts and network namespace; process::exit
+    // would skip that, so every exit below goes through `run`'s result.
+    let code = match run(&containerd, &kata, &mut phases).await {
+        Ok(code) => code,
+        Err(what) => {
+            eprintln!(
+                "demo: {what}\ncontainerd's log (last part):\n{}",
+                containerd.log_tail()
+            );
+            1
+        }
+    };
+    drop(containerd);
+    std::process::exit(code);
+}
+
+/// The pod's life; returns the demo's exit status (the container's success).
+async fn run(
+    containerd: &Containerd,
+    kata: &KataArtifacts,
+    phases: &mut Phases,
+) -> Result<i32, String> {
     let mut cri = Cri::connect(&containerd.socket).await;
 
     let pod = cri::pod_config("demo", &containerd.log_dir());
@@ -42,7 +68,7 @@ async fn main() {
     let pod_id = cri
         .run_pod(&pod, KATA_RUNTIME_HANDLER)
         .await
-        .unwrap_or_else(|e| fail(&containerd, &format!("RunPodSandbox: {e}")));
+        .map_err(|e| format!("RunPodSandbox: {e}"))?;
     phases.time("RunPodSandbox (boots the pod VM)", t, ());
 
     let t = Instant::now();
@@ -53,13 +79,13 @@ async fn main() {
             &pod,
         )
         .await
-        .unwrap_or_else(|e| fail(&containerd, &format!("CreateContainer: {e}")));
+        .map_err(|e| format!("CreateContainer: {e}"))?;
     phases.time("CreateContainer", t, ());
 
     let t = Instant::now();
     cri.start_container(&container)
         .await
-        .unwrap_or_else(|e| fail(&containerd, &format!("StartContainer: {e}")));
+        .map_err(|e| format!("StartContainer: {e}"))?;
     phases.time("StartContainer", t, ());
 
     let t = Instant::now();
@@ -89,17 +115,7 @@ async fn main() {
     for (name, took) in &phases.0 {
         println!("{name:<70} {:>10.3}", took.as_secs_f64());
     }
-    containerd.assert_no_leftovers(&kata);
+    containerd.assert_no_leftovers(kata);
     println!("\nthe pod, its VM and its shim are gone; nothing is left behind");
-    if status.exit_code != 0 {
-        std::process::exit(1);
-    }
-}
-
-fn fail(containerd: &Containerd, what: &str) -> ! {
-    eprintln!(
-        "demo: {what}\ncontainerd's log (last part):\n{}",
-        containerd.log_tail()
-    );
-    std::process::exit(1);
+    Ok(if status.exit_code == 0 { 0 } else { 1 })
 }
