@@ -301,6 +301,15 @@ async fn exec_probe(agent: &mut TestAgent, id: &str, exec_id: &str) -> (i32, Str
     (status, out, err)
 }
 
+/// DEVICE_PROBE's result when neither probed device may be opened.
+fn assert_both_probes_denied(result: &RunResult) {
+    let (out, err) = (result.stdout(), result.stderr());
+    assert_eq!(result.status, 0, "stdout: {out} stderr: {err}");
+    assert_eq!(out, "kmsg=denied\ndisk=denied\n", "stderr: {err}");
+    assert!(err.contains(KMSG_DENIED), "{err}");
+    assert!(err.contains(DISK_DENIED), "{err}");
+}
+
 #[tokio::test]
 #[ignore = "needs cgroup v2 controllers: run through tests/e2e"]
 async fn device_cgroup_denies_devices_outside_the_allow_list() {
@@ -310,11 +319,7 @@ async fn device_cgroup_denies_devices_outside_the_allow_list() {
     let mut s = spec(&["sh", "-c", DEVICE_PROBE]);
     s["linux"]["resources"]["devices"] = default_device_rules().into();
     let result = run(&mut agent, "deny", &s).await;
-    let (out, err) = (result.stdout(), result.stderr());
-    assert_eq!(result.status, 0, "stdout: {out} stderr: {err}");
-    assert_eq!(out, "kmsg=denied\ndisk=denied\n", "stderr: {err}");
-    assert!(err.contains(KMSG_DENIED), "{err}");
-    assert!(err.contains(DISK_DENIED), "{err}");
+    assert_both_probes_denied(&result);
 }
 
 #[tokio::test]
@@ -326,11 +331,7 @@ async fn device_cgroup_applies_to_a_spec_without_resources() {
     let mut s = spec(&["sh", "-c", DEVICE_PROBE]);
     s["linux"].as_object_mut().unwrap().remove("resources");
     let result = run(&mut agent, "nores", &s).await;
-    let (out, err) = (result.stdout(), result.stderr());
-    assert_eq!(result.status, 0, "stdout: {out} stderr: {err}");
-    assert_eq!(out, "kmsg=denied\ndisk=denied\n", "stderr: {err}");
-    assert!(err.contains(KMSG_DENIED), "{err}");
-    assert!(err.contains(DISK_DENIED), "{err}");
+    assert_both_probes_denied(&result);
 }
 
 #[tokio::test]

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use kata_like_tests::containerd::{self, KataArtifacts, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
+use kata_like_tests::containerd::{
+    self, Containerd, KataArtifacts, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER,
+};
 use kata_like_tests::cri::{self, Cri};
 
 /// Generous bound for one container to finish under TCG (the test host is several times slower).
@@ -172,14 +174,14 @@ async fn kata_container_runs_under_its_own_kernel() {
     containerd.assert_no_leftovers(&kata);
 }
 
-#[tokio::test]
-#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
-async fn kata_exec_sync_returns_output_and_exit_code() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-exec", &containerd.log_dir());
+/// A kata-like pod with one started busybox container that sleeps: (pod id, container id).
+async fn sleeping_kata_pod(
+    cri: &mut Cri,
+    containerd: &Containerd,
+    pod_name: &str,
+    container_name: &str,
+) -> (String, String) {
+    let pod = cri::pod_config(pod_name, &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, KATA_RUNTIME_HANDLER)
         .await
@@ -187,12 +189,23 @@ async fn kata_exec_sync_returns_output_and_exit_code() {
     let c = cri
         .create_container(
             &pod_id,
-            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &cri::container_config(container_name, BUSYBOX_IMAGE, &["sleep", "3600"]),
             &pod,
         )
         .await
         .expect("CreateContainer");
     cri.start_container(&c).await.expect("StartContainer");
+    (pod_id, c)
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn kata_exec_sync_returns_output_and_exit_code() {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
+    let (pod_id, c) = sleeping_kata_pod(&mut cri, &containerd, "kata-exec", "sleeper").await;
     let r = cri
         .exec_sync(&c, &["sh", "-c", "echo out; echo err >&2; exit 7"], 60)
         .await
@@ -269,20 +282,7 @@ async fn kata_container_cannot_open_the_pod_vms_block_devices() {
     let kata = KataArtifacts::from_env();
     let mut cri = Cri::connect(&containerd.socket).await;
     cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-devices", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-    let c = cri
-        .create_container(
-            &pod_id,
-            &cri::container_config("prober", BUSYBOX_IMAGE, &["sleep", "3600"]),
-            &pod,
-        )
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
+    let (pod_id, c) = sleeping_kata_pod(&mut cri, &containerd, "kata-devices", "prober").await;
     // The disk exists and its node can be made (mknod itself is allowed, as under runc); opening
     // it is what the filter refuses.
     let probe = "for b in /sys/class/block/vd*; do d=$(cat $b/dev); break; done; \

@@ -23,6 +23,29 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
+/// A run of the test host in a private TMPDIR: the run directory (shared into the VM, named on
+/// QEMU's command line) lives under it, so it identifies this run's processes and files.
+/// Returns the output and what the run left behind: processes, then files.
+fn run_privately(
+    name: &str,
+    configure: impl FnOnce(&mut Command),
+) -> (std::process::Output, Vec<String>, Vec<std::path::PathBuf>) {
+    let tmp = std::env::temp_dir().join(format!("kvm-host-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("private tmp");
+    let mut cmd = kvm_host();
+    cmd.env("TMPDIR", &tmp);
+    configure(&mut cmd);
+    let out = cmd.output().expect("run starts");
+    let leftovers = processes_mentioning(tmp.to_str().expect("utf-8 tmp"));
+    let files = std::fs::read_dir(&tmp)
+        .expect("tmp")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let _ = std::fs::remove_dir_all(&tmp);
+    (out, leftovers, files)
+}
+
 #[test]
 fn runs_the_command_inside_and_returns_its_exit_status() {
     let script = "echo inside:$(hostname):$(test -c /dev/kvm && echo kvm):$(stat -f -c %T /sys/fs/cgroup); exit 7";
@@ -45,22 +68,9 @@ fn runs_the_command_inside_and_returns_its_exit_status() {
 
 #[test]
 fn a_timeout_stops_the_test_host_and_leaves_nothing_behind() {
-    // A private TMPDIR: the run directory (shared into the VM, named on QEMU's command line)
-    // lives under it, so it identifies this run's processes and files.
-    let tmp = std::env::temp_dir().join(format!("kvm-host-timeout-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("private tmp");
-    let out = kvm_host()
-        .env("TMPDIR", &tmp)
-        .args(["--timeout", "20", "--", "sleep", "3600"])
-        .output()
-        .expect("run starts");
-    let leftovers = processes_mentioning(tmp.to_str().expect("utf-8 tmp"));
-    let files: Vec<_> = std::fs::read_dir(&tmp)
-        .expect("tmp")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    let _ = std::fs::remove_dir_all(&tmp);
+    let (out, leftovers, files) = run_privately("timeout", |cmd| {
+        cmd.args(["--timeout", "20", "--", "sleep", "3600"]);
+    });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(124), "stderr: {stderr}");
     assert!(stderr.contains("timed out"), "stderr: {stderr}");
@@ -78,24 +88,11 @@ fn refuses_a_call_without_a_command() {
 #[test]
 fn a_frozen_test_host_is_detected_and_stopped() {
     // Stopping the heartbeat inside looks, from outside, exactly like a frozen emulator.
-    let tmp = std::env::temp_dir().join(format!("kvm-host-frozen-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("private tmp");
-    let out = kvm_host()
-        .env("TMPDIR", &tmp)
-        .env("KVM_HOST_STALL_SECONDS", "15")
-        .args(["--timeout", "600", "--", "sh", "-c"])
-        .arg(
-            "kill -STOP $(cat /run/kvm-host/heartbeat.pid) && echo heartbeat-stopped && sleep 3600",
-        )
-        .output()
-        .expect("run starts");
-    let leftovers = processes_mentioning(tmp.to_str().expect("utf-8 tmp"));
-    let files: Vec<_> = std::fs::read_dir(&tmp)
-        .expect("tmp")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    let _ = std::fs::remove_dir_all(&tmp);
+    let (out, leftovers, files) = run_privately("frozen", |cmd| {
+        cmd.env("KVM_HOST_STALL_SECONDS", "15")
+            .args(["--timeout", "600", "--", "sh", "-c"])
+            .arg("kill -STOP $(cat /run/kvm-host/heartbeat.pid) && echo heartbeat-stopped && sleep 3600");
+    });
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stdout.contains("heartbeat-stopped"), "stdout: {stdout}");
