@@ -17,6 +17,8 @@ pub enum Error {
     Regions(#[from] vm_memory::GuestRegionCollectionError),
     #[error("guest memory region at {0:#x} is invalid")]
     Region(u64),
+    #[error("reserving guest memory: {0}")]
+    Reserve(std::io::Error),
 }
 
 const MAP_HUGE_2MB: i32 = 21 << libc::MAP_HUGE_SHIFT;
@@ -39,7 +41,7 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
         let mapping = if hugepages {
             MmapRegion::<()>::build(None, len, libc::PROT_READ | libc::PROT_WRITE, flags)?
         } else {
-            map_thp_aligned(len, flags).ok_or(Error::Region(start))?
+            map_thp_aligned(len, flags)?
         };
         // SAFETY: the mapping is ours, `len` bytes long; madvise only sets hints on it.
         unsafe {
@@ -60,16 +62,19 @@ const HUGE_PAGE: usize = 2 << 20;
 /// 6.7) every 4 KiB page costs its own nested fault on first touch: measured in the test host,
 /// boot to marker went from 0.96-0.98x QEMU microvm's time to 0.78-0.84x, with the same guest
 /// RAM touched. The mapping stays for the life of the VMM (the region does not own it).
-fn map_thp_aligned(len: usize, flags: i32) -> Option<MmapRegion<()>> {
+fn map_thp_aligned(len: usize, flags: i32) -> Result<MmapRegion<()>, Error> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let reserve = len.checked_add(HUGE_PAGE)?;
+    let reserve = len
+        .checked_add(HUGE_PAGE)
+        .ok_or(Error::InvalidSize((len >> 20) as u64))?;
     // SAFETY: a fresh anonymous mapping; no existing memory is touched.
     let raw = unsafe { libc::mmap(std::ptr::null_mut(), reserve, prot, flags, -1, 0) };
     if raw == libc::MAP_FAILED {
-        return None;
+        return Err(Error::Reserve(std::io::Error::last_os_error()));
     }
     let start = raw as usize;
-    let aligned = start.checked_add(HUGE_PAGE - 1)? & !(HUGE_PAGE - 1);
+    // mmap never returns a mapping that ends past the address space, so this cannot overflow.
+    let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
     let head = aligned - start;
     let tail = reserve - head - len;
     // SAFETY: the head and tail are parts of our reservation outside [aligned, aligned + len);
@@ -84,7 +89,7 @@ fn map_thp_aligned(len: usize, flags: i32) -> Option<MmapRegion<()>> {
         libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
     // SAFETY: [aligned, aligned + len) is mapped read/write by us and never unmapped.
-    unsafe { MmapRegion::<()>::build_raw(aligned as *mut u8, len, prot, flags).ok() }
+    Ok(unsafe { MmapRegion::<()>::build_raw(aligned as *mut u8, len, prot, flags)? })
 }
 
 #[cfg(test)]
