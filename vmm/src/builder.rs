@@ -24,7 +24,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{EventRegistrar, VirtioDevice, WORK_TOKEN};
 use crate::resources::VmResources;
-use crate::vmm::{DeviceInfo, Vmm, VmmRequests, EXIT_TOKEN, REQUEST_TOKEN};
+use crate::vmm::{DeviceInfo, Vmm, VmmRequests, EXIT_TOKEN, REQUEST_TOKEN, THREAD_STACK_BYTES};
 use crate::vmm_config::{ConsoleConfig, DriveConfig, NetBackend};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
@@ -148,28 +148,27 @@ pub fn path_in_jail(p: &Path, jail_dir: Option<&Path>) -> PathBuf {
 /// Builds the VM: memory, kernel, devices, vCPUs. Nothing runs yet.
 pub fn build_vmm(r: &VmResources, o: OpenedResources) -> Result<Vmm, BuildError> {
     let mem = create_guest_memory(r.machine.memory_mib << 20, r.machine.hugepages)?;
+    tracing::debug!(mib = r.machine.memory_mib, "guest memory mapped");
     let vm = Vm::new_without_pit(&o.kvm)?;
     // Registering the memory slot and creating the PIT are slow ioctls (milliseconds on some
     // hosts) that nothing else waits for until the vCPUs run: do them while the kernel loads
     // and the devices are set up.
     let parts = std::thread::scope(|s| {
         // Two threads: the two ioctls take different KVM locks and run in parallel.
-        let pit = s.spawn(|| vm.create_pit());
-        let memory = s.spawn(|| vm.register_memory(&mem));
+        let setup_thread = || std::thread::Builder::new().stack_size(THREAD_STACK_BYTES);
+        let pit = setup_thread().spawn_scoped(s, || vm.create_pit());
+        let memory = setup_thread().spawn_scoped(s, || vm.register_memory(&mem));
         let parts = assemble(r, o, &vm, &mem);
         for handle in [pit, memory] {
-            match handle.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => {
-                    return Err(BuildError::Device(std::io::Error::other(
-                        "VM setup thread panicked",
-                    )))
-                }
-            }
+            let joined = handle
+                .map_err(BuildError::Device)?
+                .join()
+                .map_err(|_| std::io::Error::other("VM setup thread panicked"));
+            joined.map_err(BuildError::Device)??;
         }
         parts
     })?;
+    tracing::debug!(vcpus = parts.vcpus.len(), "VM built");
     Ok(Vmm {
         vm,
         mem,
@@ -210,10 +209,12 @@ fn assemble(
 ) -> Result<Parts, BuildError> {
     let mem = mem.clone();
     let kernel = boot::load_kernel(&mem, &mut o.kernel)?;
+    tracing::debug!(kernel_end = kernel.kernel_end, "kernel loaded");
     let initrd = match o.initrd.as_mut() {
         Some(f) => Some(boot::load_initrd(&mem, f, kernel.kernel_end)?),
         None => None,
     };
+    tracing::debug!(bytes = initrd.map(|i| i.size), "initramfs loaded");
 
     let epoll = Arc::new(Epoll::new().map_err(BuildError::Device)?);
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::Device)?);

@@ -143,6 +143,22 @@ fn boots_to_init_and_powers_off() {
     let console = vm.console();
     assert!(console.contains("KL_INIT_REACHED"), "console:\n{console}");
     assert_eq!(st.code(), Some(0), "console:\n{console}");
+    // The boot benchmark splits boot time with these: the guest clock when it ran /init, and
+    // kvm-clock's reading at its setup (time since the VM was created, so below this test's
+    // whole run).
+    let times = console
+        .lines()
+        .find(|l| l.starts_with("KL_BOOT_TIMES"))
+        .unwrap_or_else(|| panic!("no KL_BOOT_TIMES line:\n{console}"));
+    let field = |name: &str| -> u64 {
+        times
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing or not a number in {times:?}"))
+    };
+    assert!(field("init_ms=") > 0, "{times}");
+    assert!(field("kvmclock_ms=") < 120_000, "{times}");
 }
 
 #[test]

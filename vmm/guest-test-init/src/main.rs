@@ -2,11 +2,11 @@
 //! command line, exercises one device, reports on the console (lines starting with `KL_`)
 //! and ends through the exit port (0xf4) with 0 on success, non-zero on failure.
 //!
-//! Cases: poweroff, idle, panic, blk, blk_hotplug, vsock, net, power_port.
+//! Cases: marker, poweroff, idle, panic, blk, blk_hotplug, vsock, net, power_port.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -18,23 +18,70 @@ fn say(msg: &str) {
     let _ = out.flush();
 }
 
-/// Ends the VM with `status` through the VMM's exit port.
-fn exit_vm(status: u8) -> ! {
-    // The tty sends console output from an interrupt-driven buffer: wait until the UART has
-    // taken all of it, or the VM could end before the last lines reach the host.
-    // SAFETY: tcdrain on our stdout.
-    unsafe { libc::tcdrain(1) };
+/// Writes `status` to the exit port, which ends the VM.
+fn write_exit_port(status: u8) {
     // SAFETY: ioperm grants this process access to one port; `out` then writes it.
     unsafe {
         if libc::ioperm(u64::from(EXIT_PORT), 1, 1) == 0 {
             std::arch::asm!("out dx, al", in("dx") EXIT_PORT, in("al") status);
         }
     }
+}
+
+/// Ends the VM with `status` through the VMM's exit port.
+fn exit_vm(status: u8) -> ! {
+    // The tty sends console output from an interrupt-driven buffer: wait until the UART has
+    // taken all of it, or the VM could end before the last lines reach the host.
+    // SAFETY: tcdrain on our stdout.
+    unsafe { libc::tcdrain(1) };
+    write_exit_port(status);
     say("KL_EXIT_PORT_FAILED");
     // Without the port, a reboot (reboot=t) ends the VM.
     // SAFETY: plain reboot syscall.
     unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_RESTART) };
     std::process::exit(1)
+}
+
+/// `KL_BOOT_TIMES kvmclock_ms=A init_ms=B`: A is what kvm-clock read when the kernel set it up
+/// early in boot (time since KVM's clock zero: VM creation for kata-like-vmm, VM start for
+/// QEMU), B the kernel's clock (zero at that setup) when it ran /init. Both come from the
+/// kernel log: `/proc/uptime` starts later and runs on jiffies early in boot. They let the boot
+/// benchmark split a VMM's boot time into guest-kernel time and the VMM's own.
+fn boot_times() -> String {
+    let mut kvmclock_ms = None;
+    let mut init_ms = None;
+    if let Ok(kmsg) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    {
+        let mut kmsg = kmsg;
+        let mut record = vec![0u8; 8192];
+        // One record per read; EAGAIN at the end of the log.
+        while let Ok(n) = kmsg.read(&mut record) {
+            let text = String::from_utf8_lossy(&record[..n]);
+            let Some((prefix, message)) = text.split_once(';') else {
+                continue;
+            };
+            let usec = prefix.split(',').nth(2).and_then(|v| v.parse::<u64>().ok());
+            if let Some(rest) = message.split("using sched offset of ").nth(1) {
+                kvmclock_ms = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(|ns| ns / 1_000_000);
+            }
+            if message.starts_with("Run /init") {
+                init_ms = usec.map(|u| u / 1000);
+            }
+        }
+    }
+    let show = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+    format!(
+        "KL_BOOT_TIMES kvmclock_ms={} init_ms={}",
+        show(kvmclock_ms),
+        show(init_ms)
+    )
 }
 
 fn mount(fstype: &str, target: &str) {
@@ -455,6 +502,12 @@ fn test_net() -> io::Result<()> {
 }
 
 fn main() {
+    // The boot benchmark's marker: the first thing /init does. The kernel hands unknown
+    // `key=value` command-line parameters to init as environment variables, so this needs no
+    // /proc; and no console output, since every UART byte is a VM exit both VMMs pay for.
+    if std::env::var("kl_test").as_deref() == Ok("marker") {
+        write_exit_port(0);
+    }
     mount("proc", "/proc");
     mount("sysfs", "/sys");
     mount("devtmpfs", "/dev");
@@ -470,11 +523,13 @@ fn main() {
         }
     }
     say("KL_INIT_REACHED");
+    say(&boot_times());
     // SAFETY: sysconf has no memory effects.
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     say(&format!("KL_CPUS {cpus}"));
     let case = cmdline_value("kl_test").unwrap_or_default();
     let result = match case.as_str() {
+        "marker" => Err(io::Error::other("writing the exit port did not end the VM")),
         "poweroff" => Ok(()),
         "idle" => {
             // Stay up (benchmarks measure the VMM while the guest is idle).
