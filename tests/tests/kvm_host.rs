@@ -101,3 +101,19 @@ fn a_frozen_test_host_is_detected_and_stopped() {
     assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
     assert!(files.is_empty(), "files left: {files:?}");
 }
+
+#[test]
+fn an_emulator_that_does_not_start_gives_125_and_leaves_nothing_behind() {
+    let (out, leftovers, files) = run_privately("no-emulator", |cmd| {
+        cmd.env("KVM_HOST_QEMU", "/nonexistent/qemu-system-x86_64")
+            .args(["--timeout", "60", "--", "true"]);
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
+    assert!(
+        stderr.contains("/nonexistent/qemu-system-x86_64"),
+        "stderr: {stderr}"
+    );
+    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
+    assert!(files.is_empty(), "files left: {files:?}");
+}
