@@ -680,6 +680,9 @@ fn boots_a_bzimage_through_the_64_bit_protocol() {
     );
     let st = vm.wait();
     let console = vm.console();
-    assert!(console.contains("KL_INIT_REACHED"), "console:\n{console}");
+    assert!(
+        console.contains("KL_INIT_REACHED"),
+        "VM exit {st}; console:\n{console}"
+    );
     assert_eq!(st.code(), Some(0), "console:\n{console}");
 }
