@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use kata_like_protocol::agent_client::AgentClient;
-use kata_like_protocol::{Empty, HealthRequest, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use kata_like_protocol::{
+    Empty, HealthRequest, SetTimeRequest, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
+};
 use kata_like_tests::artifact;
 use kata_like_tests::console::ConsoleLines;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -97,6 +99,19 @@ async fn agent_boots_as_init_in_our_jailed_vmm_and_answers_over_vsock() {
         .await
         .expect("HTTP/2 over the vsock stream");
     let mut agent = AgentClient::new(channel);
+    // The shim's first call on every pod VM: the guest takes the host's wall clock.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    guarded(
+        "SetTime",
+        agent.set_time(SetTimeRequest {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos(),
+        }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("SetTime: {e}; console:\n{}", console.dump()));
     let health = guarded("Health", agent.health(HealthRequest {}))
         .await
         .expect("Health")
