@@ -24,7 +24,6 @@ use crate::vstate::vcpu::{
 };
 use crate::vstate::vm::Vm;
 
-/// Epoll token of the exit eventfd; device tokens have a non-zero high half.
 /// Stack of the vCPU, API and setup threads. Rust's default, 2 MiB, lets a stack that
 /// happens to be 2 MiB-aligned (it often sits right below the aligned guest RAM) become one
 /// transparent huge page on first touch: measured, the idle VMM's RSS outside guest RAM then
@@ -32,6 +31,7 @@ use crate::vstate::vm::Vm;
 /// seccomp setup, JSON on the API socket).
 pub const THREAD_STACK_BYTES: usize = 512 << 10;
 
+/// Epoll token of the exit eventfd; device tokens have a non-zero high half.
 pub const EXIT_TOKEN: u64 = 0;
 /// Epoll token of `VmmRequests::evt`.
 pub const REQUEST_TOKEN: u64 = 1;
