@@ -24,7 +24,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{EventRegistrar, VirtioDevice, WORK_TOKEN};
 use crate::resources::VmResources;
-use crate::vmm::{DeviceInfo, Vmm, VmmRequests, EXIT_TOKEN, REQUEST_TOKEN, THREAD_STACK_BYTES};
+use crate::vmm::{thread_builder, DeviceInfo, Vmm, VmmRequests, EXIT_TOKEN, REQUEST_TOKEN};
 use crate::vmm_config::{ConsoleConfig, DriveConfig, NetBackend};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
@@ -155,9 +155,8 @@ pub fn build_vmm(r: &VmResources, o: OpenedResources) -> Result<Vmm, BuildError>
     // and the devices are set up.
     let parts = std::thread::scope(|s| {
         // Two threads: the two ioctls take different KVM locks and run in parallel.
-        let setup_thread = || std::thread::Builder::new().stack_size(THREAD_STACK_BYTES);
-        let pit = setup_thread().spawn_scoped(s, || vm.create_pit());
-        let memory = setup_thread().spawn_scoped(s, || vm.register_memory(&mem));
+        let pit = thread_builder("vm-pit").spawn_scoped(s, || vm.create_pit());
+        let memory = thread_builder("vm-memory").spawn_scoped(s, || vm.register_memory(&mem));
         let parts = assemble(r, o, &vm, &mem);
         for handle in [pit, memory] {
             let joined = handle

@@ -31,6 +31,13 @@ use crate::vstate::vm::Vm;
 /// seccomp setup, JSON on the API socket).
 pub const THREAD_STACK_BYTES: usize = 512 << 10;
 
+/// A builder for every thread the VMM starts: named, with `THREAD_STACK_BYTES` of stack.
+pub fn thread_builder(name: impl Into<String>) -> std::thread::Builder {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(THREAD_STACK_BYTES)
+}
+
 /// Epoll token of the exit eventfd; device tokens have a non-zero high half.
 pub const EXIT_TOKEN: u64 = 0;
 /// Epoll token of `VmmRequests::evt`.
@@ -143,17 +150,14 @@ impl Vmm {
         for vcpu in self.vcpus.drain(..) {
             let ctx = ctx.clone();
             let name = format!("vcpu{}", vcpu.index);
-            let spawned = std::thread::Builder::new()
-                .name(name)
-                .stack_size(THREAD_STACK_BYTES)
-                .spawn(move || {
-                    if let Err(e) = enter_thread(ThreadKind::Vcpu, seccomp_settings) {
-                        tracing::error!(error = %e, "vCPU seccomp filter");
-                        ctx.exit.request(ExitReason::VmmError);
-                        return;
-                    }
-                    vcpu.run(ctx);
-                });
+            let spawned = thread_builder(name).spawn(move || {
+                if let Err(e) = enter_thread(ThreadKind::Vcpu, seccomp_settings) {
+                    tracing::error!(error = %e, "vCPU seccomp filter");
+                    ctx.exit.request(ExitReason::VmmError);
+                    return;
+                }
+                vcpu.run(ctx);
+            });
             match spawned {
                 Ok(h) => {
                     lock(&vcpu_threads).push(h.as_pthread_t());
@@ -176,17 +180,14 @@ impl Vmm {
                 vcpu_threads: vcpu_threads.clone(),
                 console_bytes: self.console_bytes.clone(),
             });
-            let spawned = std::thread::Builder::new()
-                .name("api".into())
-                .stack_size(THREAD_STACK_BYTES)
-                .spawn(move || {
-                    if let Err(e) = enter_thread(ThreadKind::Api, seccomp_settings) {
-                        tracing::error!(error = %e, "API seccomp filter");
-                        api.exit.request(ExitReason::VmmError);
-                        return;
-                    }
-                    crate::api::serve(listener, api);
-                });
+            let spawned = thread_builder("api").spawn(move || {
+                if let Err(e) = enter_thread(ThreadKind::Api, seccomp_settings) {
+                    tracing::error!(error = %e, "API seccomp filter");
+                    api.exit.request(ExitReason::VmmError);
+                    return;
+                }
+                crate::api::serve(listener, api);
+            });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start the API thread");
                 self.exit.request(ExitReason::VmmError);

@@ -50,12 +50,11 @@ fn exit_vm(status: u8) -> ! {
 fn boot_times() -> String {
     let mut kvmclock_ms = None;
     let mut init_ms = None;
-    if let Ok(kmsg) = OpenOptions::new()
+    if let Ok(mut kmsg) = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open("/dev/kmsg")
     {
-        let mut kmsg = kmsg;
         let mut record = vec![0u8; 8192];
         // One record per read; EAGAIN at the end of the log.
         while let Ok(n) = kmsg.read(&mut record) {

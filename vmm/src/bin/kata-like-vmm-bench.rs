@@ -270,69 +270,65 @@ fn probe_linux_capable(vmm: &Path) -> bool {
 /// Boots `case` of the test init once with kata-like-vmm; the time from exec to the VMM's
 /// exit with the guest's status 0, or None.
 fn boot_ours(o: &Options, kernel: &Path, initrd: &Path, case: &str, console: &Path) -> Option<f64> {
-    let t0 = Instant::now();
-    let st = Command::new(&o.vmm)
-        .args(["run", "--no-jail", "--console"])
+    let mut vmm = Command::new(&o.vmm);
+    vmm.args(["run", "--no-jail", "--console"])
         .arg(console)
         .args(["--memory-mib", &MEMORY_MIB.to_string(), "--kernel"])
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
-        .args(["--cmdline", &format!("{CMDLINE} kl_test={case}")])
+        .args(["--cmdline", &format!("{CMDLINE} kl_test={case}")]);
+    timed_boot("kata-like-vmm", &mut vmm, 0)
+}
+
+/// Runs `cmd` to its end; the milliseconds it took when it exited with `ok`, else None.
+fn timed_boot(name: &str, cmd: &mut Command, ok: i32) -> Option<f64> {
+    let t0 = Instant::now();
+    let st = cmd
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .status()
-        .expect("run the VMM");
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
     let elapsed = t0.elapsed().as_secs_f64() * 1e3;
-    if st.code() == Some(0) {
+    if st.code() == Some(ok) {
         Some(elapsed)
     } else {
-        eprintln!("kata-like-vmm boot failed: {st}");
+        eprintln!("{name} boot failed: {st}");
         None
     }
 }
 
 /// The same with `qemu-system-x86_64 -M microvm`.
 fn boot_qemu(o: &Options, kernel: &Path, initrd: &Path, case: &str, console: &Path) -> Option<f64> {
-    let t0 = Instant::now();
-    let st = Command::new(&o.qemu)
-        .args([
-            "-M",
-            "microvm,x-option-roms=off,rtc=off,acpi=off",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-        ])
-        .args([
-            "-m",
-            &MEMORY_MIB.to_string(),
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-        ])
-        .args(["-display", "none", "-no-reboot", "-serial"])
-        .arg(format!("file:{}", console.display()))
-        .args([
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel",
-        ])
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", &format!("{CMDLINE} kl_test={case}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .expect("run qemu");
-    let elapsed = t0.elapsed().as_secs_f64() * 1e3;
+    let mut qemu = Command::new(&o.qemu);
+    qemu.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+    ])
+    .args([
+        "-m",
+        &MEMORY_MIB.to_string(),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args(["-display", "none", "-no-reboot", "-serial"])
+    .arg(format!("file:{}", console.display()))
+    .args([
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel",
+    ])
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", &format!("{CMDLINE} kl_test={case}")]);
     // isa-debug-exit turns the guest's 0 into QEMU exit status (0 << 1) | 1.
-    if st.code() == Some(1) {
-        Some(elapsed)
-    } else {
-        eprintln!("qemu microvm boot failed: {st}");
-        None
-    }
+    timed_boot("qemu microvm", &mut qemu, 1)
 }
 
 /// Boots with guest time measured: this many extra `poweroff` runs per VMM.
