@@ -83,6 +83,49 @@ fn boot_times() -> String {
     )
 }
 
+/// The kernel log's slow stretches: every record that came at least `min_gap_ms` after the one
+/// before it, with that one. For finding where boot time goes (`kl_test=boot_gaps`, best with
+/// `initcall_debug`) without printing the whole log, since each console byte is a VM exit.
+fn boot_gaps(min_gap_ms: u64) -> Vec<String> {
+    let mut gaps = Vec::new();
+    let Ok(mut kmsg) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return gaps;
+    };
+    let mut record = vec![0u8; 8192];
+    let mut previous: Option<(u64, String)> = None;
+    while let Ok(n) = kmsg.read(&mut record) {
+        let text = String::from_utf8_lossy(&record[..n]);
+        let Some((prefix, message)) = text.split_once(';') else {
+            continue;
+        };
+        let Some(usec) = prefix.split(',').nth(2).and_then(|v| v.parse::<u64>().ok()) else {
+            continue;
+        };
+        let message: String = message
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(100)
+            .collect();
+        if let Some((before, before_message)) = &previous {
+            let gap_ms = usec.saturating_sub(*before) / 1000;
+            if gap_ms >= min_gap_ms {
+                gaps.push(format!(
+                    "KL_GAP {gap_ms} ms at {} ms: after [{before_message}] before [{message}]",
+                    usec / 1000
+                ));
+            }
+        }
+        previous = Some((usec, message));
+    }
+    gaps
+}
+
 fn mount(fstype: &str, target: &str) {
     let _ = fs::create_dir_all(target);
     let src = std::ffi::CString::new(fstype).unwrap_or_default();
@@ -530,6 +573,12 @@ fn main() {
     let result = match case.as_str() {
         "marker" => Err(io::Error::other("writing the exit port did not end the VM")),
         "poweroff" => Ok(()),
+        "boot_gaps" => {
+            for line in boot_gaps(10) {
+                say(&line);
+            }
+            Ok(())
+        }
         "idle" => {
             // Stay up (benchmarks measure the VMM while the guest is idle).
             say("KL_IDLE");
