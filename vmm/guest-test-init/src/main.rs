@@ -2,7 +2,8 @@
 //! command line, exercises one device, reports on the console (lines starting with `KL_`)
 //! and ends through the exit port (0xf4) with 0 on success, non-zero on failure.
 //!
-//! Cases: marker, poweroff, idle, panic, blk, blk_hotplug, vsock, net, power_port.
+//! Cases: marker, poweroff, boot_gaps (a diagnostic: the kernel log's slow stretches), idle,
+//! panic, blk, blk_hotplug, vsock, vsock_shim, net, power_port.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
