@@ -342,6 +342,29 @@ fn boot_qemu(o: &Options, kernel: &Path, initrd: &Path, case: &str, console: &Pa
     timed_boot("qemu microvm", &mut qemu, 1)
 }
 
+/// Boot to marker under both VMMs, and the ratio of the medians (when both have samples).
+fn report_marker_boots(ours: &mut [f64], qemu: &mut [f64]) {
+    if ours.is_empty() || qemu.is_empty() {
+        return;
+    }
+    let a = report("kata-like-vmm: exec -> marker", "ms", ours);
+    let b = report("qemu -M microvm: exec -> marker", "ms", qemu);
+    println!(
+        "{:<46} {:.3} (target <= 0.8)",
+        "ratio kata-like-vmm / qemu microvm (medians)",
+        a / b
+    );
+}
+
+/// The guest kernel's clock at /init under both VMMs (when both have samples).
+fn report_guest_clock(ours: &mut [f64], qemu: &mut [f64]) {
+    if ours.is_empty() || qemu.is_empty() {
+        return;
+    }
+    report("kata-like-vmm: guest clock at /init", "ms", ours);
+    report("qemu -M microvm: guest clock at /init", "ms", qemu);
+}
+
 /// Boots with guest time measured: this many extra `poweroff` runs per VMM.
 const GUEST_CLOCK_RUNS: usize = 3;
 
@@ -509,15 +532,7 @@ fn fresh_host_benchmarks(o: &Options, host: &Path, kernel: &Path, initrd: &Path)
             samples.extend(sample.map(|(ms, _)| ms));
         }
     }
-    if !ours.is_empty() && !qemu.is_empty() {
-        let a = report("kata-like-vmm: exec -> marker", "ms", &mut ours);
-        let b = report("qemu -M microvm: exec -> marker", "ms", &mut qemu);
-        println!(
-            "{:<46} {:.3} (target <= 0.8)",
-            "ratio kata-like-vmm / qemu microvm (medians)",
-            a / b
-        );
-    }
+    report_marker_boots(&mut ours, &mut qemu);
     let (mut ours_guest, mut qemu_guest) = (Vec::new(), Vec::new());
     for _ in 0..GUEST_CLOCK_RUNS {
         for (which, samples) in [("ours", &mut ours_guest), ("qemu", &mut qemu_guest)] {
@@ -527,14 +542,7 @@ fn fresh_host_benchmarks(o: &Options, host: &Path, kernel: &Path, initrd: &Path)
             }
         }
     }
-    if !ours_guest.is_empty() && !qemu_guest.is_empty() {
-        report("kata-like-vmm: guest clock at /init", "ms", &mut ours_guest);
-        report(
-            "qemu -M microvm: guest clock at /init",
-            "ms",
-            &mut qemu_guest,
-        );
-    }
+    report_guest_clock(&mut ours_guest, &mut qemu_guest);
 }
 
 fn boot_benchmarks(o: &Options, dir: &Path) {
@@ -577,15 +585,7 @@ fn boot_benchmarks(o: &Options, dir: &Path) {
         ours.extend(boot_ours(o, kernel, initrd, "marker", &console));
         qemu.extend(boot_qemu(o, kernel, initrd, "marker", &console));
     }
-    if !ours.is_empty() && !qemu.is_empty() {
-        let a = report("kata-like-vmm: exec -> marker", "ms", &mut ours);
-        let b = report("qemu -M microvm: exec -> marker", "ms", &mut qemu);
-        println!(
-            "{:<46} {:.3} (target <= 0.8)",
-            "ratio kata-like-vmm / qemu microvm (medians)",
-            a / b
-        );
-    }
+    report_marker_boots(&mut ours, &mut qemu);
     // Where the time goes: the guest kernel's clock when it ran /init (the test init prints it
     // in `poweroff`, after the marker's point) is the same guest work under both VMMs; the rest
     // of each total is the VMM's own (start, kernel loading, exits, teardown).
@@ -600,14 +600,7 @@ fn boot_benchmarks(o: &Options, dir: &Path) {
             qemu_guest.extend(guest_init_ms(&console));
         }
     }
-    if !ours_guest.is_empty() && !qemu_guest.is_empty() {
-        report("kata-like-vmm: guest clock at /init", "ms", &mut ours_guest);
-        report(
-            "qemu -M microvm: guest clock at /init",
-            "ms",
-            &mut qemu_guest,
-        );
-    }
+    report_guest_clock(&mut ours_guest, &mut qemu_guest);
 
     // VMM overhead with Linux up and idle.
     let console = dir.join("console.log");
