@@ -133,11 +133,18 @@ impl Agent {
                     "while waiting for the agent: {why}; last agent error: {last_error}"
                 )));
             }
+            // A CONNECT hangs until the guest's vsock driver is up, and tonic's request
+            // timeout does not cover connecting: the attempt is bounded here, so that the
+            // last one does not outlast the boot timeout.
+            let attempt = timeout
+                .saturating_sub(start.elapsed())
+                .min(Duration::from_secs(5));
             let mut req = tonic::Request::new(HealthRequest {});
-            req.set_timeout(Duration::from_secs(5));
-            match self.client().health(req).await {
-                Ok(resp) => return Ok(resp.into_inner()),
-                Err(status) => last_error = format!("{}: {}", status.code(), status.message()),
+            req.set_timeout(attempt);
+            match tokio::time::timeout(attempt, self.client().health(req)).await {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => last_error = format!("{}: {}", status.code(), status.message()),
+                Err(_) => last_error = format!("no answer within {attempt:?}"),
             }
             tokio::time::sleep(delay).await;
             // Short steps: every poll is one cheap vsock CONNECT, and each step of waiting

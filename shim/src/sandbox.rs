@@ -215,6 +215,13 @@ impl Vm {
         let health = match health {
             Ok(h) => h,
             Err(e) => {
+                let e = match e {
+                    // The VM runs but its agent never answered: say where the guest was.
+                    Error::Agent(m) => {
+                        Error::Agent(format!("{m}; {}", vm.stuck_guest_report().await))
+                    }
+                    other => other,
+                };
                 vm.kill();
                 vm.wait_exit().await;
                 return Err(e);
@@ -256,6 +263,19 @@ impl Vm {
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// For a VM whose agent never answered: pauses it, which makes every vCPU log its
+    /// registers to the VMM log (kept in the error), and summarises the devices' state.
+    async fn stuck_guest_report(&self) -> String {
+        let paused = match self.api.pause().await {
+            Ok(()) => "vCPU registers are in the VMM log".to_string(),
+            Err(e) => format!("pausing it failed: {e}"),
+        };
+        match self.api.metrics().await {
+            Ok(m) => format!("VM at the timeout: {}; {paused}", describe_vm_metrics(&m)),
+            Err(e) => format!("VM metrics unavailable: {e}; {paused}"),
+        }
     }
 
     /// The VM's end, once it happened.
@@ -545,6 +565,51 @@ fn console_tail(path: &Path) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// One line from the VMM's metrics: how much the guest printed, and how far each virtio device
+/// got (its status register: 0 never probed, 0xf driver ready) with vsock's traffic, the
+/// agent's only channel.
+pub fn describe_vm_metrics(m: &serde_json::Value) -> String {
+    fn kind_of(d: &serde_json::Value) -> &str {
+        d.get("type").and_then(|t| t.as_str()).unwrap_or("?")
+    }
+    let count = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
+    let mut parts = vec![format!("console {} bytes", count(m, "console_bytes"))];
+    let devices = m
+        .get("devices")
+        .and_then(|d| d.as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut block_statuses_seen: Vec<u64> = Vec::new();
+    for d in devices {
+        let kind = kind_of(d);
+        let status = count(d, "status");
+        if kind == "block" {
+            // A pod VM has many drive slots: one entry per status, with how many have it.
+            if !block_statuses_seen.contains(&status) {
+                block_statuses_seen.push(status);
+                let n = devices
+                    .iter()
+                    .filter(|o| kind_of(o) == "block" && count(o, "status") == status)
+                    .count();
+                parts.push(format!("{n} block status {status:#x}"));
+            }
+            continue;
+        }
+        let mut part = format!("{kind} status {status:#x}");
+        if kind == "vsock" {
+            part.push_str(&format!(
+                " rx {} tx {} packets, {} open connections, {} resets",
+                count(d, "rx_packets"),
+                count(d, "tx_packets"),
+                count(d, "open_connections"),
+                count(d, "resets_sent"),
+            ));
+        }
+        parts.push(part);
+    }
+    parts.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,6 +658,91 @@ mod tests {
             .to_string();
         assert!(err.contains("/nonexistent/vmlinux"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+
+    #[test]
+    fn vm_metrics_read_as_one_line_with_drive_slots_grouped() {
+        let m = serde_json::json!({
+            "console_bytes": 1234,
+            "devices": [
+                {"type": "block", "id": "slot0", "status": 15},
+                {"type": "block", "id": "slot1", "status": 0},
+                {"type": "block", "id": "slot2", "status": 15},
+                {"type": "vsock", "status": 15, "rx_packets": 3, "tx_packets": 2,
+                 "open_connections": 1, "resets_sent": 1},
+                {"type": "rng", "status": 7},
+            ]
+        });
+        assert_eq!(
+            describe_vm_metrics(&m),
+            "console 1234 bytes, 2 block status 0xf, 1 block status 0x0, \
+             vsock status 0xf rx 3 tx 2 packets, 1 open connections, 1 resets, rng status 0x7"
+        );
+        assert_eq!(
+            describe_vm_metrics(&serde_json::json!("junk")),
+            "console 0 bytes"
+        );
+    }
+
+    /// The VMM built beside this test binary (target/<profile>/): test.sh builds every binary
+    /// before it runs the tests.
+    fn built_vmm() -> PathBuf {
+        let exe = std::env::current_exe().expect("test binary path");
+        match exe.parent().and_then(Path::parent) {
+            Some(dir) if dir.join("kata-like-vmm").exists() => dir.join("kata-like-vmm"),
+            _ => panic!(
+                "no kata-like-vmm beside {}: run cargo build --workspace --bins first",
+                exe.display()
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_never_answers_is_reported_with_where_the_guest_was() {
+        // A real VMM and a guest that spins at its first instruction (`jmp $`): the VM runs,
+        // and no agent ever answers. Tiny guests run on any KVM.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("spin.elf");
+        std::fs::write(
+            &kernel,
+            kata_like_vmm::test_guest::tiny_elf(&[0xeb, 0xfe], true),
+        )
+        .expect("write");
+        let mut config = Config {
+            state_dir: dir.path().join("state"),
+            ..Default::default()
+        };
+        config.vmm.path = built_vmm();
+        config.vmm.kernel = kernel;
+        config.vmm.initrd = None;
+        config.vmm.boot_timeout_ms = 500;
+        config.jail.enabled = false;
+        let shape = VmShape {
+            vcpus: 1,
+            memory_mib: 128,
+            debug_console: false,
+        };
+        let started = std::time::Instant::now();
+        let err = Vm::start(&config, &shape, "default", "pod1", "")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not answer within 500ms"), "{err}");
+        // The boot timeout holds although each agent call may wait 5 s for a CONNECT.
+        assert!(started.elapsed() < Duration::from_secs(4), "{err}");
+        assert!(err.contains("VM at the timeout: console 0 bytes"), "{err}");
+        assert!(
+            err.contains("vsock status 0x0 rx 0 tx 0 packets"),
+            "the guest never probed the vsock device: {err}"
+        );
+        let rip = format!("rip={:#x} ", kata_like_vmm::test_guest::TINY_ELF_LOAD_ADDR);
+        assert!(err.contains("vCPU paused") && err.contains(&rip), "{err}");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("state"))
+                .expect("dir")
+                .count(),
+            0
+        );
     }
 
     #[tokio::test]

@@ -143,10 +143,13 @@ fn ctr_run_with_a_terminal_gets_its_size() {
     let containerd = containerd::shared();
     let kata = KataArtifacts::from_env();
     // `script` gives ctr a pseudo-terminal of a known size; ctr passes it on with ResizePty, and
-    // the container's terminal in the guest reports it.
+    // the container's terminal in the guest reports it. ctr sends the size only after the task
+    // started (as it does with runc), so the container waits for it as a terminal program
+    // would for SIGWINCH: busybox's `stty size` fails while the terminal has no size yet.
     let ctr = format!(
         "stty rows 33 cols 77; /usr/bin/ctr --address {} -n k8s.io run -t --rm --runtime {} \
-         --runtime-config-path {} {} ctr-tty sh -c 'stty size; [ -t 0 ] && echo is-a-tty'",
+         --runtime-config-path {} {} ctr-tty sh -c 'for i in $(seq 100); do \
+         stty size 2>/dev/null && break; sleep 0.1; done; [ -t 0 ] && echo is-a-tty'",
         containerd.socket.display(),
         KATA_RUNTIME_TYPE,
         containerd.kata_config.display(),

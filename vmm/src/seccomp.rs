@@ -124,6 +124,12 @@ vmm_sys_util::ioctl_ior_nr!(
     0x83,
     kvm_bindings::kvm_sregs
 );
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_MP_STATE,
+    kvm_bindings::KVMIO,
+    0x98,
+    kvm_bindings::kvm_mp_state
+);
 
 /// ioctl's request argument (the low 32 bits: the kernel takes it as an unsigned int) is
 /// `request`.
@@ -144,9 +150,14 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, Error> {
         .collect();
     match kind {
         ThreadKind::Vcpu => {
-            // KVM_RUN, and the register reads logged when a guest dies.
+            // KVM_RUN, and the state reads logged when a guest dies or is paused.
             let mut allowed = Vec::new();
-            for request in [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()] {
+            for request in [
+                KVM_RUN(),
+                KVM_GET_REGS(),
+                KVM_GET_SREGS(),
+                KVM_GET_MP_STATE(),
+            ] {
                 allowed.push(SeccompRule::new(vec![ioctl_request_is(request)?])?);
             }
             rules.insert(libc::SYS_ioctl, allowed);
@@ -212,6 +223,7 @@ mod tests {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
+        assert_eq!(KVM_GET_MP_STATE(), 0x8004_ae98);
     }
 }
 

@@ -566,6 +566,40 @@ fn api_force_stop_ends_the_vm() {
     assert_eq!(child.wait_guarded().code(), Some(0));
 }
 
+#[test]
+fn a_paused_vcpu_logs_where_the_guest_is() {
+    // The shim pauses a pod VM whose agent never answered and keeps the VMM log: this line is
+    // all it has to tell a stuck guest from a slow one.
+    let dir = tempfile::tempdir().unwrap();
+    // Jailed: the register reads must pass the vCPU thread's seccomp filter.
+    let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let sock = jail.join("api.sock");
+    let log = dir.path().join("vmm.log");
+    let child = Command::new(vmm_bin())
+        .args(["run", "--kernel", k.to_str().unwrap(), "--jail-dir"])
+        .arg(&jail)
+        .args(["--log-level", "info", "--api-sock"])
+        .arg(&sock)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let mut api = Api::connect(&sock, &mut child);
+    assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+    assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
+    assert_eq!(child.wait_guarded().code(), Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    let paused: Vec<&str> = log.lines().filter(|l| l.contains("vCPU paused")).collect();
+    assert_eq!(paused.len(), 1, "{log}");
+    // The guest's only instruction, `jmp $`, sits at the image's load address, in the 32-bit
+    // protected mode of the PVH entry, and it runs: not halted (mp_state 0, RUNNABLE).
+    let rip = format!("rip={:#x} ", kata_like_vmm::test_guest::TINY_ELF_LOAD_ADDR);
+    assert!(paused[0].contains(&rip), "{}", paused[0]);
+    assert!(paused[0].contains("mp_state=0"), "{}", paused[0]);
+}
+
 fn jailed_run(violation: Option<&str>) -> std::process::ExitStatus {
     let dir = tempfile::tempdir().unwrap();
     let jail = dir.path().join("jail");

@@ -138,9 +138,11 @@ impl VcpuControl {
     }
 
     /// Called by a vCPU between runs: blocks while paused. Returns false when it must stop.
-    fn checkpoint(&self) -> bool {
+    /// `on_pause` runs once as the vCPU parks, before the pauser is told it is parked.
+    fn checkpoint(&self, on_pause: impl FnOnce()) -> bool {
         let mut s = lock(&self.state);
         if s.pause && !s.stop {
+            on_pause();
             s.paused_vcpus += 1;
             self.cond.notify_all();
             while s.pause && !s.stop {
@@ -281,7 +283,12 @@ impl Vcpu {
         let ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(ptr));
         loop {
-            if ctx.exit.reason().is_some() || !ctx.control.checkpoint() {
+            // A paused vCPU logs where the guest was: the shim pauses a pod VM whose agent
+            // never answered before killing it, so these lines say where the guest was stuck.
+            let log_state = || {
+                tracing::info!(vcpu = self.index, state = %self.describe_state(), "vCPU paused");
+            };
+            if ctx.exit.reason().is_some() || !ctx.control.checkpoint(log_state) {
                 break;
             }
             if let Some(reason) = self.run_once(&ctx) {
@@ -294,10 +301,15 @@ impl Vcpu {
 
     /// Key registers, for logs when a guest dies.
     pub fn describe_state(&self) -> String {
+        // mp_state 3 is KVM_MP_STATE_HALTED: a guest waiting for an interrupt.
+        let mp_state = match self.fd.get_mp_state() {
+            Ok(m) => m.mp_state.to_string(),
+            Err(_) => "?".into(),
+        };
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => format!(
-                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{:#x}",
-                r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base
+                "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/{:#x} mp_state={mp_state}",
+                r.rip, r.rsp, r.rflags, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base
             ),
             _ => "unavailable".into(),
         }
