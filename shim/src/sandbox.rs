@@ -268,13 +268,15 @@ impl Vm {
     /// For a VM whose agent never answered: pauses it, which makes every vCPU log its
     /// registers to the VMM log (kept in the error), and summarises the devices' state.
     async fn stuck_guest_report(&self) -> String {
-        let paused = match self.api.pause().await {
-            Ok(()) => "vCPU registers are in the VMM log".to_string(),
-            Err(e) => format!("pausing it failed: {e}"),
+        // Metrics first: the VMM answers them at once, while a pause waits for every vCPU
+        // to park, and a VMM that cannot pause would not answer the metrics after it either.
+        let metrics = match self.api.metrics().await {
+            Ok(m) => format!("VM at the timeout: {}", describe_vm_metrics(&m)),
+            Err(e) => return format!("VM metrics unavailable: {e}"),
         };
-        match self.api.metrics().await {
-            Ok(m) => format!("VM at the timeout: {}; {paused}", describe_vm_metrics(&m)),
-            Err(e) => format!("VM metrics unavailable: {e}; {paused}"),
+        match self.api.pause().await {
+            Ok(()) => format!("{metrics}; vCPU registers are in the VMM log"),
+            Err(e) => format!("{metrics}; pausing it failed: {e}"),
         }
     }
 
