@@ -643,21 +643,12 @@ mod tests {
     #[tokio::test]
     async fn a_missing_kernel_is_refused_before_anything_starts() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config {
-            state_dir: dir.path().to_path_buf(),
-            ..Default::default()
-        };
-        config.vmm.path = "/bin/true".into();
-        config.vmm.kernel = "/nonexistent/vmlinux".into();
-        let shape = VmShape {
-            vcpus: 1,
-            memory_mib: 128,
-            debug_console: false,
-        };
-        let err = Vm::start(&config, &shape, "default", "pod1", "")
-            .await
-            .unwrap_err()
-            .to_string();
+        let config = boot_config(
+            dir.path(),
+            "/bin/true".into(),
+            "/nonexistent/vmlinux".into(),
+        );
+        let err = failed_start(&config).await;
         assert!(err.contains("/nonexistent/vmlinux"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
     }
@@ -686,6 +677,31 @@ mod tests {
         );
     }
 
+    /// A configuration for boot tests: state under `state_dir`, no initramfs.
+    fn boot_config(state_dir: &Path, vmm: PathBuf, kernel: PathBuf) -> Config {
+        let mut config = Config {
+            state_dir: state_dir.to_path_buf(),
+            ..Default::default()
+        };
+        config.vmm.path = vmm;
+        config.vmm.kernel = kernel;
+        config.vmm.initrd = None;
+        config
+    }
+
+    /// Starts a 1-vCPU, 128 MiB pod VM that must fail; the error's text.
+    async fn failed_start(config: &Config) -> String {
+        let shape = VmShape {
+            vcpus: 1,
+            memory_mib: 128,
+            debug_console: false,
+        };
+        Vm::start(config, &shape, "default", "pod1", "")
+            .await
+            .unwrap_err()
+            .to_string()
+    }
+
     /// The VMM built beside this test binary (target/<profile>/): test.sh builds every binary
     /// before it runs the tests.
     fn built_vmm() -> PathBuf {
@@ -710,25 +726,11 @@ mod tests {
             kata_like_vmm::test_guest::tiny_elf(&[0xeb, 0xfe], true),
         )
         .expect("write");
-        let mut config = Config {
-            state_dir: dir.path().join("state"),
-            ..Default::default()
-        };
-        config.vmm.path = built_vmm();
-        config.vmm.kernel = kernel;
-        config.vmm.initrd = None;
+        let mut config = boot_config(&dir.path().join("state"), built_vmm(), kernel);
         config.vmm.boot_timeout_ms = 500;
         config.jail.enabled = false;
-        let shape = VmShape {
-            vcpus: 1,
-            memory_mib: 128,
-            debug_console: false,
-        };
         let started = std::time::Instant::now();
-        let err = Vm::start(&config, &shape, "default", "pod1", "")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = failed_start(&config).await;
         assert!(err.contains("did not answer within 500ms"), "{err}");
         // The boot timeout holds although each agent call may wait 5 s for a CONNECT.
         assert!(started.elapsed() < Duration::from_secs(4), "{err}");
@@ -758,22 +760,8 @@ mod tests {
         .expect("write");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake_vmm, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mut config = Config {
-            state_dir: dir.path().join("state"),
-            ..Default::default()
-        };
-        config.vmm.path = fake_vmm;
-        config.vmm.kernel = "/bin/sh".into();
-        config.vmm.initrd = None;
-        let shape = VmShape {
-            vcpus: 1,
-            memory_mib: 128,
-            debug_console: false,
-        };
-        let err = Vm::start(&config, &shape, "default", "pod1", "")
-            .await
-            .unwrap_err()
-            .to_string();
+        let config = boot_config(&dir.path().join("state"), fake_vmm, "/bin/sh".into());
+        let err = failed_start(&config).await;
         assert!(err.contains("exit status: 1"), "{err}");
         assert!(err.contains("kvm: no such device"), "{err}");
         assert_eq!(
