@@ -250,7 +250,7 @@ fn run_e2e(name: &str, scenario: &[&str]) -> (i32, String, String) {
         std::fs::write(&path, text).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     };
-    for script in ["run-e2e", "e2e-verdict"] {
+    for script in ["run-e2e", "e2e-verdict", "e2e-env"] {
         let text = std::fs::read_to_string(tests_dir().join(script)).unwrap();
         write(&format!("root/tests/{script}"), &text);
     }
