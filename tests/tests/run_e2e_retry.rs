@@ -383,3 +383,75 @@ fn run_e2e_retries_a_frozen_test_host_with_the_same_tests_and_checks_what_a_reru
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("did not run the 1 test(s) it named"), "{err}");
 }
+
+/// A run of linux_boot in which every test passed.
+const PASSING_LOG: &str = r#"kvm-host/run: this machine's /dev/kvm cannot boot Linux at speed ({"linux_capable":false,"loop_ms":2113}): using the test host
+
+running 4 tests
+test boots_two_vcpus_in_the_jail_as_nobody ... ok
+test graceful_stop_asks_the_guest_through_the_power_port ... ok
+test guest_panic_exits_non_zero_and_keeps_the_console ... 2026-12-05T04:01:02.000003Z  WARN kata_like_vmm::vstate::vcpu: guest shutdown (triple fault or reset) vcpu=0
+ok
+test virtio_blk_reads_and_writes_host_files_jailed ... ok
+
+test result: ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 380.50s
+
+"#;
+
+/// tests/soak's report part, on the per-run logs a soak leaves: runs, failures and rate per test,
+/// and each failure with the verdict's reason.
+#[test]
+fn soak_reports_each_tests_failure_rate_with_the_reasons() {
+    let dir = scratch("soak-report");
+    let runs = [
+        ("1-linux_boot", PASSING_LOG.to_string(), 0),
+        (
+            "2-linux_boot",
+            linux_boot_log(&format!("{TRIPLE_FAULT}\n")),
+            101,
+        ),
+        ("3-linux_boot", linux_boot_log(""), 101),
+    ];
+    for (name, log, status) in &runs {
+        std::fs::write(dir.join(format!("{name}.log")), log).unwrap();
+        std::fs::write(dir.join(format!("{name}.status")), format!("{status}\n")).unwrap();
+    }
+    let out = Command::new(tests_dir().join("soak"))
+        .arg("--report")
+        .arg(&dir)
+        .output()
+        .expect("run tests/soak --report");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let row = |test: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(&format!("linux_boot::{test} ")))
+            .unwrap_or_else(|| panic!("no row for {test}:\n{report}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        row("boots_two_vcpus_in_the_jail_as_nobody"),
+        "3 2 66.7%",
+        "{report}"
+    );
+    assert_eq!(
+        row("guest_panic_exits_non_zero_and_keeps_the_console"),
+        "3 0 0.0%",
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("    #2 retry triple-fault: {TRIPLE_FAULT}\n")),
+        "{report}"
+    );
+    assert!(
+        report.contains(
+            "    #3 fail failed: panicked at vmm/tests/common/mod.rs:120:13: VM did not exit; console:\n"
+        ),
+        "{report}"
+    );
+}
