@@ -1,8 +1,11 @@
 //! Virtio devices over the virtio-mmio transport (virtio 1.x, split queues).
 
 pub mod block;
+pub mod chain;
+pub mod device_state;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -18,6 +21,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemoryMmap;
+pub use device_state::{ActiveState, DeviceState};
 
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
@@ -126,12 +130,20 @@ pub enum ActivateError {
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     fn avail_features(&self) -> u64;
-    fn set_acked_features(&mut self, features: u64);
+    /// The state every device keeps alike (features, activation, broken); the provided
+    /// methods below and the queue helpers in `queue.rs` work on it.
+    fn device_state(&self) -> &DeviceState;
+    fn device_state_mut(&mut self) -> &mut DeviceState;
+    fn set_acked_features(&mut self, features: u64) {
+        self.device_state_mut().acked_features = features;
+    }
     fn queue_max_sizes(&self) -> &[u16];
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
-    fn is_activated(&self) -> bool;
+    fn is_activated(&self) -> bool {
+        self.device_state().active.is_some()
+    }
     /// The driver notified queue `index`.
     fn process_queue(&mut self, index: usize);
     /// A device-owned fd registered through `EventRegistrar` is ready.
@@ -139,7 +151,9 @@ pub trait VirtioDevice: Send {
     /// Back to the pre-activation state (driver reset).
     fn reset(&mut self);
     /// Set when the driver broke the protocol; the transport then asks for a reset.
-    fn is_broken(&self) -> bool;
+    fn is_broken(&self) -> bool {
+        self.device_state().broken
+    }
     fn metrics(&self) -> serde_json::Value;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
