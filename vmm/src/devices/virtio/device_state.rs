@@ -22,28 +22,42 @@ pub struct ActiveState {
     pub events: EventRegistrar,
 }
 
-#[derive(Default)]
 pub struct DeviceState {
+    /// Features offered to the driver, fixed when the device is built.
+    pub avail_features: u64,
     pub acked_features: u64,
+    /// Largest size of each queue, in the device's queue order.
+    pub queue_sizes: &'static [u16],
     pub active: Option<ActiveState>,
     /// Set when the driver broke the ring protocol; the transport then asks for a reset.
     pub broken: bool,
 }
 
 impl DeviceState {
-    /// Takes over what activation hands the device. `queues_needed` is how many queues the
-    /// device uses; fewer is a driver error reported as `missing`. `watch` is the device's
-    /// own fd (TAP, listening socket) and its sub token, added to the event loop for input
-    /// before the device counts as active.
+    pub fn new(avail_features: u64, queue_sizes: &'static [u16]) -> Self {
+        DeviceState {
+            avail_features,
+            acked_features: 0,
+            queue_sizes,
+            active: None,
+            broken: false,
+        }
+    }
+
+    /// Takes over what activation hands the device: one queue per entry of `queue_sizes`.
+    /// `watch` is the device's own fd (TAP, listening socket) and its sub token, added to
+    /// the event loop for input before the device counts as active.
     pub fn activate(
         &mut self,
         ctx: ActivateContext,
-        queues_needed: usize,
-        missing: &str,
         watch: Option<(RawFd, u32)>,
     ) -> Result<(), ActivateError> {
-        if ctx.queues.len() < queues_needed {
-            return Err(ActivateError::BadQueue(missing.into()));
+        if ctx.queues.len() < self.queue_sizes.len() {
+            return Err(ActivateError::BadQueue(format!(
+                "the device uses {} queues, the driver set up {}: the transport must hand over all of them",
+                self.queue_sizes.len(),
+                ctx.queues.len()
+            )));
         }
         if let Some((fd, sub)) = watch {
             ctx.events.add(fd, sub, EventSet::IN)?;

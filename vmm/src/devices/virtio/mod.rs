@@ -129,7 +129,9 @@ pub enum ActivateError {
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.device_state().avail_features
+    }
     /// The state every device keeps alike (features, activation, broken); the provided
     /// methods below and the queue helpers in `queue.rs` work on it.
     fn device_state(&self) -> &DeviceState;
@@ -137,7 +139,9 @@ pub trait VirtioDevice: Send {
     fn set_acked_features(&mut self, features: u64) {
         self.device_state_mut().acked_features = features;
     }
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.device_state().queue_sizes
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;

@@ -59,11 +59,15 @@ impl Block {
         let id = config.id.as_bytes();
         let n = id.len().min(serial.len());
         serial[..n].copy_from_slice(&id[..n]);
+        let mut features = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
+        if config.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
         Block {
             config,
             serial,
             backing,
-            state: DeviceState::default(),
+            state: DeviceState::new(features, &QUEUE_SIZES),
             metrics: BlockMetrics::default(),
         }
     }
@@ -98,14 +102,6 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
 
-    fn avail_features(&self) -> u64 {
-        let mut f = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
-        if self.config.read_only {
-            f |= VIRTIO_BLK_F_RO;
-        }
-        f
-    }
-
     fn device_state(&self) -> &DeviceState {
         &self.state
     }
@@ -114,17 +110,12 @@ impl VirtioDevice for Block {
         &mut self.state
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.state
-            .activate(ctx, QUEUE_SIZES.len(), "virtio-blk needs one queue", None)
+        self.state.activate(ctx, None)
     }
 
     fn process_queue(&mut self, index: usize) {

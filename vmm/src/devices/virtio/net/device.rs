@@ -38,7 +38,7 @@ impl Net {
         Net {
             tap,
             mac,
-            state: DeviceState::default(),
+            state: DeviceState::new(VIRTIO_NET_F_MAC, &QUEUE_SIZES),
             pending_rx: None,
             tap_armed: false,
             buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
@@ -87,28 +87,18 @@ impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
     }
-    fn avail_features(&self) -> u64 {
-        VIRTIO_NET_F_MAC
-    }
     fn device_state(&self) -> &DeviceState {
         &self.state
     }
     fn device_state_mut(&mut self) -> &mut DeviceState {
         &mut self.state
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.mac, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.state.activate(
-            ctx,
-            QUEUE_SIZES.len(),
-            "virtio-net needs two queues",
-            Some((self.tap.as_raw_fd(), TAP_TOKEN)),
-        )?;
+        self.state
+            .activate(ctx, Some((self.tap.as_raw_fd(), TAP_TOKEN)))?;
         self.tap_armed = true;
         Ok(())
     }

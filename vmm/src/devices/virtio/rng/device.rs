@@ -8,7 +8,6 @@ use crate::devices::virtio::{ActivateContext, ActivateError, DeviceState, Virtio
 pub const REQUEST_QUEUE: usize = 0;
 const QUEUE_SIZES: [u16; 1] = [64];
 
-#[derive(Default)]
 pub struct Rng {
     pub(super) state: DeviceState,
     pub metrics: RngMetrics,
@@ -16,7 +15,16 @@ pub struct Rng {
 
 impl Rng {
     pub fn new() -> Self {
-        Self::default()
+        Rng {
+            state: DeviceState::new(0, &QUEUE_SIZES),
+            metrics: RngMetrics::default(),
+        }
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -24,24 +32,17 @@ impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         TYPE_RNG
     }
-    fn avail_features(&self) -> u64 {
-        0
-    }
     fn device_state(&self) -> &DeviceState {
         &self.state
     }
     fn device_state_mut(&mut self) -> &mut DeviceState {
         &mut self.state
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.state
-            .activate(ctx, QUEUE_SIZES.len(), "virtio-rng needs one queue", None)
+        self.state.activate(ctx, None)
     }
     fn process_queue(&mut self, index: usize) {
         if index == REQUEST_QUEUE {

@@ -55,7 +55,7 @@ impl Vsock {
             cid,
             uds_path,
             listener,
-            state: DeviceState::default(),
+            state: DeviceState::new(0, &QUEUE_SIZES),
             conns: HashMap::new(),
             token_keys: HashMap::new(),
             accepting: HashMap::new(),
@@ -178,28 +178,18 @@ impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
-    fn avail_features(&self) -> u64 {
-        0
-    }
     fn device_state(&self) -> &DeviceState {
         &self.state
     }
     fn device_state_mut(&mut self) -> &mut DeviceState {
         &mut self.state
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.state.activate(
-            ctx,
-            QUEUE_SIZES.len(),
-            "virtio-vsock needs three queues",
-            Some((self.listener.as_raw_fd(), LISTENER_TOKEN)),
-        )
+        self.state
+            .activate(ctx, Some((self.listener.as_raw_fd(), LISTENER_TOKEN)))
     }
     fn process_queue(&mut self, index: usize) {
         match index {
