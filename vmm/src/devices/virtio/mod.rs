@@ -142,9 +142,15 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16] {
         self.device_state().queue_sizes
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Reads the device's config space; a device without one reads as zeros.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// The driver set DRIVER_OK. Devices that watch their own fds override this to add them.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.device_state_mut().activate(ctx, None)
+    }
     fn is_activated(&self) -> bool {
         self.device_state().active.is_some()
     }
@@ -152,8 +158,11 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// A device-owned fd registered through `EventRegistrar` is ready.
     fn process_event(&mut self, _sub: u32, _events: u32) {}
-    /// Back to the pre-activation state (driver reset).
-    fn reset(&mut self);
+    /// Back to the pre-activation state (driver reset). Devices that watch their own fds or
+    /// hold traffic override this to drop them too.
+    fn reset(&mut self) {
+        self.device_state_mut().reset();
+    }
     /// Set when the driver broke the protocol; the transport then asks for a reset.
     fn is_broken(&self) -> bool {
         self.device_state().broken

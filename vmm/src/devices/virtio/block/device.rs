@@ -6,9 +6,7 @@ use std::io::{Seek, SeekFrom};
 
 use super::metrics::BlockMetrics;
 use super::request::{DEVICE_ID_LEN, SECTOR_SHIFT};
-use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceState, VirtioDevice, TYPE_BLOCK,
-};
+use crate::devices::virtio::{read_config_bytes, DeviceState, VirtioDevice, TYPE_BLOCK};
 
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -114,18 +112,10 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config_space(), offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.state.activate(ctx, None)
-    }
-
     fn process_queue(&mut self, index: usize) {
         if index == REQUEST_QUEUE {
             self.process_requests();
         }
-    }
-
-    fn reset(&mut self) {
-        self.state.reset();
     }
 
     fn metrics(&self) -> serde_json::Value {

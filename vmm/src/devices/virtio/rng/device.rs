@@ -3,7 +3,7 @@
 use std::any::Any;
 
 use super::metrics::RngMetrics;
-use crate::devices::virtio::{ActivateContext, ActivateError, DeviceState, VirtioDevice, TYPE_RNG};
+use crate::devices::virtio::{DeviceState, VirtioDevice, TYPE_RNG};
 
 pub const REQUEST_QUEUE: usize = 0;
 const QUEUE_SIZES: [u16; 1] = [64];
@@ -38,19 +38,10 @@ impl VirtioDevice for Rng {
     fn device_state_mut(&mut self) -> &mut DeviceState {
         &mut self.state
     }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.state.activate(ctx, None)
-    }
     fn process_queue(&mut self, index: usize) {
         if index == REQUEST_QUEUE {
             self.process_requests();
         }
-    }
-    fn reset(&mut self) {
-        self.state.reset();
     }
     fn metrics(&self) -> serde_json::Value {
         serde_json::to_value(&self.metrics).unwrap_or_default()
