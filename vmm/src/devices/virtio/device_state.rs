@@ -1,6 +1,6 @@
-//! The state every virtio device keeps the same way: the features the driver acked, what
-//! activation handed over (guest memory, the queues, the interrupt, the event registrar) and
-//! whether the driver broke the ring protocol. Each device embeds one `DeviceState` next to
+//! The state every virtio device keeps the same way: the features it offers and the driver
+//! acked, its queue sizes, what activation handed over (guest memory, the queues, the
+//! interrupt, the event registrar) and whether the driver broke the ring protocol. Each device embeds one `DeviceState` next to
 //! its own fields; the queue helpers in `queue.rs` reach it through
 //! `VirtioDevice::device_state_mut`.
 
@@ -10,8 +10,25 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{ActivateContext, ActivateError, EventRegistrar, IrqTrigger};
+use super::events::EventRegistrar;
+use super::irq::IrqTrigger;
 use crate::vstate::memory::GuestMemoryMmap;
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub irq: Arc<IrqTrigger>,
+    pub events: EventRegistrar,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device setup failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad queue configuration: {0}")]
+    BadQueue(String),
+}
 
 /// What a device holds between DRIVER_OK and reset.
 pub struct ActiveState {

@@ -11,7 +11,8 @@
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
 
-use super::{VirtioDevice, INT_VRING};
+use super::irq::INT_VRING;
+use super::VirtioDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// What a receive-side device did with the chain it was handed.
