@@ -4,8 +4,9 @@
 //!
 //! Guest-controlled input is checked here before a device sees it: `Queue::iter` refuses an
 //! avail index more than a queue size ahead (the device is then marked broken), and the
-//! descriptor chain iterator stops at loops (a chain longer than the queue), indirect
-//! tables and total lengths that overflow. Each device's parser then checks every
+//! descriptor chain iterator (virtio-queue) ends a chain at a loop (more descriptors than
+//! the queue holds), at an index outside the table, at a nested or malformed indirect
+//! table and where the total length overflows. Each device's parser then checks every
 //! descriptor's direction and address range.
 
 use virtio_queue::desc::split::Descriptor;
@@ -61,7 +62,7 @@ where
             .map(|chain| (chain.head_index(), chain.collect()))
             .collect(),
         Err(e) => {
-            tracing::warn!(device_type, queue = index, error = %e, "virtio queue error");
+            tracing::warn!(device_type, queue = index, error = %e, "invalid avail ring from the driver: device marked broken until the driver resets it");
             state.broken = true;
             return 0;
         }
@@ -78,7 +79,7 @@ where
     match complete(device, index, &mem, &completed) {
         Ok(()) => notify(device, index),
         Err(e) => {
-            tracing::warn!(device_type, queue = index, error = %e, "virtio used ring error");
+            tracing::warn!(device_type, queue = index, error = %e, "cannot write the used ring: device marked broken until the driver resets it");
         }
     }
     handled
@@ -118,7 +119,7 @@ where
         let chain = match queue.iter(&mem) {
             Ok(mut iter) => iter.next(),
             Err(e) => {
-                tracing::warn!(device_type, queue = index, error = %e, "virtio queue error");
+                tracing::warn!(device_type, queue = index, error = %e, "invalid avail ring from the driver: device marked broken until the driver resets it");
                 state.broken = true;
                 outcome.ring_error = true;
                 return outcome;
@@ -140,7 +141,7 @@ where
             }
         };
         if let Err(e) = complete(device, index, &mem, &[(head, written)]) {
-            tracing::warn!(device_type, queue = index, error = %e, "virtio used ring error");
+            tracing::warn!(device_type, queue = index, error = %e, "cannot write the used ring: device marked broken until the driver resets it");
             outcome.ring_error = true;
             return outcome;
         }
