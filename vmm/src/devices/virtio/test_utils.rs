@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::Epoll;
@@ -47,6 +48,12 @@ impl TestDesc {
             write: true,
         }
     }
+}
+
+/// A descriptor as a request or packet parser receives it, for parser tests.
+pub fn descriptor(addr: u64, len: u32, write: bool) -> Descriptor {
+    let flags = if write { VIRTQ_DESC_F_WRITE } else { 0 };
+    Descriptor::new(addr, len, flags, 0)
 }
 
 impl TestQueue {

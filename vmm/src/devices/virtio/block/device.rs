@@ -3,21 +3,16 @@
 use std::any::Any;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::sync::Arc;
-
-use virtio_queue::Queue;
 
 use super::metrics::BlockMetrics;
 use super::request::{DEVICE_ID_LEN, SECTOR_SHIFT};
-use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, TYPE_BLOCK,
-};
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::devices::virtio::{read_config_bytes, DeviceState, VirtioDevice, TYPE_BLOCK};
 
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 pub const QUEUE_SIZE: u16 = 256;
+pub const REQUEST_QUEUE: usize = 0;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 
 /// Static configuration of one drive (from `--drive`).
@@ -47,19 +42,11 @@ impl Backing {
     }
 }
 
-pub(super) struct ActiveState {
-    pub mem: GuestMemoryMmap,
-    pub queue: Queue,
-    pub irq: Arc<IrqTrigger>,
-}
-
 pub struct Block {
     pub config: BlockConfig,
     pub(super) serial: [u8; DEVICE_ID_LEN as usize],
     pub(super) backing: Option<Backing>,
-    pub(super) acked_features: u64,
-    pub(super) active: Option<ActiveState>,
-    pub(super) broken: bool,
+    pub(super) state: DeviceState,
     pub metrics: BlockMetrics,
 }
 
@@ -70,13 +57,15 @@ impl Block {
         let id = config.id.as_bytes();
         let n = id.len().min(serial.len());
         serial[..n].copy_from_slice(&id[..n]);
+        let mut features = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
+        if config.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
         Block {
             config,
             serial,
             backing,
-            acked_features: 0,
-            active: None,
-            broken: false,
+            state: DeviceState::new(features, &QUEUE_SIZES),
             metrics: BlockMetrics::default(),
         }
     }
@@ -111,58 +100,22 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
 
-    fn avail_features(&self) -> u64 {
-        let mut f = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX;
-        if self.config.read_only {
-            f |= VIRTIO_BLK_F_RO;
-        }
-        f
+    fn device_state(&self) -> &DeviceState {
+        &self.state
     }
 
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+    fn device_state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
     }
 
-    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx
-            .queues
-            .pop()
-            .ok_or_else(|| ActivateError::BadQueue("virtio-blk needs one queue".into()))?;
-        self.active = Some(ActiveState {
-            mem: ctx.mem,
-            queue,
-            irq: ctx.irq,
-        });
-        self.broken = false;
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
     fn process_queue(&mut self, index: usize) {
-        if index == 0 {
+        if index == REQUEST_QUEUE {
             self.process_requests();
         }
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.broken = false;
-        self.acked_features = 0;
-    }
-
-    fn is_broken(&self) -> bool {
-        self.broken
     }
 
     fn metrics(&self) -> serde_json::Value {

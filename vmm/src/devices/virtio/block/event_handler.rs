@@ -2,62 +2,23 @@
 
 use std::os::unix::fs::FileExt;
 
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::Bytes;
 
-use super::device::Block;
+use super::device::{Block, REQUEST_QUEUE};
 use super::request::*;
-use crate::devices::virtio::INT_VRING;
+use crate::devices::virtio::queue;
+use crate::vstate::memory::GuestMemoryMmap;
 
 impl Block {
     /// Drains the request queue. Malformed requests complete with IOERR; a broken ring
     /// (avail index too far ahead, used ring not writable) marks the device broken.
     pub fn process_requests(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.clone();
-        let chains = match active.queue.iter(&mem) {
-            Ok(iter) => iter
-                .map(|c| (c.head_index(), collect_chain(c)))
-                .collect::<Vec<_>>(),
-            Err(e) => {
-                tracing::warn!(drive = %self.config.id, error = %e, "virtio-blk queue error");
-                self.broken = true;
-                return;
-            }
-        };
-        if chains.is_empty() {
-            return;
-        }
-        let mut completed = Vec::with_capacity(chains.len());
-        for (head, descs) in chains {
-            let written = self.execute_chain(&descs, &mem);
-            completed.push((head, written));
-        }
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        for (head, written) in completed {
-            if let Err(e) = active.queue.add_used(&mem, head, written) {
-                tracing::warn!(drive = %self.config.id, error = %e, "virtio-blk used ring error");
-                self.broken = true;
-                return;
-            }
-        }
-        match active.queue.needs_notification(&mem) {
-            Ok(true) => active.irq.trigger(INT_VRING),
-            Ok(false) => {}
-            Err(_) => self.broken = true,
-        }
+        queue::drain_queue(self, REQUEST_QUEUE, Self::execute_chain);
     }
 
     /// Runs one chain; returns the number of bytes written into device-writable buffers.
-    fn execute_chain(
-        &mut self,
-        descs: &[virtio_queue::desc::split::Descriptor],
-        mem: &crate::vstate::memory::GuestMemoryMmap,
-    ) -> u32 {
+    fn execute_chain(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
         let request = match Request::parse(descs, mem, self.capacity()) {
             Ok(r) => r,
             Err(e) => {
@@ -80,7 +41,7 @@ impl Block {
         written + 1
     }
 
-    fn execute(&mut self, r: &Request, mem: &crate::vstate::memory::GuestMemoryMmap) -> (u8, u32) {
+    fn execute(&mut self, r: &Request, mem: &GuestMemoryMmap) -> (u8, u32) {
         match r.request_type {
             RequestType::In => {
                 self.metrics.read_requests += 1;
@@ -133,11 +94,7 @@ impl Block {
         }
     }
 
-    fn read_into(
-        &self,
-        r: &Request,
-        mem: &crate::vstate::memory::GuestMemoryMmap,
-    ) -> std::io::Result<()> {
+    fn read_into(&self, r: &Request, mem: &GuestMemoryMmap) -> std::io::Result<()> {
         let backing = self.backing.as_ref().ok_or(std::io::ErrorKind::NotFound)?;
         let mut offset = r.sector << SECTOR_SHIFT;
         let mut buf = Vec::new();
@@ -151,11 +108,7 @@ impl Block {
         Ok(())
     }
 
-    fn write_from(
-        &self,
-        r: &Request,
-        mem: &crate::vstate::memory::GuestMemoryMmap,
-    ) -> std::io::Result<()> {
+    fn write_from(&self, r: &Request, mem: &GuestMemoryMmap) -> std::io::Result<()> {
         let backing = self.backing.as_ref().ok_or(std::io::ErrorKind::NotFound)?;
         if backing.read_only || self.config.read_only {
             return Err(std::io::ErrorKind::PermissionDenied.into());
@@ -179,7 +132,7 @@ mod tests {
     use super::super::test_utils::*;
     use super::*;
     use crate::devices::virtio::test_utils::{TestDesc, VIRTQ_DESC_F_NEXT};
-    use crate::devices::virtio::VirtioDevice;
+    use crate::devices::virtio::{VirtioDevice, INT_VRING};
     use std::sync::atomic::Ordering;
     use vm_memory::GuestAddress;
 

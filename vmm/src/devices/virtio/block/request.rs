@@ -4,7 +4,7 @@
 //! allocate or copy more than `MAX_REQUEST_BYTES`.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
@@ -163,25 +163,10 @@ impl Request {
     }
 }
 
-/// Reads a whole chain into a vector (the chain iterator stops at loops and at the queue
-/// size, so this is bounded).
-pub fn collect_chain<M>(chain: virtio_queue::DescriptorChain<M>) -> Vec<Descriptor>
-where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
-{
-    chain.collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::test_memory;
-
-    fn desc(addr: u64, len: u32, write: bool) -> Descriptor {
-        let flags = if write { 2 } else { 0 };
-        Descriptor::new(addr, len, flags, 0)
-    }
+    use crate::devices::virtio::test_utils::{descriptor as desc, test_memory};
 
     fn header(mem: &crate::vstate::memory::GuestMemoryMmap, t: u32, sector: u64) -> Descriptor {
         mem.write_obj(t, GuestAddress(0x1000)).unwrap();

@@ -2,19 +2,16 @@
 
 use std::any::Any;
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
 
-use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 
 use super::metrics::NetMetrics;
 use super::packet::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::tap::Tap;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, EventRegistrar, IrqTrigger, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceState, VirtioDevice,
     DEVICE_TOKEN_BASE, TYPE_NET,
 };
-use crate::vstate::memory::GuestMemoryMmap;
 
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const RX_QUEUE: usize = 0;
@@ -22,24 +19,17 @@ pub const TX_QUEUE: usize = 1;
 pub const TAP_TOKEN: u32 = DEVICE_TOKEN_BASE;
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 
-pub(super) struct ActiveState {
-    pub mem: GuestMemoryMmap,
-    pub rx: Queue,
-    pub tx: Queue,
-    pub irq: Arc<IrqTrigger>,
-    pub events: EventRegistrar,
-}
-
 pub struct Net {
     pub(super) tap: Tap,
     pub(super) mac: [u8; 6],
-    pub(super) active: Option<ActiveState>,
-    pub(super) broken: bool,
+    pub(super) state: DeviceState,
     /// A frame read from the TAP that found no receive buffer yet (header included).
     pub(super) pending_rx: Option<Vec<u8>>,
     /// Whether the TAP is armed in the event loop (disarmed while the guest has no buffers).
     pub(super) tap_armed: bool,
     pub(super) buf: Vec<u8>,
+    /// Where a transmit chain is gathered; kept to reuse its allocation.
+    pub(super) tx_frame: Vec<u8>,
     pub metrics: NetMetrics,
 }
 
@@ -48,11 +38,11 @@ impl Net {
         Net {
             tap,
             mac,
-            active: None,
-            broken: false,
+            state: DeviceState::new(VIRTIO_NET_F_MAC, &QUEUE_SIZES),
             pending_rx: None,
             tap_armed: false,
             buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
+            tx_frame: Vec::new(),
             metrics: NetMetrics::default(),
         }
     }
@@ -61,7 +51,7 @@ impl Net {
         if self.tap_armed == armed {
             return;
         }
-        if let Some(a) = self.active.as_ref() {
+        if let Some(a) = self.state.active.as_ref() {
             let events = if armed {
                 EventSet::IN
             } else {
@@ -97,38 +87,20 @@ impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
     }
-    fn avail_features(&self) -> u64 {
-        VIRTIO_NET_F_MAC
+    fn device_state(&self) -> &DeviceState {
+        &self.state
     }
-    fn set_acked_features(&mut self, _features: u64) {}
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+    fn device_state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.mac, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::BadQueue(
-                "virtio-net needs two queues".into(),
-            ));
-        };
-        ctx.events
-            .add(self.tap.as_raw_fd(), TAP_TOKEN, EventSet::IN)?;
+        self.state
+            .activate(ctx, Some((self.tap.as_raw_fd(), TAP_TOKEN)))?;
         self.tap_armed = true;
-        self.active = Some(ActiveState {
-            mem: ctx.mem,
-            rx,
-            tx,
-            irq: ctx.irq,
-            events: ctx.events,
-        });
-        self.broken = false;
         Ok(())
-    }
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
     fn process_queue(&mut self, index: usize) {
         match index {
@@ -143,15 +115,11 @@ impl VirtioDevice for Net {
         }
     }
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
+        if let Some(a) = self.state.reset() {
             a.events.remove(self.tap.as_raw_fd());
         }
         self.tap_armed = false;
         self.pending_rx = None;
-        self.broken = false;
-    }
-    fn is_broken(&self) -> bool {
-        self.broken
     }
     fn metrics(&self) -> serde_json::Value {
         serde_json::to_value(&self.metrics).unwrap_or_default()

@@ -2,165 +2,116 @@
 
 use std::io::ErrorKind;
 
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
 
-use super::device::Net;
+use super::device::{Net, RX_QUEUE, TX_QUEUE};
 use super::packet::{read_tx_chain, rx_header, write_rx_chain, VNET_HDR_LEN};
-use crate::devices::virtio::INT_VRING;
+use crate::devices::virtio::queue::{self, Fill};
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// Frames moved per event before yielding to other devices.
 const BATCH: usize = 256;
 
 impl Net {
     pub fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.clone();
-        let chains: Vec<_> = match active.tx.iter(&mem) {
-            Ok(iter) => iter
-                .map(|c| (c.head_index(), c.collect::<Vec<_>>()))
-                .collect(),
-            Err(_) => {
-                self.broken = true;
-                return;
-            }
-        };
-        if chains.is_empty() {
-            return;
-        }
-        let mut frame = Vec::new();
-        for (head, descs) in chains {
-            match read_tx_chain(&descs, &mem, &mut frame) {
-                Ok(()) => {
-                    let out = if self.tap.vnet_hdr {
-                        &frame[..]
-                    } else {
-                        &frame[VNET_HDR_LEN..]
-                    };
-                    match self.tap.write_frame(out) {
-                        Ok(_) => {
-                            self.metrics.tx_frames += 1;
-                            self.metrics.tx_bytes += out.len() as u64;
-                        }
-                        // A full TAP drops the frame, as a real NIC would.
-                        Err(_) => self.metrics.tap_errors += 1,
+        queue::drain_queue(self, TX_QUEUE, Self::transmit);
+    }
+
+    /// Sends one transmit chain's frame to the TAP; the chain is completed with nothing
+    /// written whether the frame was sent, dropped or invalid.
+    fn transmit(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
+        let mut frame = std::mem::take(&mut self.tx_frame);
+        match read_tx_chain(descs, mem, &mut frame) {
+            Ok(()) => {
+                let out = if self.tap.vnet_hdr {
+                    &frame[..]
+                } else {
+                    &frame[VNET_HDR_LEN..]
+                };
+                match self.tap.write_frame(out) {
+                    Ok(_) => {
+                        self.metrics.tx_frames += 1;
+                        self.metrics.tx_bytes += out.len() as u64;
                     }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "invalid virtio-net tx chain");
-                    self.metrics.tx_invalid += 1;
+                    // A full TAP drops the frame, as a real NIC would.
+                    Err(_) => self.metrics.tap_errors += 1,
                 }
             }
-            if active.tx.add_used(&mem, head, 0).is_err() {
-                self.broken = true;
-                return;
+            Err(e) => {
+                tracing::debug!(error = %e, "invalid virtio-net tx chain");
+                self.metrics.tx_invalid += 1;
             }
         }
-        match active.tx.needs_notification(&mem) {
-            Ok(true) => active.irq.trigger(INT_VRING),
-            Ok(false) => {}
-            Err(_) => self.broken = true,
-        }
+        self.tx_frame = frame;
+        0
     }
 
     /// Delivers frames from the TAP while the guest has receive buffers.
     pub fn process_rx(&mut self) {
-        let mut delivered = false;
-        for _ in 0..BATCH {
-            let packet = match self.pending_rx.take() {
-                Some(p) => p,
-                None => {
-                    let (hdr_room, header) = if self.tap.vnet_hdr {
-                        (0, None)
-                    } else {
-                        (VNET_HDR_LEN, Some(rx_header()))
-                    };
-                    let mut buf = std::mem::take(&mut self.buf);
-                    let res = self.tap.read_frame(&mut buf[hdr_room..]);
-                    let packet = match res {
-                        Ok(n) => {
-                            if let Some(h) = header {
-                                buf[..VNET_HDR_LEN].copy_from_slice(&h);
-                            }
-                            Some(buf[..hdr_room + n].to_vec())
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
-                        Err(_) => {
-                            self.metrics.tap_errors += 1;
-                            None
-                        }
-                    };
-                    self.buf = buf;
-                    match packet {
-                        Some(p) => p,
-                        None => break,
-                    }
-                }
-            };
-            match self.deliver(&packet) {
-                Some(true) => delivered = true,
-                Some(false) => {}
-                None => {
-                    // No receive buffer: hold the frame, stop reading the TAP until the
-                    // guest posts buffers (its RX notification calls us again).
-                    self.pending_rx = Some(packet);
-                    self.arm_tap(false);
-                    break;
-                }
-            }
+        let outcome = queue::fill_queue(self, RX_QUEUE, BATCH, Self::next_rx_frame, Self::deliver);
+        if outcome.out_of_buffers {
+            // No receive buffer: the frame stays in `pending_rx`; stop reading the TAP until
+            // the guest posts buffers (its RX notification calls us again).
+            self.arm_tap(false);
         }
-        if self.pending_rx.is_none() && !self.broken {
+        if outcome.ring_error {
+            // The device needs a reset; the frame cannot be delivered.
+            self.pending_rx = None;
+        }
+        if self.pending_rx.is_none() && !self.state.broken {
             self.arm_tap(true);
-        }
-        if delivered {
-            if let Some(active) = self.active.as_mut() {
-                match active.rx.needs_notification(&active.mem) {
-                    Ok(true) => active.irq.trigger(INT_VRING),
-                    Ok(false) => {}
-                    Err(_) => self.broken = true,
-                }
-            }
         }
     }
 
-    /// Some(true) delivered, Some(false) dropped (bad buffer), None: no buffer available.
-    fn deliver(&mut self, packet: &[u8]) -> Option<bool> {
-        let active = self.active.as_mut()?;
-        let mem = active.mem.clone();
-        let chain = match active.rx.iter(&mem) {
-            Ok(mut iter) => iter.next(),
-            Err(_) => {
-                self.broken = true;
-                return Some(false);
+    /// Whether a frame waits for a receive buffer: the one held back, or the next one the
+    /// TAP has (header included), which is then held in `pending_rx`.
+    fn next_rx_frame(&mut self) -> bool {
+        if self.pending_rx.is_some() {
+            return true;
+        }
+        let (hdr_room, header) = if self.tap.vnet_hdr {
+            (0, None)
+        } else {
+            (VNET_HDR_LEN, Some(rx_header()))
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        match self.tap.read_frame(&mut buf[hdr_room..]) {
+            Ok(n) => {
+                if let Some(h) = header {
+                    buf[..VNET_HDR_LEN].copy_from_slice(&h);
+                }
+                self.pending_rx = Some(buf[..hdr_room + n].to_vec());
             }
-        }?;
-        let head = chain.head_index();
-        let descs: Vec<_> = chain.collect();
-        let (written, ok) = match write_rx_chain(&descs, &mem, packet) {
-            Ok(n) => (n, true),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(_) => self.metrics.tap_errors += 1,
+        }
+        self.buf = buf;
+        self.pending_rx.is_some()
+    }
+
+    /// Writes the held frame into one receive chain; a chain that cannot take it drops the
+    /// frame (and is completed with nothing written).
+    fn deliver(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Fill {
+        let Some(packet) = self.pending_rx.take() else {
+            return Fill::PutBack;
+        };
+        match write_rx_chain(descs, mem, &packet) {
+            Ok(written) => {
+                self.metrics.rx_frames += 1;
+                self.metrics.rx_bytes += (packet.len() - VNET_HDR_LEN.min(packet.len())) as u64;
+                Fill::Used(written)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "frame dropped: bad receive buffer");
-                (0, false)
+                self.metrics.rx_dropped += 1;
+                Fill::Used(0)
             }
-        };
-        if active.rx.add_used(&mem, head, written).is_err() {
-            self.broken = true;
-            return Some(false);
         }
-        if ok {
-            self.metrics.rx_frames += 1;
-            self.metrics.rx_bytes += (packet.len() - VNET_HDR_LEN.min(packet.len())) as u64;
-        } else {
-            self.metrics.rx_dropped += 1;
-        }
-        Some(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::device::{RX_QUEUE, TX_QUEUE};
     use super::super::tap::Tap;
     use super::*;
     use crate::devices::virtio::test_utils::{activate, test_memory, TestDesc, TestQueue};

@@ -4,6 +4,8 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
+use crate::devices::virtio::chain::{scatter, writable_len, ChainError};
+
 /// `struct virtio_net_hdr_v1` (with num_buffers), always present with VIRTIO_F_VERSION_1.
 pub const VNET_HDR_LEN: usize = 12;
 /// Largest Ethernet frame without offloads (64 KiB payload + header, like Linux's TAP).
@@ -23,6 +25,15 @@ pub enum Error {
     TooLong,
     #[error("receive buffers hold {0} bytes, the frame needs {1}")]
     BufferTooSmall(usize, usize),
+}
+
+impl From<ChainError> for Error {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::DeviceReadable => Error::ReadOnlyRx,
+            ChainError::OutOfRange => Error::OutOfRange,
+        }
+    }
 }
 
 /// Gathers a transmit chain into `out`: virtio-net header followed by the frame.
@@ -60,29 +71,11 @@ pub fn write_rx_chain<M: GuestMemoryBackend>(
     mem: &M,
     packet: &[u8],
 ) -> Result<u32, Error> {
-    let mut capacity = 0usize;
-    for d in descs {
-        if !d.is_write_only() {
-            return Err(Error::ReadOnlyRx);
-        }
-        if !mem.check_range(d.addr(), d.len() as usize) {
-            return Err(Error::OutOfRange);
-        }
-        capacity = capacity.saturating_add(d.len() as usize);
-    }
+    let capacity = writable_len(descs, mem)?;
     if capacity < packet.len() {
         return Err(Error::BufferTooSmall(capacity, packet.len()));
     }
-    let mut rest = packet;
-    for d in descs {
-        if rest.is_empty() {
-            break;
-        }
-        let n = rest.len().min(d.len() as usize);
-        mem.write_slice(&rest[..n], d.addr())
-            .map_err(|_| Error::OutOfRange)?;
-        rest = &rest[n..];
-    }
+    scatter(descs, mem, &[packet])?;
     Ok(packet.len() as u32)
 }
 
@@ -96,12 +89,8 @@ pub fn rx_header() -> [u8; VNET_HDR_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::test_memory;
+    use crate::devices::virtio::test_utils::{descriptor as d, test_memory};
     use vm_memory::GuestAddress;
-
-    fn d(addr: u64, len: u32, write: bool) -> Descriptor {
-        Descriptor::new(addr, len, if write { 2 } else { 0 }, 0)
-    }
 
     #[test]
     fn tx_gathers_all_buffers() {

@@ -1,10 +1,11 @@
 //! Filling the guest's buffers with random bytes.
 
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use super::device::Rng;
-use crate::devices::virtio::INT_VRING;
+use super::device::{Rng, REQUEST_QUEUE};
+use crate::devices::virtio::queue;
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// Most bytes handed out per request; the guest asks again for more.
 pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
@@ -25,61 +26,37 @@ fn getrandom(buf: &mut [u8]) -> bool {
 
 impl Rng {
     pub fn process_requests(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.clone();
-        let chains: Vec<_> = match active.queue.iter(&mem) {
-            Ok(iter) => iter
-                .map(|c| (c.head_index(), c.collect::<Vec<_>>()))
-                .collect(),
-            Err(_) => {
-                self.broken = true;
-                return;
-            }
-        };
-        if chains.is_empty() {
-            return;
-        }
+        queue::drain_queue(self, REQUEST_QUEUE, Self::fill_request);
+    }
+
+    /// Fills one chain's device-writable buffers; returns the bytes written. A read-only or
+    /// out-of-range buffer ends the request there and counts it invalid.
+    fn fill_request(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
+        self.metrics.requests += 1;
         let mut buf = Vec::new();
-        let mut completed = Vec::new();
-        for (head, descs) in chains {
-            self.metrics.requests += 1;
-            let mut written = 0u32;
-            let mut valid = true;
-            for d in &descs {
-                if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
-                    valid = false;
-                    break;
-                }
-                let n = d.len().min(MAX_BYTES_PER_REQUEST - written);
-                if n == 0 {
-                    break;
-                }
-                buf.resize(n as usize, 0);
-                if !getrandom(&mut buf) || mem.write_slice(&buf, d.addr()).is_err() {
-                    valid = false;
-                    break;
-                }
-                written += n;
+        let mut written = 0u32;
+        let mut valid = true;
+        for d in descs {
+            if !d.is_write_only() || !mem.check_range(d.addr(), d.len() as usize) {
+                valid = false;
+                break;
             }
-            if !valid {
-                self.metrics.invalid_requests += 1;
+            let n = d.len().min(MAX_BYTES_PER_REQUEST - written);
+            if n == 0 {
+                break;
             }
-            self.metrics.bytes += u64::from(written);
-            completed.push((head, written));
-        }
-        for (head, written) in completed {
-            if active.queue.add_used(&mem, head, written).is_err() {
-                self.broken = true;
-                return;
+            buf.resize(n as usize, 0);
+            if !getrandom(&mut buf) || mem.write_slice(&buf, d.addr()).is_err() {
+                valid = false;
+                break;
             }
+            written += n;
         }
-        match active.queue.needs_notification(&mem) {
-            Ok(true) => active.irq.trigger(INT_VRING),
-            Ok(false) => {}
-            Err(_) => self.broken = true,
+        if !valid {
+            self.metrics.invalid_requests += 1;
         }
+        self.metrics.bytes += u64::from(written);
+        written
     }
 }
 

@@ -5,19 +5,16 @@ use std::collections::{HashMap, VecDeque};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{Connection, State, CONN_BUF_ALLOC};
 use super::metrics::VsockMetrics;
 use super::packet::{Header, HOST_CID, OP_REQUEST, TYPE_STREAM};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, EventRegistrar, IrqTrigger, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceState, VirtioDevice,
     DEVICE_TOKEN_BASE, TYPE_VSOCK,
 };
-use crate::vstate::memory::GuestMemoryMmap;
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -32,21 +29,13 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// (local/host port, peer/guest port)
 pub type ConnKey = (u32, u32);
 
-pub(super) struct ActiveState {
-    pub mem: GuestMemoryMmap,
-    pub rx: Queue,
-    pub tx: Queue,
-    pub irq: Arc<IrqTrigger>,
-    pub events: EventRegistrar,
-}
-
 pub struct Vsock {
     pub(super) cid: u64,
     /// Path of the host socket as seen by the VMM after jailing; guest-initiated connections
     /// to port P go to `<uds_path>_<P>`.
     pub(super) uds_path: PathBuf,
     pub(super) listener: UnixListener,
-    pub(super) active: Option<ActiveState>,
+    pub(super) state: DeviceState,
     pub(super) conns: HashMap<ConnKey, (u32, Connection)>,
     pub(super) token_keys: HashMap<u32, ConnKey>,
     /// Host clients that have not sent their CONNECT line yet, by token.
@@ -55,7 +44,6 @@ pub struct Vsock {
     pub(super) next_local_port: u32,
     /// Control packets waiting for receive buffers.
     pub(super) control: VecDeque<Header>,
-    pub(super) broken: bool,
     pub metrics: VsockMetrics,
 }
 
@@ -67,14 +55,13 @@ impl Vsock {
             cid,
             uds_path,
             listener,
-            active: None,
+            state: DeviceState::new(0, &QUEUE_SIZES),
             conns: HashMap::new(),
             token_keys: HashMap::new(),
             accepting: HashMap::new(),
             next_token: LISTENER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
-            broken: false,
             metrics: VsockMetrics::default(),
         })
     }
@@ -137,7 +124,7 @@ impl Vsock {
         token: u32,
         events: EventSet,
     ) {
-        if let Some(a) = self.active.as_ref() {
+        if let Some(a) = self.state.active.as_ref() {
             if a.events
                 .add(conn.stream.as_raw_fd(), token, events)
                 .is_err()
@@ -152,7 +139,7 @@ impl Vsock {
 
     pub(super) fn remove_connection(&mut self, key: ConnKey) {
         if let Some((token, conn)) = self.conns.remove(&key) {
-            if let Some(a) = self.active.as_ref() {
+            if let Some(a) = self.state.active.as_ref() {
                 a.events.remove(conn.stream.as_raw_fd());
             }
             self.token_keys.remove(&token);
@@ -163,7 +150,7 @@ impl Vsock {
     /// Opens a connection to guest `port` from inside the VMM (the API's graceful stop).
     /// Returns the host end of the stream.
     pub fn connect_internal(&mut self, port: u32) -> std::io::Result<UnixStream> {
-        if self.active.is_none() {
+        if self.state.active.is_none() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotConnected,
                 "vsock not active",
@@ -191,37 +178,18 @@ impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
-    fn avail_features(&self) -> u64 {
-        0
+    fn device_state(&self) -> &DeviceState {
+        &self.state
     }
-    fn set_acked_features(&mut self, _features: u64) {}
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+    fn device_state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::BadQueue(
-                "virtio-vsock needs three queues".into(),
-            ));
-        };
-        ctx.events
-            .add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN)?;
-        self.active = Some(ActiveState {
-            mem: ctx.mem,
-            rx,
-            tx,
-            irq: ctx.irq,
-            events: ctx.events,
-        });
-        self.broken = false;
-        Ok(())
-    }
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.state
+            .activate(ctx, Some((self.listener.as_raw_fd(), LISTENER_TOKEN)))
     }
     fn process_queue(&mut self, index: usize) {
         match index {
@@ -238,7 +206,7 @@ impl VirtioDevice for Vsock {
         for k in keys {
             self.remove_connection(k);
         }
-        if let Some(a) = self.active.take() {
+        if let Some(a) = self.state.reset() {
             a.events.remove(self.listener.as_raw_fd());
             for c in self.accepting.values() {
                 a.events.remove(c.stream.as_raw_fd());
@@ -246,10 +214,6 @@ impl VirtioDevice for Vsock {
         }
         self.accepting.clear();
         self.control.clear();
-        self.broken = false;
-    }
-    fn is_broken(&self) -> bool {
-        self.broken
     }
     fn metrics(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.metrics).unwrap_or_default();

@@ -4,18 +4,20 @@
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
 use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{Connection, State, CONN_BUF_ALLOC};
-use super::device::{ConnKey, Vsock, LISTENER_TOKEN, MAX_CONNECTIONS};
+use super::device::{ConnKey, Vsock, LISTENER_TOKEN, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE};
 use super::packet::*;
-use crate::devices::virtio::INT_VRING;
+use crate::devices::virtio::queue::{self, Fill};
+use crate::vstate::memory::GuestMemoryMmap;
 
 impl Vsock {
     /// Re-arms a connection's stream for what we currently want from it.
     fn rearm(&self, key: ConnKey) {
-        let (Some((token, conn)), Some(active)) = (self.conns.get(&key), self.active.as_ref())
+        let (Some((token, conn)), Some(active)) =
+            (self.conns.get(&key), self.state.active.as_ref())
         else {
             return;
         };
@@ -62,7 +64,7 @@ impl Vsock {
                     self.accepting.insert(sub, conn);
                 }
                 Ok(Some(port)) => {
-                    if let Some(a) = self.active.as_ref() {
+                    if let Some(a) = self.state.active.as_ref() {
                         a.events.remove(conn.stream.as_raw_fd());
                     }
                     let local = self.alloc_local_port();
@@ -76,7 +78,7 @@ impl Vsock {
                 }
                 Err(_) => {
                     tracing::debug!("bad CONNECT line on the vsock socket");
-                    if let Some(a) = self.active.as_ref() {
+                    if let Some(a) = self.state.active.as_ref() {
                         a.events.remove(conn.stream.as_raw_fd());
                     }
                 }
@@ -118,7 +120,7 @@ impl Vsock {
                         continue;
                     }
                     let token = self.alloc_token();
-                    if let Some(a) = self.active.as_ref() {
+                    if let Some(a) = self.state.active.as_ref() {
                         if a.events
                             .add(stream.as_raw_fd(), token, EventSet::IN)
                             .is_err()
@@ -140,53 +142,27 @@ impl Vsock {
         }
     }
 
-    /// Handles every packet the guest sent.
+    /// Handles every packet the guest sent, then sends the guest what they produced.
     pub fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.clone();
-        let chains: Vec<_> = match active.tx.iter(&mem) {
-            Ok(iter) => iter
-                .map(|c| (c.head_index(), c.collect::<Vec<_>>()))
-                .collect(),
-            Err(_) => {
-                self.broken = true;
-                return;
-            }
-        };
-        if chains.is_empty() {
-            return;
+        let handled = queue::drain_queue(self, TX_QUEUE, Self::receive_guest_packet);
+        if handled > 0 && !self.state.broken {
+            self.process_rx();
         }
-        let mut heads = Vec::with_capacity(chains.len());
-        for (head, descs) in chains {
-            match parse_tx(&descs, &mem) {
-                Ok(pkt) => {
-                    self.metrics.tx_packets += 1;
-                    self.handle_guest_packet(pkt);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "invalid vsock packet");
-                    self.metrics.invalid_packets += 1;
-                }
+    }
+
+    /// Parses and handles one transmit chain; nothing is written back into it.
+    fn receive_guest_packet(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> u32 {
+        match parse_tx(descs, mem) {
+            Ok(pkt) => {
+                self.metrics.tx_packets += 1;
+                self.handle_guest_packet(pkt);
             }
-            heads.push(head);
-        }
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        for head in heads {
-            if active.tx.add_used(&mem, head, 0).is_err() {
-                self.broken = true;
-                return;
+            Err(e) => {
+                tracing::debug!(error = %e, "invalid vsock packet");
+                self.metrics.invalid_packets += 1;
             }
         }
-        match active.tx.needs_notification(&mem) {
-            Ok(true) => active.irq.trigger(INT_VRING),
-            Ok(false) => {}
-            Err(_) => self.broken = true,
-        }
-        self.process_rx();
+        0
     }
 
     fn handle_guest_packet(&mut self, pkt: TxPacket) {
@@ -277,13 +253,6 @@ impl Vsock {
         }
     }
 
-    /// Puts back the receive chain just taken (nothing to send after all).
-    fn unpop_rx(&mut self) {
-        if let Some(a) = self.active.as_mut() {
-            a.rx.go_to_previous_position();
-        }
-    }
-
     /// A readable established connection the guest has credit for.
     fn next_data_source(&self) -> Option<ConnKey> {
         self.conns
@@ -296,111 +265,81 @@ impl Vsock {
 
     /// Fills guest receive buffers: control packets first, then stream data.
     pub fn process_rx(&mut self) {
-        let mut used = false;
-        loop {
-            if self.control.is_empty() && self.next_data_source().is_none() {
-                break;
+        queue::fill_queue(
+            self,
+            RX_QUEUE,
+            usize::MAX,
+            Self::has_packet_for_guest,
+            Self::fill_rx_chain,
+        );
+    }
+
+    fn has_packet_for_guest(&mut self) -> bool {
+        !self.control.is_empty() || self.next_data_source().is_some()
+    }
+
+    /// Writes the next packet for the guest into one receive chain. An unusable chain is
+    /// completed empty and counted; a chain seen when a stream turns out to have nothing to
+    /// read goes back to the driver's ring.
+    fn fill_rx_chain(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Fill {
+        let capacity = match rx_capacity(descs, mem) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "unusable vsock receive buffer");
+                self.metrics.invalid_packets += 1;
+                return Fill::Used(0);
             }
-            let Some(active) = self.active.as_mut() else {
-                return;
+        };
+        let (hdr, data) = if let Some(hdr) = self.control.pop_front() {
+            (hdr, Vec::new())
+        } else {
+            let Some(key) = self.next_data_source() else {
+                return Fill::PutBack;
             };
-            let mem = active.mem.clone();
-            let chain = match active.rx.iter(&mem) {
-                Ok(mut iter) => iter.next(),
-                Err(_) => {
-                    self.broken = true;
-                    return;
+            let Some((_, conn)) = self.conns.get_mut(&key) else {
+                return Fill::PutBack;
+            };
+            let max = (capacity - HDR_LEN)
+                .min(conn.peer_credit() as usize)
+                .min(MAX_PKT_DATA as usize);
+            match conn.read_from_stream(max) {
+                Ok(Some(data)) if !data.is_empty() => {
+                    conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
+                    conn.last_fwd_cnt_sent = conn.fwd_cnt;
+                    let fwd = conn.fwd_cnt;
+                    let hdr = self.header(key, OP_RW, 0, data.len() as u32, fwd);
+                    self.metrics.rx_bytes += data.len() as u64;
+                    (hdr, data)
                 }
-            };
-            let Some(chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
-            let capacity = match rx_capacity(&descs, &mem) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "unusable vsock receive buffer");
-                    self.metrics.invalid_packets += 1;
-                    if active.rx.add_used(&mem, head, 0).is_err() {
-                        self.broken = true;
-                        return;
-                    }
-                    used = true;
-                    continue;
+                Ok(Some(_)) => {
+                    // Host side closed: tell the guest, wait for its RST.
+                    conn.stream_eof = true;
+                    conn.state = State::Closing;
+                    let fwd = conn.fwd_cnt;
+                    (
+                        self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, fwd),
+                        Vec::new(),
+                    )
                 }
-            };
-            let (hdr, data) = if let Some(hdr) = self.control.pop_front() {
-                (hdr, Vec::new())
-            } else {
-                let Some(key) = self.next_data_source() else {
-                    self.unpop_rx();
-                    break;
-                };
-                let Some((_, conn)) = self.conns.get_mut(&key) else {
-                    self.unpop_rx();
-                    break;
-                };
-                let max = (capacity - HDR_LEN)
-                    .min(conn.peer_credit() as usize)
-                    .min(MAX_PKT_DATA as usize);
-                match conn.read_from_stream(max) {
-                    Ok(Some(data)) if !data.is_empty() => {
-                        conn.rx_cnt = conn.rx_cnt.wrapping_add(data.len() as u32);
-                        conn.last_fwd_cnt_sent = conn.fwd_cnt;
-                        let fwd = conn.fwd_cnt;
-                        let hdr = self.header(key, OP_RW, 0, data.len() as u32, fwd);
-                        self.metrics.rx_bytes += data.len() as u64;
-                        (hdr, data)
-                    }
-                    Ok(Some(_)) => {
-                        // Host side closed: tell the guest, wait for its RST.
-                        conn.stream_eof = true;
-                        conn.state = State::Closing;
-                        let fwd = conn.fwd_cnt;
-                        (
-                            self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, fwd),
-                            Vec::new(),
-                        )
-                    }
-                    Ok(None) => {
-                        conn.readable = false;
-                        self.unpop_rx();
-                        self.rearm(key);
-                        continue;
-                    }
-                    Err(_) => {
-                        self.remove_connection(key);
-                        (self.header(key, OP_RST, 0, 0, 0), Vec::new())
-                    }
-                }
-            };
-            let Some(active) = self.active.as_mut() else {
-                return;
-            };
-            let written = match write_rx(&descs, &mem, &hdr, &data) {
-                Ok(n) => {
-                    self.metrics.rx_packets += 1;
-                    n
+                Ok(None) => {
+                    conn.readable = false;
+                    self.rearm(key);
+                    return Fill::PutBack;
                 }
                 Err(_) => {
-                    self.metrics.invalid_packets += 1;
-                    0
+                    self.remove_connection(key);
+                    (self.header(key, OP_RST, 0, 0, 0), Vec::new())
                 }
-            };
-            if active.rx.add_used(&mem, head, written).is_err() {
-                self.broken = true;
-                return;
             }
-            used = true;
-        }
-        if used {
-            if let Some(active) = self.active.as_mut() {
-                match active.rx.needs_notification(&active.mem) {
-                    Ok(true) => active.irq.trigger(INT_VRING),
-                    Ok(false) => {}
-                    Err(_) => self.broken = true,
-                }
+        };
+        match write_rx(descs, mem, &hdr, &data) {
+            Ok(n) => {
+                self.metrics.rx_packets += 1;
+                Fill::Used(n)
+            }
+            Err(_) => {
+                self.metrics.invalid_packets += 1;
+                Fill::Used(0)
             }
         }
     }
@@ -408,11 +347,9 @@ impl Vsock {
 
 #[cfg(test)]
 mod tests {
-    use super::super::device::{RX_QUEUE, TX_QUEUE};
     use super::*;
     use crate::devices::virtio::test_utils::{activate, test_memory, TestDesc, TestQueue};
     use crate::devices::virtio::VirtioDevice;
-    use crate::vstate::memory::GuestMemoryMmap;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
     use vm_memory::{Bytes, GuestAddress};

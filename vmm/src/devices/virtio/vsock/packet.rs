@@ -4,6 +4,8 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
+use crate::devices::virtio::chain::{scatter, writable_len, ChainError};
+
 pub const HDR_LEN: usize = 44;
 /// Largest payload accepted from the guest in one packet (Linux sends at most 64 KiB).
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
@@ -85,6 +87,15 @@ pub enum Error {
     BufferTooSmall(usize, usize),
 }
 
+impl From<ChainError> for Error {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::DeviceReadable => Error::ReadOnlyRx,
+            ChainError::OutOfRange => Error::OutOfRange,
+        }
+    }
+}
+
 /// A packet from the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxPacket {
@@ -128,16 +139,7 @@ pub fn parse_tx<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M) -> Result<
 
 /// Total bytes a receive chain can hold, or an error if it is unusable.
 pub fn rx_capacity<M: GuestMemoryBackend>(descs: &[Descriptor], mem: &M) -> Result<usize, Error> {
-    let mut capacity = 0usize;
-    for d in descs {
-        if !d.is_write_only() {
-            return Err(Error::ReadOnlyRx);
-        }
-        if !mem.check_range(d.addr(), d.len() as usize) {
-            return Err(Error::OutOfRange);
-        }
-        capacity = capacity.saturating_add(d.len() as usize);
-    }
+    let capacity = writable_len(descs, mem)?;
     if capacity < HDR_LEN {
         return Err(Error::BufferTooSmall(capacity, HDR_LEN));
     }
@@ -156,36 +158,15 @@ pub fn write_rx<M: GuestMemoryBackend>(
     if capacity < total {
         return Err(Error::BufferTooSmall(capacity, total));
     }
-    let hdr_bytes = hdr.to_bytes();
-    let mut parts: [&[u8]; 2] = [&hdr_bytes, data];
-    let mut part = 0;
-    for d in descs {
-        let mut room = d.len() as usize;
-        let mut addr = d.addr();
-        while room > 0 && part < 2 {
-            let n = room.min(parts[part].len());
-            mem.write_slice(&parts[part][..n], addr)
-                .map_err(|_| Error::OutOfRange)?;
-            parts[part] = &parts[part][n..];
-            addr = vm_memory::GuestAddress(addr.0 + n as u64);
-            room -= n;
-            if parts[part].is_empty() {
-                part += 1;
-            }
-        }
-    }
+    scatter(descs, mem, &[&hdr.to_bytes(), data])?;
     Ok(total as u32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::test_memory;
+    use crate::devices::virtio::test_utils::{descriptor as d, test_memory};
     use vm_memory::GuestAddress;
-
-    fn d(addr: u64, len: u32, write: bool) -> Descriptor {
-        Descriptor::new(addr, len, if write { 2 } else { 0 }, 0)
-    }
 
     fn sample() -> Header {
         Header {

@@ -1,0 +1,99 @@
+//! The state every virtio device keeps the same way: the features it offers and the driver
+//! acked, its queue sizes, what activation handed over (guest memory, the queues, the
+//! interrupt, the event registrar) and whether the driver broke the ring protocol. Each device embeds one `DeviceState` next to
+//! its own fields; the queue helpers in `queue.rs` reach it through
+//! `VirtioDevice::device_state_mut`.
+
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::EventSet;
+
+use super::events::EventRegistrar;
+use super::irq::IrqTrigger;
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub irq: Arc<IrqTrigger>,
+    pub events: EventRegistrar,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device setup failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad queue configuration: {0}")]
+    BadQueue(String),
+}
+
+/// What a device holds between DRIVER_OK and reset.
+pub struct ActiveState {
+    pub mem: GuestMemoryMmap,
+    /// In the device's queue order (the index the driver notifies).
+    pub queues: Vec<Queue>,
+    pub irq: Arc<IrqTrigger>,
+    pub events: EventRegistrar,
+}
+
+pub struct DeviceState {
+    /// Features offered to the driver, fixed when the device is built.
+    pub avail_features: u64,
+    pub acked_features: u64,
+    /// Largest size of each queue, in the device's queue order.
+    pub queue_sizes: &'static [u16],
+    pub active: Option<ActiveState>,
+    /// Set when the driver broke the ring protocol; the transport then asks for a reset.
+    pub broken: bool,
+}
+
+impl DeviceState {
+    pub fn new(avail_features: u64, queue_sizes: &'static [u16]) -> Self {
+        DeviceState {
+            avail_features,
+            acked_features: 0,
+            queue_sizes,
+            active: None,
+            broken: false,
+        }
+    }
+
+    /// Takes over what activation hands the device: one queue per entry of `queue_sizes`.
+    /// `watch` is the device's own fd (TAP, listening socket) and its sub token, added to
+    /// the event loop for input before the device counts as active.
+    pub fn activate(
+        &mut self,
+        ctx: ActivateContext,
+        watch: Option<(RawFd, u32)>,
+    ) -> Result<(), ActivateError> {
+        if ctx.queues.len() < self.queue_sizes.len() {
+            return Err(ActivateError::BadQueue(format!(
+                "the device uses {} queues, the driver set up {}: the transport must hand over all of them",
+                self.queue_sizes.len(),
+                ctx.queues.len()
+            )));
+        }
+        if let Some((fd, sub)) = watch {
+            ctx.events.add(fd, sub, EventSet::IN)?;
+        }
+        self.active = Some(ActiveState {
+            mem: ctx.mem,
+            queues: ctx.queues,
+            irq: ctx.irq,
+            events: ctx.events,
+        });
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Back to the pre-activation state; returns what activation had handed over so that
+    /// the device can unregister its fds.
+    pub fn reset(&mut self) -> Option<ActiveState> {
+        self.broken = false;
+        self.acked_features = 0;
+        self.active.take()
+    }
+}
