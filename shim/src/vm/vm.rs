@@ -13,12 +13,12 @@ use std::time::Duration;
 use kata_like_protocol as pb;
 use tokio::sync::watch;
 
-use crate::agent::Agent;
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
-use crate::rootfs::LayerImage;
-use crate::spec::storage_mount_point;
-use crate::vmm::{self, VmmApi, VmmPaths};
+use crate::pod::rootfs::LayerImage;
+use crate::pod::spec::storage_mount_point;
+use crate::vm::agent_client::Agent;
+use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
 
 /// How the VMM process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,8 +44,8 @@ pub fn state_dir_for(config: &Config, namespace: &str, sandbox_id: &str) -> Resu
 /// under a test's state dir would exceed.
 pub fn state_dir_name(namespace: &str, sandbox_id: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
-    crate::spec::check_id("namespace", namespace)?;
-    crate::spec::check_id("sandbox", sandbox_id)?;
+    crate::pod::spec::check_id("namespace", namespace)?;
+    crate::pod::spec::check_id("sandbox", sandbox_id)?;
     let digest = Sha256::digest(format!("{namespace}/{sandbox_id}").as_bytes());
     Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
