@@ -140,7 +140,8 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Set when the driver broke the protocol; the transport then asks for a reset.
     fn is_broken(&self) -> bool;
-    fn metrics(&self) -> serde_json::Value;
+    /// The device's counters for the API's `metrics` op.
+    fn metrics(&self) -> kata_like_vmm_contract::DeviceCounters;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 

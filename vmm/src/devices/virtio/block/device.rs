@@ -13,6 +13,7 @@ use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, IrqTrigger, VirtioDevice, TYPE_BLOCK,
 };
 use crate::vstate::memory::GuestMemoryMmap;
+use kata_like_vmm_contract::DeviceCounters;
 
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -165,13 +166,12 @@ impl VirtioDevice for Block {
         self.broken
     }
 
-    fn metrics(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.metrics).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("id".into(), self.config.id.clone().into());
-            o.insert("capacity_sectors".into(), self.capacity().into());
+    fn metrics(&self) -> DeviceCounters {
+        DeviceCounters::Block {
+            id: self.config.id.clone(),
+            capacity_sectors: self.capacity(),
+            counters: self.metrics.clone(),
         }
-        v
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {

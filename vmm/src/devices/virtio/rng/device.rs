@@ -8,6 +8,7 @@ use virtio_queue::Queue;
 use super::metrics::RngMetrics;
 use crate::devices::virtio::{ActivateContext, ActivateError, IrqTrigger, VirtioDevice, TYPE_RNG};
 use crate::vstate::memory::GuestMemoryMmap;
+use kata_like_vmm_contract::DeviceCounters;
 
 const QUEUE_SIZES: [u16; 1] = [64];
 
@@ -72,8 +73,8 @@ impl VirtioDevice for Rng {
     fn is_broken(&self) -> bool {
         self.broken
     }
-    fn metrics(&self) -> serde_json::Value {
-        serde_json::to_value(&self.metrics).unwrap_or_default()
+    fn metrics(&self) -> DeviceCounters {
+        DeviceCounters::Rng(self.metrics.clone())
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self

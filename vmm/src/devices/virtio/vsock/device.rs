@@ -18,6 +18,7 @@ use crate::devices::virtio::{
     DEVICE_TOKEN_BASE, TYPE_VSOCK,
 };
 use crate::vstate::memory::GuestMemoryMmap;
+use kata_like_vmm_contract::DeviceCounters;
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -251,12 +252,11 @@ impl VirtioDevice for Vsock {
     fn is_broken(&self) -> bool {
         self.broken
     }
-    fn metrics(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.metrics).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("open_connections".into(), self.conns.len().into());
+    fn metrics(&self) -> DeviceCounters {
+        DeviceCounters::Vsock {
+            open_connections: self.conns.len(),
+            counters: self.metrics.clone(),
         }
-        v
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
