@@ -427,6 +427,25 @@ mod tests {
     }
 
     #[test]
+    fn vm_limits_are_the_vmm_contract_limits() {
+        let min = MIN_MEMORY_MIB;
+        assert!(Config::parse(&format!("[vmm]\nmemory_mib = {min}\n")).is_ok());
+        let err = Config::parse(&format!("[vmm]\nmemory_mib = {}\n", min - 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vmm.memory_mib"), "{err}");
+        assert!(Config::parse(&format!("[vmm]\ndrive_slots = {MAX_DRIVE_SLOTS}\n")).is_ok());
+        let err = Config::parse(&format!("[vmm]\ndrive_slots = {}\n", MAX_DRIVE_SLOTS + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vmm.drive_slots"), "{err}");
+        let err = Config::parse(&format!("[limits]\nmax_vcpus = {}\n", MAX_VCPUS as u32 + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.max_vcpus"), "{err}");
+    }
+
+    #[test]
     fn explicitly_named_missing_config_is_an_error() {
         let err = Config::load(Some(Path::new("/nonexistent/kata-like.toml")))
             .unwrap_err()
