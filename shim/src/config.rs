@@ -13,9 +13,17 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use kata_like_vmm_contract::limits::{
+    MAX_MEMORY_MIB, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
+};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+/// Virtio devices of a pod VM besides its drive slots: vsock and rng.
+const NON_DRIVE_DEVICES: u32 = 2;
+/// Most drive slots: the VMM's device limit minus the other devices.
+const MAX_DRIVE_SLOTS: u32 = MAX_VIRTIO_DEVICES as u32 - NON_DRIVE_DEVICES;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kata-like/config.toml";
 pub const CONFIG_ENV: &str = "KATA_LIKE_CONFIG";
@@ -206,10 +214,16 @@ impl Config {
                 ));
             }
         }
-        if self.limits.max_vcpus == 0 || self.limits.max_vcpus > 255 {
+        if self.limits.max_vcpus == 0 || self.limits.max_vcpus > u32::from(MAX_VCPUS) {
             return bad(format!(
-                "limits.max_vcpus must be 1..=255, got {}",
+                "limits.max_vcpus must be 1..={MAX_VCPUS}, got {}",
                 self.limits.max_vcpus
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&u64::from(self.limits.max_memory_mib)) {
+            return bad(format!(
+                "limits.max_memory_mib must be {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}, got {}",
+                self.limits.max_memory_mib
             ));
         }
         if self.vmm.vcpus == 0 || self.vmm.vcpus > self.limits.max_vcpus {
@@ -218,15 +232,18 @@ impl Config {
                 self.limits.max_vcpus, self.vmm.vcpus
             ));
         }
-        if self.vmm.memory_mib < 32 || self.vmm.memory_mib > self.limits.max_memory_mib {
+        if u64::from(self.vmm.memory_mib) < MIN_MEMORY_MIB
+            || self.vmm.memory_mib > self.limits.max_memory_mib
+        {
             return bad(format!(
-                "vmm.memory_mib must be 32..={}, got {}",
+                "vmm.memory_mib must be {MIN_MEMORY_MIB}..={}, got {}",
                 self.limits.max_memory_mib, self.vmm.memory_mib
             ));
         }
-        if self.vmm.drive_slots == 0 || self.vmm.drive_slots > 32 {
+        if self.vmm.drive_slots == 0 || self.vmm.drive_slots > MAX_DRIVE_SLOTS {
             return bad(format!(
-                "vmm.drive_slots must be 1..=32, got {}",
+                "vmm.drive_slots must be 1..={MAX_DRIVE_SLOTS} (the VMM's {MAX_VIRTIO_DEVICES} \
+                 virtio devices minus vsock and rng), got {}",
                 self.vmm.drive_slots
             ));
         }
@@ -274,7 +291,9 @@ pub fn vm_shape(config: &Config, annotations: &HashMap<String, String>) -> Resul
                 shape.vcpus = parse_bounded(key, value, 1, config.limits.max_vcpus)?;
             }
             ANNOTATION_MEMORY_MIB => {
-                shape.memory_mib = parse_bounded(key, value, 64, config.limits.max_memory_mib)?;
+                // MIN_MEMORY_MIB fits u32 (it is 64).
+                let min = MIN_MEMORY_MIB as u32;
+                shape.memory_mib = parse_bounded(key, value, min, config.limits.max_memory_mib)?;
             }
             ANNOTATION_DEBUG_CONSOLE => {
                 shape.debug_console = match value.as_str() {
@@ -405,6 +424,25 @@ mod tests {
             .to_string();
         assert!(err.contains("memory_mib"), "{err}");
         assert!(Config::parse("this is not toml").is_err());
+    }
+
+    #[test]
+    fn vm_limits_are_the_vmm_contract_limits() {
+        let min = MIN_MEMORY_MIB;
+        assert!(Config::parse(&format!("[vmm]\nmemory_mib = {min}\n")).is_ok());
+        let err = Config::parse(&format!("[vmm]\nmemory_mib = {}\n", min - 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vmm.memory_mib"), "{err}");
+        assert!(Config::parse(&format!("[vmm]\ndrive_slots = {MAX_DRIVE_SLOTS}\n")).is_ok());
+        let err = Config::parse(&format!("[vmm]\ndrive_slots = {}\n", MAX_DRIVE_SLOTS + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vmm.drive_slots"), "{err}");
+        let err = Config::parse(&format!("[limits]\nmax_vcpus = {}\n", MAX_VCPUS as u32 + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.max_vcpus"), "{err}");
     }
 
     #[test]

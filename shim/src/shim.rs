@@ -15,9 +15,9 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config as ShimConfig, Error as ShimError, Flags, StartOpts};
 use containerd_shim_protos::api::DeleteResponse;
 
-use crate::events::{self, Events};
-use crate::service::{Service, STATE_DIR_FILE};
-use crate::spec::{self, Bundle, Role};
+use crate::pod::spec::{self, Bundle, Role};
+use crate::task::events::{self, Events};
+use crate::task::service::{Service, STATE_DIR_FILE};
 
 pub const RUNTIME_ID: &str = "io.containerd.kata-like.v2";
 
@@ -94,10 +94,10 @@ pub fn cleanup_after_dead_shim(bundle_dir: &Path, id: &str, namespace: &str) {
         if let Ok(state_dir) = std::fs::read_to_string(bundle_dir.join(STATE_DIR_FILE)) {
             let state_dir = Path::new(state_dir.trim());
             // Only a state dir named after this very container, as the shim wrote it.
-            let expected = crate::sandbox::state_dir_name(namespace, id).ok();
+            let expected = crate::vm::vm::state_dir_name(namespace, id).ok();
             let name = state_dir.file_name().and_then(|n| n.to_str());
             if state_dir.is_absolute() && name.is_some() && name == expected.as_deref() {
-                match crate::sandbox::cleanup_state_dir(state_dir) {
+                match crate::vm::vm::cleanup_state_dir(state_dir) {
                     Ok(()) => {
                         tracing::info!(container_id = id, namespace, "cleaned up after a dead shim")
                     }
@@ -137,7 +137,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let bundle = tmp.path().join("bundle");
         std::fs::create_dir(&bundle).expect("mkdir");
-        let name = crate::sandbox::state_dir_name("k8s.io", "pod1").expect("name");
+        let name = crate::vm::vm::state_dir_name("k8s.io", "pod1").expect("name");
         let state = tmp.path().join("state").join(name);
         std::fs::create_dir_all(state.join("jail")).expect("mkdir");
         bundle_with(
@@ -161,7 +161,7 @@ mod tests {
         cleanup_after_dead_shim(&bundle, "c1", "default");
         assert!(victim.exists());
         // An app container never owns the VM, whatever its state file says.
-        let name = crate::sandbox::state_dir_name("k8s.io", "c2").expect("name");
+        let name = crate::vm::vm::state_dir_name("k8s.io", "c2").expect("name");
         let state = tmp.path().join(name);
         std::fs::create_dir(&state).expect("mkdir");
         bundle_with(

@@ -1,4 +1,4 @@
-//! Assembles a VM from `VmResources`: opens everything first (so the jail can drop access
+//! Assembles a VM from its `VmConfig`: opens everything first (so the jail can drop access
 //! to the host), then builds memory, vCPUs and devices.
 
 use std::fs::{File, OpenOptions};
@@ -23,12 +23,13 @@ use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{EventRegistrar, VirtioDevice, WORK_TOKEN};
-use crate::resources::VmResources;
-use crate::vmm::{thread_builder, DeviceInfo, Vmm, VmmRequests, EXIT_TOKEN, REQUEST_TOKEN};
-use crate::vmm_config::{ConsoleConfig, DriveConfig, NetBackend};
+use crate::devices::DeviceInfo;
+use crate::vmm::{thread_builder, Vmm, EXIT_TOKEN, REQUEST_TOKEN};
+use crate::vmm_requests::VmmRequests;
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
 use crate::vstate::vm::{open_kvm, Vm};
+use kata_like_vmm_contract::{ConsoleConfig, DriveConfig, NetBackend, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -86,7 +87,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, BuildError> {
 }
 
 /// Opens every host resource the VM will use.
-pub fn open_resources(r: &VmResources) -> Result<OpenedResources, BuildError> {
+pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
     let kvm = open_kvm()?;
     let kernel = open_file(&r.boot.kernel, false)?;
     let initrd = r
@@ -146,7 +147,7 @@ pub fn path_in_jail(p: &Path, jail_dir: Option<&Path>) -> PathBuf {
 }
 
 /// Builds the VM: memory, kernel, devices, vCPUs. Nothing runs yet.
-pub fn build_vmm(r: &VmResources, o: OpenedResources) -> Result<Vmm, BuildError> {
+pub fn build_vmm(r: &VmConfig, o: OpenedResources) -> Result<Vmm, BuildError> {
     let mem = create_guest_memory(r.machine.memory_mib << 20, r.machine.hugepages)?;
     tracing::debug!(mib = r.machine.memory_mib, "guest memory mapped");
     let vm = Vm::new_without_pit(&o.kvm)?;
@@ -201,7 +202,7 @@ struct Parts {
 
 /// Loads the kernel and builds devices and vCPUs.
 fn assemble(
-    r: &VmResources,
+    r: &VmConfig,
     mut o: OpenedResources,
     vm: &Vm,
     mem: &crate::vstate::memory::GuestMemoryMmap,

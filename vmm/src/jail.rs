@@ -7,7 +7,7 @@ use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::vmm_config::JailConfig;
+use kata_like_vmm_contract::JailConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,7 +1,7 @@
 //! `kata-like-vmm run ...` and `kata-like-vmm probe` (see CONTRACT.md and README.md).
 
 use kata_like_vmm::builder::{build_vmm, open_resources};
-use kata_like_vmm::resources::VmResources;
+use kata_like_vmm::contract::VmConfig;
 use kata_like_vmm::vmm::SeccompSettings;
 
 const USAGE: &str =
@@ -30,19 +30,19 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
 }
 
 fn run(args: Vec<String>) -> i32 {
-    let resources = match VmResources::from_args(args) {
+    let config = match VmConfig::from_args(args) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("kata-like-vmm: {e}\n{USAGE}");
             return 2;
         }
     };
-    if let Err(e) = init_logging(resources.log_level.as_deref()) {
+    if let Err(e) = init_logging(config.log_level.as_deref()) {
         eprintln!("kata-like-vmm: {e}");
         return 2;
     }
-    kata_like_vmm::jail::close_inherited_fds(&resources.inherited_fds());
-    let mut opened = match open_resources(&resources) {
+    kata_like_vmm::jail::close_inherited_fds(&config.inherited_fds());
+    let mut opened = match open_resources(&config) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("kata-like-vmm: {e}");
@@ -50,13 +50,13 @@ fn run(args: Vec<String>) -> i32 {
         }
     };
     let api_listener = opened.api_listener.take();
-    if resources.jail.enabled {
-        if let Err(e) = kata_like_vmm::jail::enter(&resources.jail) {
+    if config.jail.enabled {
+        if let Err(e) = kata_like_vmm::jail::enter(&config.jail) {
             eprintln!("kata-like-vmm: jail: {e}");
             return 1;
         }
     }
-    let vmm = match build_vmm(&resources, opened) {
+    let vmm = match build_vmm(&config, opened) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("kata-like-vmm: {e}");
@@ -66,8 +66,8 @@ fn run(args: Vec<String>) -> i32 {
     vmm.run(
         api_listener,
         SeccompSettings {
-            enabled: resources.jail.enabled,
-            violation: resources.seccomp_violation,
+            enabled: config.jail.enabled,
+            violation: config.seccomp_violation,
         },
     )
 }

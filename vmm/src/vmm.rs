@@ -1,14 +1,11 @@
 //! The running VM: vCPU threads, the API thread and the event loop on the main thread.
 
-use std::collections::VecDeque;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::AtomicU64;
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::ApiContext;
 use crate::devices::bus::{lock, Bus};
@@ -16,13 +13,15 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{decode_token, DEVICE_TOKEN_BASE, WORK_TOKEN};
+use crate::devices::DeviceInfo;
 use crate::seccomp::{self, ThreadKind};
-use crate::vmm_config::SeccompViolation;
+use crate::vmm_requests::{VmmRequest, VmmRequests};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vcpu::{
     kick_signal, kick_signal_handler, ExitReason, ExitSignal, Vcpu, VcpuContext, VcpuControl,
 };
 use crate::vstate::vm::Vm;
+use kata_like_vmm_contract::SeccompViolation;
 
 /// Stack of the vCPU, API and setup threads. Rust's default, 2 MiB, lets a stack that
 /// happens to be 2 MiB-aligned (it often sits right below the aligned guest RAM) become one
@@ -40,52 +39,8 @@ pub fn thread_builder(name: impl Into<String>) -> std::thread::Builder {
 
 /// Epoll token of the exit eventfd; device tokens have a non-zero high half.
 pub const EXIT_TOKEN: u64 = 0;
-/// Epoll token of `VmmRequests::evt`.
+/// Epoll token of `VmmRequests::evt` (see vmm_requests.rs).
 pub const REQUEST_TOKEN: u64 = 1;
-
-/// Work another thread hands to the VMM thread, which owns the devices' sockets and the
-/// epoll set (the other threads' seccomp filters allow neither).
-pub enum VmmRequest {
-    /// Open a vsock connection to this guest port; the reply is the host end of the stream.
-    VsockConnect {
-        port: u32,
-        reply: SyncSender<std::io::Result<UnixStream>>,
-    },
-}
-
-/// The VMM thread's request queue and the eventfd that wakes it.
-pub struct VmmRequests {
-    queue: Mutex<VecDeque<VmmRequest>>,
-    pub evt: EventFd,
-}
-
-impl VmmRequests {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(VmmRequests {
-            queue: Mutex::new(VecDeque::new()),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
-        })
-    }
-
-    pub fn send(&self, request: VmmRequest) {
-        lock(&self.queue).push_back(request);
-        if let Err(e) = self.evt.write(1) {
-            tracing::warn!(error = %e, "cannot wake the VMM thread");
-        }
-    }
-
-    fn take(&self) -> VecDeque<VmmRequest> {
-        let _ = self.evt.read();
-        std::mem::take(&mut *lock(&self.queue))
-    }
-}
-
-/// What a virtio device slot is, for metrics and the API.
-#[derive(Clone, Debug)]
-pub struct DeviceInfo {
-    pub kind: &'static str,
-    pub id: Option<String>,
-}
 
 pub struct Vmm {
     pub vm: Vm,

@@ -1,7 +1,6 @@
 //! Run-time control API: JSON lines on a Unix stream socket (see CONTRACT.md). Requests are
 //! untrusted: bounded line length, strict parsing, fds accepted only where an op wants one.
-
-pub mod request;
+//! The requests, responses and metrics are the contract crate's types.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -12,18 +11,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
 use crate::devices::bus::lock;
 use crate::devices::virtio::block::device::Backing;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::vmm::{DeviceInfo, VmmRequest, VmmRequests};
+use crate::devices::DeviceInfo;
+use crate::vmm_requests::{VmmRequest, VmmRequests};
 use crate::vstate::vcpu::{kick_signal, ExitReason, ExitSignal, VcpuControl};
-pub use request::{parse_request, Request, MAX_LINE};
-
-/// Guest vsock port whose connection asks the agent to power off.
-pub const POWER_PORT: u32 = 1025;
+use kata_like_vmm_contract::limits::{MAX_LINE, POWER_PORT};
+use kata_like_vmm_contract::{parse_request, DeviceMetrics, Request, Response, VmMetrics};
 const MAX_CLIENTS: usize = 16;
 /// How long a graceful stop waits for the VMM thread to open the power-port connection.
 const POWER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,10 +33,6 @@ pub struct ApiContext {
     pub devices: Vec<DeviceInfo>,
     pub vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     pub console_bytes: Arc<AtomicU64>,
-}
-
-fn error(msg: impl std::fmt::Display) -> Value {
-    json!({"ok": false, "error": msg.to_string()})
 }
 
 impl ApiContext {
@@ -58,19 +50,22 @@ impl ApiContext {
         }
     }
 
-    fn set_backing(&self, id: &str, backing: Option<Backing>) -> Value {
+    fn set_backing(&self, id: &str, backing: Option<Backing>) -> Response {
         let Some(transport) = self.drive(id) else {
-            return error(format!("no drive with id {id:?}"));
+            return Response::error(format!("no drive with id {id:?}"));
         };
         let mut t = lock(transport);
         let Some(block) = t.device_mut().as_any_mut().downcast_mut::<Block>() else {
-            return error("device is not a drive");
+            return Response::error("device is not a drive");
         };
         block.set_backing(backing);
         let sectors = block.capacity();
         t.notify_config_change();
         tracing::info!(drive = id, sectors, "drive backing changed");
-        json!({"ok": true, "capacity_sectors": sectors})
+        Response {
+            capacity_sectors: Some(sectors),
+            ..Response::ok()
+        }
     }
 
     /// Executes one request. `fds` holds descriptors that came with it.
@@ -78,10 +73,13 @@ impl ApiContext {
         &self,
         req: Request,
         fds: &mut VecDeque<OwnedFd>,
-    ) -> (Value, Option<Box<dyn FnOnce() + Send>>) {
+    ) -> (Response, Option<Box<dyn FnOnce() + Send>>) {
         match req {
             Request::Ping {} => (
-                json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}),
+                Response {
+                    version: Some(env!("CARGO_PKG_VERSION").into()),
+                    ..Response::ok()
+                },
                 None,
             ),
             Request::SetDrive {
@@ -98,7 +96,9 @@ impl ApiContext {
                         Some(fd) => Ok(File::from(fd)),
                         None => {
                             return (
-                                error("set_drive needs a path or an fd passed with SCM_RIGHTS"),
+                                Response::error(
+                                    "set_drive needs a path or an fd passed with SCM_RIGHTS",
+                                ),
                                 None,
                             )
                         }
@@ -106,7 +106,7 @@ impl ApiContext {
                 };
                 let backing = match file.and_then(|f| Backing::new(f, read_only)) {
                     Ok(b) => b,
-                    Err(e) => return (error(format!("backing file: {e}")), None),
+                    Err(e) => return (Response::error(format!("backing file: {e}")), None),
                 };
                 (self.set_backing(&id, Some(backing)), None)
             }
@@ -115,18 +115,27 @@ impl ApiContext {
                 self.control.request_pause(true);
                 self.kick_vcpus();
                 self.control.wait_paused(lock(&self.vcpu_threads).len());
-                (json!({"ok": true}), None)
+                (Response::ok(), None)
             }
             Request::Resume {} => {
                 self.control.request_pause(false);
-                (json!({"ok": true}), None)
+                (Response::ok(), None)
             }
-            Request::Metrics {} => (json!({"ok": true, "metrics": self.metrics()}), None),
+            Request::Metrics {} => (
+                Response {
+                    metrics: Some(self.metrics()),
+                    ..Response::ok()
+                },
+                None,
+            ),
             Request::Stop { force, timeout_ms } => {
                 let exit = self.exit.clone();
                 if force {
                     return (
-                        json!({"ok": true, "graceful": false}),
+                        Response {
+                            graceful: Some(false),
+                            ..Response::ok()
+                        },
                         Some(Box::new(move || exit.request(ExitReason::Stopped))),
                     );
                 }
@@ -139,7 +148,13 @@ impl ApiContext {
                     drop(stream);
                     exit.request(ExitReason::Stopped);
                 });
-                (json!({"ok": true, "graceful": graceful}), Some(after))
+                (
+                    Response {
+                        graceful: Some(graceful),
+                        ..Response::ok()
+                    },
+                    Some(after),
+                )
             }
         }
     }
@@ -158,27 +173,24 @@ impl ApiContext {
         answer.recv_timeout(POWER_CONNECT_TIMEOUT).ok()?.ok()
     }
 
-    pub fn metrics(&self) -> Value {
-        let devices: Vec<Value> = self
-            .devices
+    pub fn metrics(&self) -> VmMetrics {
+        let devices = self
+            .transports
             .iter()
-            .zip(self.transports.iter())
-            .map(|(info, t)| {
+            .map(|t| {
                 let t = lock(t);
-                let mut m = t.device().metrics();
-                if let Some(o) = m.as_object_mut() {
-                    o.insert("type".into(), info.kind.into());
-                    o.insert("status".into(), t.status().into());
+                DeviceMetrics {
+                    status: t.status(),
+                    counters: t.device().metrics(),
                 }
-                m
             })
             .collect();
-        json!({
-            "vcpus": lock(&self.vcpu_threads).len(),
-            "paused": self.control.is_paused(),
-            "console_bytes": self.console_bytes.load(Ordering::Relaxed),
-            "devices": devices,
-        })
+        VmMetrics {
+            vcpus: lock(&self.vcpu_threads).len(),
+            paused: self.control.is_paused(),
+            console_bytes: self.console_bytes.load(Ordering::Relaxed),
+            devices,
+        }
     }
 }
 
@@ -229,10 +241,10 @@ struct Client {
 }
 
 impl Client {
-    fn respond(&mut self, v: &Value) -> bool {
-        let mut line = v.to_string();
-        line.push('\n');
-        (&self.stream).write_all(line.as_bytes()).is_ok()
+    fn respond(&mut self, response: &Response) -> bool {
+        (&self.stream)
+            .write_all(response.to_line().as_bytes())
+            .is_ok()
     }
 
     /// Reads what is available and answers complete lines. Returns false to drop the client.
@@ -249,7 +261,7 @@ impl Client {
             let line: Vec<u8> = self.buf.drain(..=pos).collect();
             let (resp, after) = match parse_request(&line[..line.len() - 1]) {
                 Ok(req) => ctx.handle(req, &mut self.fds),
-                Err(e) => (error(e), None),
+                Err(e) => (Response::error(e), None),
             };
             // Descriptors not consumed by this request are not carried over to the next.
             self.fds.clear();
@@ -262,7 +274,9 @@ impl Client {
             }
         }
         if self.buf.len() > MAX_LINE {
-            self.respond(&error(format!("request line longer than {MAX_LINE} bytes")));
+            self.respond(&Response::error(format!(
+                "request line longer than {MAX_LINE} bytes"
+            )));
             return false;
         }
         true

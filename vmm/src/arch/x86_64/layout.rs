@@ -44,6 +44,11 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 pub const SERIAL_IRQ: u32 = 4;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 pub const IOAPIC_PINS: u32 = 24;
+// One IOAPIC pin per virtio device: the contract's device limit must be what the pins allow;
+// a mismatch breaks the build.
+const _: () = assert!(
+    (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize == kata_like_vmm_contract::limits::MAX_VIRTIO_DEVICES
+);
 /// The guest writes its exit status to this port.
 pub const EXIT_PORT: u16 = 0xf4;
 pub const COM1_BASE: u16 = 0x3f8;

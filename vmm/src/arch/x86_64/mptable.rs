@@ -29,6 +29,8 @@ const CPU_FEATURE_FPU: u32 = 0x001;
 
 /// Most vCPUs an MP table can describe here (APIC ids are 8 bits and the IOAPIC takes one).
 pub const MAX_CPUS: u8 = 254;
+// The contract (what the shim may ask for) and this table must agree; a mismatch breaks the build.
+const _: () = assert!(MAX_CPUS == kata_like_vmm_contract::limits::MAX_VCPUS);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

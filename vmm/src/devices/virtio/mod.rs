@@ -67,7 +67,8 @@ pub trait VirtioDevice: Send {
     fn is_broken(&self) -> bool {
         self.device_state().broken
     }
-    fn metrics(&self) -> serde_json::Value;
+    /// The device's counters for the API's `metrics` op.
+    fn metrics(&self) -> kata_like_vmm_contract::DeviceCounters;
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 

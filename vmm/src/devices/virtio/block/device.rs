@@ -7,6 +7,7 @@ use std::io::{Seek, SeekFrom};
 use super::metrics::BlockMetrics;
 use super::request::{DEVICE_ID_LEN, SECTOR_SHIFT};
 use crate::devices::virtio::{read_config_bytes, DeviceState, VirtioDevice, TYPE_BLOCK};
+use kata_like_vmm_contract::DeviceCounters;
 
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -118,13 +119,12 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn metrics(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.metrics).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("id".into(), self.config.id.clone().into());
-            o.insert("capacity_sectors".into(), self.capacity().into());
+    fn metrics(&self) -> DeviceCounters {
+        DeviceCounters::Block {
+            id: self.config.id.clone(),
+            capacity_sectors: self.capacity(),
+            counters: self.metrics.clone(),
         }
-        v
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {

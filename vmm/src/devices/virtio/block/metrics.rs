@@ -1,15 +1,4 @@
-//! Per-drive counters, reported by the API's `metrics` op.
+//! Per-drive counters, reported by the API's `metrics` op. The struct is the contract crate's, so that
+//! its wire format is defined once (vmm/contract/src/metrics.rs).
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct BlockMetrics {
-    pub read_requests: u64,
-    pub write_requests: u64,
-    pub flush_requests: u64,
-    pub get_id_requests: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub invalid_requests: u64,
-    pub io_errors: u64,
-    pub unsupported_requests: u64,
-    pub backing_changes: u64,
-}
+pub use kata_like_vmm_contract::metrics::BlockMetrics;

@@ -12,6 +12,7 @@ use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, DeviceState, VirtioDevice,
     DEVICE_TOKEN_BASE, TYPE_NET,
 };
+use kata_like_vmm_contract::DeviceCounters;
 
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const RX_QUEUE: usize = 0;
@@ -67,22 +68,6 @@ impl Net {
     }
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.len() != 2 {
-            return None;
-        }
-        mac[i] = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -121,26 +106,10 @@ impl VirtioDevice for Net {
         self.tap_armed = false;
         self.pending_rx = None;
     }
-    fn metrics(&self) -> serde_json::Value {
-        serde_json::to_value(&self.metrics).unwrap_or_default()
+    fn metrics(&self) -> DeviceCounters {
+        DeviceCounters::Net(self.metrics.clone())
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_parsing() {
-        assert_eq!(
-            parse_mac("02:00:00:aa:bb:0c"),
-            Some([2, 0, 0, 0xaa, 0xbb, 0xc])
-        );
-        assert_eq!(parse_mac("02:00:00:aa:bb"), None);
-        assert_eq!(parse_mac("02:00:00:aa:bb:0g"), None);
-        assert_eq!(parse_mac("002:00:00:aa:bb:0c"), None);
     }
 }

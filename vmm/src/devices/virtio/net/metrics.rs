@@ -1,12 +1,4 @@
-//! virtio-net counters.
+//! virtio-net counters, reported by the API's `metrics` op. The struct is the contract crate's, so that
+//! its wire format is defined once (vmm/contract/src/metrics.rs).
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct NetMetrics {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub rx_dropped: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub tx_invalid: u64,
-    pub tap_errors: u64,
-}
+pub use kata_like_vmm_contract::metrics::NetMetrics;

@@ -4,6 +4,7 @@ use std::any::Any;
 
 use super::metrics::RngMetrics;
 use crate::devices::virtio::{DeviceState, VirtioDevice, TYPE_RNG};
+use kata_like_vmm_contract::DeviceCounters;
 
 pub const REQUEST_QUEUE: usize = 0;
 const QUEUE_SIZES: [u16; 1] = [64];
@@ -43,8 +44,8 @@ impl VirtioDevice for Rng {
             self.process_requests();
         }
     }
-    fn metrics(&self) -> serde_json::Value {
-        serde_json::to_value(&self.metrics).unwrap_or_default()
+    fn metrics(&self) -> DeviceCounters {
+        DeviceCounters::Rng(self.metrics.clone())
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self

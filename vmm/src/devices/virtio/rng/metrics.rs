@@ -1,8 +1,4 @@
-//! virtio-rng counters.
+//! virtio-rng counters, reported by the API's `metrics` op. The struct is the contract crate's, so that
+//! its wire format is defined once (vmm/contract/src/metrics.rs).
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct RngMetrics {
-    pub requests: u64,
-    pub bytes: u64,
-    pub invalid_requests: u64,
-}
+pub use kata_like_vmm_contract::metrics::RngMetrics;

@@ -15,6 +15,7 @@ use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, DeviceState, VirtioDevice,
     DEVICE_TOKEN_BASE, TYPE_VSOCK,
 };
+use kata_like_vmm_contract::DeviceCounters;
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
@@ -215,12 +216,11 @@ impl VirtioDevice for Vsock {
         self.accepting.clear();
         self.control.clear();
     }
-    fn metrics(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.metrics).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("open_connections".into(), self.conns.len().into());
+    fn metrics(&self) -> DeviceCounters {
+        DeviceCounters::Vsock {
+            open_connections: self.conns.len(),
+            counters: self.metrics.clone(),
         }
-        v
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self

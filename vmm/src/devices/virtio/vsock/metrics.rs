@@ -1,13 +1,4 @@
-//! virtio-vsock counters.
+//! virtio-vsock counters, reported by the API's `metrics` op. The struct is the contract crate's, so that
+//! its wire format is defined once (vmm/contract/src/metrics.rs).
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct VsockMetrics {
-    pub rx_packets: u64,
-    pub tx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub connections_opened: u64,
-    pub connections_closed: u64,
-    pub invalid_packets: u64,
-    pub resets_sent: u64,
-}
+pub use kata_like_vmm_contract::metrics::VsockMetrics;

@@ -11,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kata_like_protocol as pb;
+use kata_like_vmm_contract::{DeviceCounters, DeviceMetrics, VmMetrics};
 use tokio::sync::watch;
 
-use crate::agent::Agent;
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
-use crate::rootfs::LayerImage;
-use crate::spec::storage_mount_point;
-use crate::vmm::{self, VmmApi, VmmPaths};
+use crate::pod::rootfs::LayerImage;
+use crate::pod::spec::storage_mount_point;
+use crate::vm::agent_client::Agent;
+use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
 
 /// How the VMM process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,8 +45,8 @@ pub fn state_dir_for(config: &Config, namespace: &str, sandbox_id: &str) -> Resu
 /// under a test's state dir would exceed.
 pub fn state_dir_name(namespace: &str, sandbox_id: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
-    crate::spec::check_id("namespace", namespace)?;
-    crate::spec::check_id("sandbox", sandbox_id)?;
+    crate::pod::spec::check_id("namespace", namespace)?;
+    crate::pod::spec::check_id("sandbox", sandbox_id)?;
     let digest = Sha256::digest(format!("{namespace}/{sandbox_id}").as_bytes());
     Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -570,41 +571,36 @@ fn console_tail(path: &Path) -> String {
 /// One line from the VMM's metrics: how much the guest printed, and how far each virtio device
 /// got (its status register: 0 never probed, 0xf driver ready) with vsock's traffic, the
 /// agent's only channel.
-pub fn describe_vm_metrics(m: &serde_json::Value) -> String {
-    fn kind_of(d: &serde_json::Value) -> &str {
-        d.get("type").and_then(|t| t.as_str()).unwrap_or("?")
+pub fn describe_vm_metrics(m: &VmMetrics) -> String {
+    let mut parts = vec![format!("console {} bytes", m.console_bytes)];
+    fn is_block(d: &DeviceMetrics) -> bool {
+        matches!(d.counters, DeviceCounters::Block { .. })
     }
-    let count = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
-    let mut parts = vec![format!("console {} bytes", count(m, "console_bytes"))];
-    let devices = m
-        .get("devices")
-        .and_then(|d| d.as_array())
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let mut block_statuses_seen: Vec<u64> = Vec::new();
-    for d in devices {
-        let kind = kind_of(d);
-        let status = count(d, "status");
-        if kind == "block" {
+    let mut block_statuses_seen: Vec<u32> = Vec::new();
+    for d in &m.devices {
+        let status = d.status;
+        if is_block(d) {
             // A pod VM has many drive slots: one entry per status, with how many have it.
             if !block_statuses_seen.contains(&status) {
                 block_statuses_seen.push(status);
-                let n = devices
+                let n = m
+                    .devices
                     .iter()
-                    .filter(|o| kind_of(o) == "block" && count(o, "status") == status)
+                    .filter(|o| is_block(o) && o.status == status)
                     .count();
                 parts.push(format!("{n} block status {status:#x}"));
             }
             continue;
         }
-        let mut part = format!("{kind} status {status:#x}");
-        if kind == "vsock" {
+        let mut part = format!("{} status {status:#x}", d.counters.kind());
+        if let DeviceCounters::Vsock {
+            open_connections,
+            counters,
+        } = &d.counters
+        {
             part.push_str(&format!(
-                " rx {} tx {} packets, {} open connections, {} resets",
-                count(d, "rx_packets"),
-                count(d, "tx_packets"),
-                count(d, "open_connections"),
-                count(d, "resets_sent"),
+                " rx {} tx {} packets, {open_connections} open connections, {} resets",
+                counters.rx_packets, counters.tx_packets, counters.resets_sent,
             ));
         }
         parts.push(part);
@@ -655,7 +651,7 @@ mod tests {
 
     #[test]
     fn vm_metrics_read_as_one_line_with_drive_slots_grouped() {
-        let m = serde_json::json!({
+        let m: VmMetrics = serde_json::from_value(serde_json::json!({
             "console_bytes": 1234,
             "devices": [
                 {"type": "block", "id": "slot0", "status": 15},
@@ -665,14 +661,15 @@ mod tests {
                  "open_connections": 1, "resets_sent": 1},
                 {"type": "rng", "status": 7},
             ]
-        });
+        }))
+        .expect("metrics");
         assert_eq!(
             describe_vm_metrics(&m),
             "console 1234 bytes, 2 block status 0xf, 1 block status 0x0, \
              vsock status 0xf rx 3 tx 2 packets, 1 open connections, 1 resets, rng status 0x7"
         );
         assert_eq!(
-            describe_vm_metrics(&serde_json::json!("junk")),
+            describe_vm_metrics(&VmMetrics::default()),
             "console 0 bytes"
         );
     }

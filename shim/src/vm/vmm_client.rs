@@ -1,13 +1,18 @@
 //! The VMM process (`kata-like-vmm run ...`, see vmm/CONTRACT.md) and its run-time API client
-//! (JSON lines on a Unix socket, drive fds passed with SCM_RIGHTS).
+//! (JSON lines on a Unix socket, drive fds passed with SCM_RIGHTS). The arguments, requests,
+//! responses and metrics are the contract crate's types (`kata_like_vmm_contract`).
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kata_like_vmm_contract::limits::MAX_LINE;
+use kata_like_vmm_contract::{
+    parse_response, ConsoleConfig, DriveConfig, JailConfig, MachineConfig, Request, Response,
+    VmConfig, VmMetrics, VsockConfig,
+};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -16,8 +21,15 @@ use crate::error::{Error, Result};
 
 /// Guest context id of the pod VM (any value >= 3; each VM has its own vsock device).
 pub const GUEST_CID: u32 = 3;
+
+// The VMM's contract names the agent's vsock ports without depending on the agent's protocol
+// crate; the shim sees both, so it checks here that they agree (a mismatch breaks the build).
+const _: () = assert!(
+    kata_like_protocol::AGENT_VSOCK_PORT == kata_like_vmm_contract::limits::AGENT_PORT
+        && kata_like_protocol::POWER_VSOCK_PORT == kata_like_vmm_contract::limits::POWER_PORT
+);
 /// A response line longer than this is a broken VMM, not a reply.
-const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+const MAX_RESPONSE_BYTES: usize = MAX_LINE;
 /// Deadline of one API request (the VMM answers at once; `stop` waits at most its timeout).
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,70 +64,72 @@ pub fn slot_id(index: u32) -> String {
     format!("slot{index}")
 }
 
-/// The `kata-like-vmm run` argument list for one pod VM.
-pub fn command_args(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Vec<String> {
-    let mut args = vec![
-        "run".to_string(),
-        "--kernel".into(),
-        config.vmm.kernel.display().to_string(),
-    ];
-    if let Some(initrd) = &config.vmm.initrd {
-        args.push("--initrd".into());
-        args.push(initrd.display().to_string());
-    }
+/// The VMM configuration of one pod VM.
+pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths) -> VmConfig {
     let mut cmdline = config.vmm.kernel_params.clone();
     if shape.debug_console {
         // Verbose kernel output to the console log; "quiet" from the base line is overridden.
         cmdline.push_str(" loglevel=7 agent.log=debug,h2=info,hyper=info,tower=info,tonic=info");
     }
-    args.extend([
-        "--cmdline".into(),
-        cmdline,
-        "--vcpus".into(),
-        shape.vcpus.to_string(),
-        "--memory-mib".into(),
-        shape.memory_mib.to_string(),
-        "--console".into(),
-        paths.console_log.display().to_string(),
-    ]);
-    if config.vmm.hugepages {
-        args.push("--hugepages".into());
-    }
-    for i in 0..config.vmm.drive_slots {
-        args.push("--drive".into());
-        args.push(format!("id={},empty,ro", slot_id(i)));
-    }
-    args.extend([
-        "--vsock".into(),
-        format!("cid={GUEST_CID},uds={}", paths.vsock_sock.display()),
-        "--rng".into(),
-        "--api-sock".into(),
-        paths.api_sock.display().to_string(),
-    ]);
-    if config.jail.enabled {
-        args.push("--jail-dir".into());
-        args.push(paths.jail_dir.display().to_string());
-        if let (Some(uid), Some(gid)) = (config.jail.uid, config.jail.gid) {
-            args.extend([
-                "--uid".into(),
-                uid.to_string(),
-                "--gid".into(),
-                gid.to_string(),
-            ]);
+    let mut vm = VmConfig::new(&config.vmm.kernel);
+    vm.boot.initrd = config.vmm.initrd.clone();
+    vm.boot.cmdline = cmdline;
+    vm.machine = MachineConfig {
+        // Out-of-range values stay out of range (saturated) so that validation refuses them.
+        vcpus: u8::try_from(shape.vcpus).unwrap_or(u8::MAX),
+        memory_mib: u64::from(shape.memory_mib),
+        hugepages: config.vmm.hugepages,
+    };
+    vm.console = ConsoleConfig::Path(paths.console_log.clone());
+    vm.drives = (0..config.vmm.drive_slots)
+        .map(|i| DriveConfig {
+            id: slot_id(i),
+            path: None,
+            read_only: true,
+        })
+        .collect();
+    vm.vsock = Some(VsockConfig {
+        cid: u64::from(GUEST_CID),
+        uds: paths.vsock_sock.clone(),
+    });
+    vm.rng = true;
+    vm.api_sock = Some(paths.api_sock.clone());
+    vm.jail = if config.jail.enabled {
+        let (uid, gid) = match (config.jail.uid, config.jail.gid) {
+            (Some(uid), Some(gid)) => (Some(uid), Some(gid)),
+            _ => (None, None),
+        };
+        JailConfig {
+            enabled: true,
+            jail_dir: Some(paths.jail_dir.clone()),
+            uid,
+            gid,
         }
     } else {
-        args.push("--no-jail".into());
-    }
-    args.extend([
-        "--log-level".into(),
-        if shape.debug_console { "debug" } else { "info" }.into(),
-    ]);
+        JailConfig::default()
+    };
+    vm.log_level = Some(if shape.debug_console { "debug" } else { "info" }.into());
+    vm
+}
+
+/// The `kata-like-vmm run` argument list for one pod VM.
+pub fn command_args(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Vec<String> {
+    run_args(&vm_config(config, shape, paths))
+}
+
+fn run_args(vm: &VmConfig) -> Vec<String> {
+    let mut args = vec!["run".to_string()];
+    args.extend(vm.to_args());
     args
 }
 
 /// Starts the VMM. Its stdout/stderr go to `vmm.log`; it is killed if the shim dies (the
 /// parent-death signal), and `delete` finds it through `vmm.pid` otherwise.
 pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio::process::Child> {
+    let vm = vm_config(config, shape, paths);
+    // The VMM would refuse it too, but only after starting, with the reason in its log.
+    vm.validate()
+        .map_err(|e| Error::InvalidConfig(format!("pod VM: {e}")))?;
     std::fs::create_dir_all(&paths.jail_dir).map_err(Error::io(format!(
         "create jail dir {}",
         paths.jail_dir.display()
@@ -127,7 +141,7 @@ pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio
         .map_err(Error::io("duplicate the VMM log fd"))?;
     let mut command = tokio::process::Command::new(&config.vmm.path);
     command
-        .args(command_args(config, shape, paths))
+        .args(run_args(&vm))
         .stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -210,13 +224,9 @@ impl VmmApi {
         }
     }
 
-    /// Sends one request (with an optional fd) and returns the response object when `ok`.
-    pub async fn request(&self, request: &Value, fd: Option<BorrowedFd<'_>>) -> Result<Value> {
-        let op = request
-            .get("op")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
+    /// Sends one request (with an optional fd) and returns the response when `ok`.
+    pub async fn request(&self, request: &Request, fd: Option<BorrowedFd<'_>>) -> Result<Response> {
+        let op = request.op();
         tokio::time::timeout(API_TIMEOUT, self.request_inner(request, fd))
             .await
             .map_err(|_| Error::Vmm(format!("API {op}: no answer within {API_TIMEOUT:?}")))?
@@ -226,13 +236,17 @@ impl VmmApi {
             })
     }
 
-    async fn request_inner(&self, request: &Value, fd: Option<BorrowedFd<'_>>) -> Result<Value> {
+    async fn request_inner(
+        &self,
+        request: &Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Response> {
         let mut stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| Error::Vmm(format!("connect {}: {e}", self.socket.display())))?;
-        let mut line = serde_json::to_vec(request)
+        let line = request
+            .to_line()
             .map_err(|e| Error::Other(format!("encode VMM request: {e}")))?;
-        line.push(b'\n');
         match fd {
             Some(fd) => {
                 // The fd travels with the first bytes of the request line.
@@ -278,58 +292,45 @@ impl VmmApi {
     }
 
     pub async fn ping(&self) -> Result<String> {
-        let resp = self.request(&json!({"op": "ping"}), None).await?;
-        Ok(resp
-            .get("version")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string())
+        let resp = self.request(&Request::Ping {}, None).await?;
+        Ok(resp.version.unwrap_or_default())
     }
 
     /// Fills an empty drive slot with an open file (the VMM never needs to see our paths).
     pub async fn set_drive(&self, id: &str, file: BorrowedFd<'_>, read_only: bool) -> Result<()> {
-        self.request(
-            &json!({"op": "set_drive", "id": id, "read_only": read_only}),
-            Some(file),
-        )
-        .await
-        .map(|_| ())
+        let request = Request::SetDrive {
+            id: id.to_string(),
+            path: None,
+            read_only,
+        };
+        self.request(&request, Some(file)).await.map(|_| ())
     }
 
     pub async fn clear_drive(&self, id: &str) -> Result<()> {
-        self.request(&json!({"op": "clear_drive", "id": id}), None)
-            .await
-            .map(|_| ())
+        let request = Request::ClearDrive { id: id.to_string() };
+        self.request(&request, None).await.map(|_| ())
     }
 
     pub async fn pause(&self) -> Result<()> {
-        self.request(&json!({"op": "pause"}), None)
-            .await
-            .map(|_| ())
+        self.request(&Request::Pause {}, None).await.map(|_| ())
     }
 
     pub async fn resume(&self) -> Result<()> {
-        self.request(&json!({"op": "resume"}), None)
-            .await
-            .map(|_| ())
+        self.request(&Request::Resume {}, None).await.map(|_| ())
     }
 
     pub async fn stop(&self, force: bool, timeout_ms: u64) -> Result<()> {
-        self.request(
-            &json!({"op": "stop", "force": force, "timeout_ms": timeout_ms}),
-            None,
-        )
-        .await
-        .map(|_| ())
+        let request = Request::Stop { force, timeout_ms };
+        self.request(&request, None).await.map(|_| ())
     }
 
-    pub async fn metrics(&self) -> Result<Value> {
-        let resp = self.request(&json!({"op": "metrics"}), None).await?;
-        Ok(resp.get("metrics").cloned().unwrap_or(Value::Null))
+    pub async fn metrics(&self) -> Result<VmMetrics> {
+        let resp = self.request(&Request::Metrics {}, None).await?;
+        Ok(resp.metrics.unwrap_or_default())
     }
 }
 
-async fn read_response(stream: &mut UnixStream) -> Result<Value> {
+async fn read_response(stream: &mut UnixStream) -> Result<Response> {
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
     // Bounded read of one line: a VMM that streams garbage cannot make us allocate without end.
@@ -354,24 +355,14 @@ async fn read_response(stream: &mut UnixStream) -> Result<Value> {
             )));
         }
     }
-    let value: Value =
-        serde_json::from_slice(&buf).map_err(|e| Error::Vmm(format!("malformed response: {e}")))?;
-    match value.get("ok").and_then(Value::as_bool) {
-        Some(true) => Ok(value),
-        Some(false) => Err(Error::Vmm(
-            value
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("error without a message")
-                .to_string(),
-        )),
-        None => Err(Error::Vmm(format!("response without \"ok\": {value}"))),
-    }
+    // A refusal reads as the VMM's own message; anything else says what was wrong with the line.
+    parse_response(&buf).map_err(|e| Error::Vmm(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
     use std::io::{BufRead, Read, Write};
     use std::os::fd::{AsFd, FromRawFd, OwnedFd};
     use std::os::unix::net::UnixListener;

@@ -23,13 +23,13 @@ use tokio::sync::oneshot;
 
 use crate::config::{self, Config};
 use crate::error::{status, Error, Result};
-use crate::events::{self, Events};
-use crate::metrics;
-use crate::process::{ExitInfo, Process, Status, StdioPaths};
-use crate::rootfs::{self, ImageBuilder, RootfsMount};
-use crate::sandbox::Vm;
-use crate::spec::{self, Bundle, Role};
-use crate::stdio;
+use crate::pod::process::{ExitInfo, Process, Status, StdioPaths};
+use crate::pod::rootfs::{self, ImageBuilder, RootfsMount};
+use crate::pod::spec::{self, Bundle, Role};
+use crate::pod::stdio;
+use crate::task::events::{self, Events};
+use crate::task::metrics;
+use crate::vm::vm::Vm;
 
 type TtrpcResult<T> = containerd_shim_protos::ttrpc::Result<T>;
 
@@ -1078,7 +1078,7 @@ async fn copy_dir(vm: &Vm, host: &Path, guest_root: &str) -> Result<()> {
 
 /// The agent's WriteStdin/CloseStdin for one process.
 struct AgentStdin {
-    agent: crate::agent::Agent,
+    agent: crate::vm::agent_client::Agent,
     container_id: String,
     exec_id: String,
 }
