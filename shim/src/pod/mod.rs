@@ -46,17 +46,11 @@ pub trait EventSink: Send + Sync {
     fn start(&self, container_id: &str, pid: u32);
     fn exec_added(&self, container_id: &str, exec_id: &str);
     fn exec_started(&self, container_id: &str, exec_id: &str, pid: u32);
-    /// The exit of a process; `exec_id` is "" for a container's init process.
+    /// The exit of a process; `exec_id` is "" for a container's init process. (`id` is the
+    /// container's.)
     fn exit(&self, container_id: &str, exec_id: &str, pid: u32, exit_status: u32, at: Timestamp);
     /// The exit of a process that never started (killed or failed in the created state).
-    fn exit_unstarted(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        pid: u32,
-        exit_status: u32,
-        at: Timestamp,
-    );
+    fn exit_unstarted(&self, id: &str, exec_id: &str, pid: u32, status: u32, at: Timestamp);
     fn delete(&self, container_id: &str, pid: u32, exit_status: u32, at: Timestamp);
     /// Forgets an exec's ordering state once it is deleted.
     fn exec_deleted(&self, container_id: &str, exec_id: &str);
