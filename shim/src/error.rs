@@ -52,21 +52,6 @@ impl Error {
             Error::Io { .. } | Error::Vmm(_) | Error::Agent(_) | Error::Other(_) => Code::INTERNAL,
         }
     }
-
-    /// Maps an agent gRPC status onto the shim's errors, keeping the agent's message.
-    pub fn from_agent(call: &str, status: tonic::Status) -> Error {
-        let msg = format!("{call}: {}", status.message());
-        match status.code() {
-            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => {
-                Error::InvalidArgument(msg)
-            }
-            tonic::Code::NotFound => Error::NotFound(msg),
-            tonic::Code::AlreadyExists => Error::AlreadyExists(msg),
-            tonic::Code::FailedPrecondition => Error::FailedPrecondition(msg),
-            tonic::Code::Unimplemented => Error::Unimplemented(msg),
-            code => Error::Agent(format!("{msg} ({code:?})")),
-        }
-    }
 }
 
 impl From<Error> for ttrpc::Error {

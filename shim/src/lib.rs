@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod error;
+pub mod ids;
 pub mod logging;
 pub mod pod;
 pub mod shim;

@@ -16,8 +16,9 @@ use containerd_shim::{Config as ShimConfig, Error as ShimError, Flags, StartOpts
 use containerd_shim_protos::api::DeleteResponse;
 
 use crate::pod::spec::{self, Bundle, Role};
-use crate::task::events::{self, Events};
-use crate::task::service::{Service, STATE_DIR_FILE};
+use crate::pod::STATE_DIR_FILE;
+use crate::task::events::Events;
+use crate::task::service::Service;
 
 pub const RUNTIME_ID: &str = "io.containerd.kata-like.v2";
 
@@ -64,7 +65,7 @@ impl Shim for KataLikeShim {
         Ok(DeleteResponse {
             pid: 0,
             exit_status: 128 + libc::SIGKILL as u32,
-            exited_at: Some(events::now()).into(),
+            exited_at: Some(crate::pod::process::now()).into(),
             ..Default::default()
         })
     }
@@ -75,7 +76,7 @@ impl Shim for KataLikeShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         let events = Events::to_containerd(publisher, self.namespace.clone());
-        Service::new(&self.namespace, events, self.exit.clone())
+        Service::new(&self.namespace, Arc::new(events), self.exit.clone())
     }
 }
 

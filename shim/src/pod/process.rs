@@ -41,6 +41,24 @@ pub struct ExitInfo {
     pub at: Timestamp,
 }
 
+/// The current time as a protobuf timestamp.
+pub fn now() -> Timestamp {
+    timestamp_from_unix_nanos(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0),
+    )
+}
+
+pub fn timestamp_from_unix_nanos(nanos: i64) -> Timestamp {
+    Timestamp {
+        seconds: nanos.div_euclid(1_000_000_000),
+        nanos: nanos.rem_euclid(1_000_000_000) as i32,
+        ..Default::default()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct StdioPaths {
     pub stdin: String,
@@ -239,5 +257,12 @@ mod tests {
         assert_eq!(waiter.await.expect("join"), info);
         assert_eq!(p.status(), Status::Stopped);
         assert!(!p.set_status(Status::Running));
+    }
+
+    #[test]
+    fn timestamps_split_nanos() {
+        let t = timestamp_from_unix_nanos(1_700_000_000_123_456_789);
+        assert_eq!(t.seconds, 1_700_000_000);
+        assert_eq!(t.nanos, 123_456_789);
     }
 }

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::vm::storage::LayerImage;
 
 /// Most layers one container may have (each needs a drive slot while in use).
 pub const MAX_LAYERS: usize = 32;
@@ -170,16 +171,6 @@ pub struct ImageBuilder {
     pub mkfs_erofs: PathBuf,
     pub cache_dir: PathBuf,
     pub cache_entries: usize,
-}
-
-/// A built image, opened read-only (the fd is what the VMM gets).
-#[derive(Debug)]
-pub struct LayerImage {
-    /// Stable name of the layer: the guest storage id, shared by every container of the pod
-    /// that uses the same layer.
-    pub storage_id: String,
-    pub file: std::fs::File,
-    pub cached: bool,
 }
 
 impl ImageBuilder {

@@ -19,6 +19,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::vm::storage::storage_mount_point;
 
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
@@ -168,11 +169,6 @@ pub struct GuestSpec {
     pub spec: Value,
     pub files: Vec<FileCopy>,
     pub dirs: Vec<SharedDir>,
-}
-
-/// Guest mount point of a storage (the agent's rule: /run/kata-like/storage/<id>).
-pub fn storage_mount_point(storage_id: &str) -> String {
-    format!("/run/kata-like/storage/{storage_id}")
 }
 
 fn short_hash(s: &str) -> String {
@@ -352,21 +348,10 @@ pub fn guest_resources(json: &[u8]) -> Result<Vec<u8>> {
     Ok(json.to_vec())
 }
 
-/// Checks an id from containerd (container, exec) against the protocol's id rule.
-pub fn check_id(kind: &str, id: &str) -> Result<()> {
-    if kata_like_protocol::is_valid_id(id) {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "{kind} id {:?} is not valid: it must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}",
-            id.chars().take(200).collect::<String>()
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::check_id;
 
     fn bundle(spec: Value) -> Bundle {
         Bundle::from_json(Path::new("/b"), spec.to_string().as_bytes()).expect("bundle")

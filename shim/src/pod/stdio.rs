@@ -43,12 +43,12 @@ pub fn open_input_fifo(path: &Path) -> Result<tokio::net::unix::pipe::Receiver> 
 /// still drained so the process never blocks on a full pipe). Returns the bytes copied.
 pub async fn copy_output<S, W>(mut stream: S, mut out: Option<W>) -> Result<u64>
 where
-    S: Stream<Item = std::result::Result<Vec<u8>, tonic::Status>> + Unpin,
+    S: Stream<Item = Result<Vec<u8>>> + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut copied = 0u64;
     while let Some(chunk) = stream.next().await {
-        let data = chunk.map_err(|s| Error::from_agent("ProcessOutput", s))?;
+        let data = chunk?;
         if let Some(w) = out.as_mut() {
             if let Err(e) = w.write_all(&data).await {
                 // The reader went away for good: keep draining so the guest process is not
@@ -141,7 +141,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_chunks_arrive_complete_and_in_order() {
-        let chunks: Vec<std::result::Result<Vec<u8>, tonic::Status>> =
+        let chunks: Vec<Result<Vec<u8>>> =
             (0..100u8).map(|i| Ok(vec![i; 1000 + i as usize])).collect();
         let expected: Vec<u8> = (0..100u8)
             .flat_map(|i| vec![i; 1000 + i as usize])
@@ -160,8 +160,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_is_drained_without_a_fifo_and_errors_surface() {
-        let chunks: Vec<std::result::Result<Vec<u8>, tonic::Status>> =
-            vec![Ok(b"abc".to_vec()), Ok(b"de".to_vec())];
+        let chunks: Vec<Result<Vec<u8>>> = vec![Ok(b"abc".to_vec()), Ok(b"de".to_vec())];
         let n = copy_output(
             futures::stream::iter(chunks),
             None::<tokio::io::DuplexStream>,
@@ -169,9 +168,9 @@ mod tests {
         .await
         .expect("drained");
         assert_eq!(n, 5);
-        let chunks: Vec<std::result::Result<Vec<u8>, tonic::Status>> = vec![
+        let chunks: Vec<Result<Vec<u8>>> = vec![
             Ok(b"abc".to_vec()),
-            Err(tonic::Status::internal("guest died")),
+            Err(Error::Agent("ProcessOutput: guest died (Internal)".into())),
         ];
         let err = copy_output(
             futures::stream::iter(chunks),
@@ -302,7 +301,7 @@ mod tests {
             .open_receiver(&out)
             .expect("reader");
         let sender = open_output_fifo(&out).expect("sender");
-        let chunks: Vec<std::result::Result<Vec<u8>, tonic::Status>> = vec![Ok(b"out".to_vec())];
+        let chunks: Vec<Result<Vec<u8>>> = vec![Ok(b"out".to_vec())];
         copy_output(futures::stream::iter(chunks), Some(sender))
             .await
             .expect("copy");

@@ -19,6 +19,9 @@ use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::context::Context;
 use tokio::sync::mpsc;
 
+use crate::pod::process::StdioPaths;
+use crate::pod::EventSink;
+
 /// One event ready to send: its topic and message.
 pub struct Envelope {
     pub topic: &'static str,
@@ -84,7 +87,29 @@ impl Events {
         self.order.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn create(&self, container_id: &str, bundle: &str, io: TaskIO, pid: u32) {
+    fn started(&self, container_id: &str, exec_id: &str) {
+        let key = (container_id.to_string(), exec_id.to_string());
+        let held = {
+            let mut order = self.order();
+            order.started.insert(key.clone());
+            order.held_exits.remove(&key)
+        };
+        if let Some(env) = held {
+            self.send(env.topic, env.message);
+        }
+    }
+}
+
+/// The events the pod model publishes, in containerd's order.
+impl EventSink for Events {
+    fn create(&self, container_id: &str, bundle: &str, stdio: &StdioPaths, pid: u32) {
+        let io = TaskIO {
+            stdin: stdio.stdin.clone(),
+            stdout: stdio.stdout.clone(),
+            stderr: stdio.stderr.clone(),
+            terminal: stdio.terminal,
+            ..Default::default()
+        };
         self.send(
             topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -97,7 +122,7 @@ impl Events {
         );
     }
 
-    pub fn start(&self, container_id: &str, pid: u32) {
+    fn start(&self, container_id: &str, pid: u32) {
         self.send(
             topics::TASK_START_EVENT_TOPIC,
             Box::new(TaskStart {
@@ -109,7 +134,7 @@ impl Events {
         self.started(container_id, "");
     }
 
-    pub fn exec_added(&self, container_id: &str, exec_id: &str) {
+    fn exec_added(&self, container_id: &str, exec_id: &str) {
         self.send(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,
             Box::new(TaskExecAdded {
@@ -120,7 +145,7 @@ impl Events {
         );
     }
 
-    pub fn exec_started(&self, container_id: &str, exec_id: &str, pid: u32) {
+    fn exec_started(&self, container_id: &str, exec_id: &str, pid: u32) {
         self.send(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,
             Box::new(TaskExecStarted {
@@ -133,21 +158,9 @@ impl Events {
         self.started(container_id, exec_id);
     }
 
-    fn started(&self, container_id: &str, exec_id: &str) {
-        let key = (container_id.to_string(), exec_id.to_string());
-        let held = {
-            let mut order = self.order();
-            order.started.insert(key.clone());
-            order.held_exits.remove(&key)
-        };
-        if let Some(env) = held {
-            self.send(env.topic, env.message);
-        }
-    }
-
     /// The exit of a process; `exec_id` is "" for a container's init process (the event's `id`
     /// is then the container id, as containerd expects).
-    pub fn exit(
+    fn exit(
         &self,
         container_id: &str,
         exec_id: &str,
@@ -186,7 +199,7 @@ impl Events {
 
     /// The exit of a process that never started (killed or failed in the created state): sent
     /// at once, there is no start to wait for.
-    pub fn exit_unstarted(
+    fn exit_unstarted(
         &self,
         container_id: &str,
         exec_id: &str,
@@ -198,7 +211,7 @@ impl Events {
         self.exit(container_id, exec_id, pid, exit_status, exited_at);
     }
 
-    pub fn delete(&self, container_id: &str, pid: u32, exit_status: u32, exited_at: Timestamp) {
+    fn delete(&self, container_id: &str, pid: u32, exit_status: u32, exited_at: Timestamp) {
         {
             let mut order = self.order();
             order.started.retain(|(c, _)| c != container_id);
@@ -218,14 +231,14 @@ impl Events {
     }
 
     /// Forgets an exec's ordering state once it is deleted.
-    pub fn exec_deleted(&self, container_id: &str, exec_id: &str) {
+    fn exec_deleted(&self, container_id: &str, exec_id: &str) {
         let key = (container_id.to_string(), exec_id.to_string());
         let mut order = self.order();
         order.started.remove(&key);
         order.held_exits.remove(&key);
     }
 
-    pub fn oom(&self, container_id: &str) {
+    fn oom(&self, container_id: &str) {
         self.send(
             topics::TASK_OOM_EVENT_TOPIC,
             Box::new(TaskOOM {
@@ -235,7 +248,7 @@ impl Events {
         );
     }
 
-    pub fn paused(&self, container_id: &str) {
+    fn paused(&self, container_id: &str) {
         self.send(
             topics::TASK_PAUSED_EVENT_TOPIC,
             Box::new(TaskPaused {
@@ -245,7 +258,7 @@ impl Events {
         );
     }
 
-    pub fn resumed(&self, container_id: &str) {
+    fn resumed(&self, container_id: &str) {
         self.send(
             topics::TASK_RESUMED_EVENT_TOPIC,
             Box::new(TaskResumed {
@@ -256,27 +269,10 @@ impl Events {
     }
 }
 
-/// The current time as a protobuf timestamp.
-pub fn now() -> Timestamp {
-    timestamp_from_unix_nanos(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0),
-    )
-}
-
-pub fn timestamp_from_unix_nanos(nanos: i64) -> Timestamp {
-    Timestamp {
-        seconds: nanos.div_euclid(1_000_000_000),
-        nanos: nanos.rem_euclid(1_000_000_000) as i32,
-        ..Default::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pod::process::now;
 
     fn drain(rx: &mut mpsc::UnboundedReceiver<Envelope>) -> Vec<String> {
         let mut out = Vec::new();
@@ -304,7 +300,7 @@ mod tests {
     fn exit_before_start_is_held_until_the_start() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let events = Events::with_queue(tx);
-        events.create("c1", "/b", TaskIO::default(), 7);
+        events.create("c1", "/b", &StdioPaths::default(), 7);
         // The guest process exits before the shim publishes its start.
         events.exit("c1", "", 7, 0, now());
         assert_eq!(drain(&mut rx), vec!["/tasks/create c1"]);
@@ -353,12 +349,5 @@ mod tests {
         let events = Events::with_queue(tx);
         events.exit_unstarted("c2", "", 0, 137, now());
         assert_eq!(drain(&mut rx), vec!["/tasks/exit c2/c2=137"]);
-    }
-
-    #[test]
-    fn timestamps_split_nanos() {
-        let t = timestamp_from_unix_nanos(1_700_000_000_123_456_789);
-        assert_eq!(t.seconds, 1_700_000_000);
-        assert_eq!(t.nanos, 123_456_789);
     }
 }

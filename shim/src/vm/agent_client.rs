@@ -3,11 +3,18 @@
 //! Every HTTP/2 connection is one vsock stream: connect the Unix socket, write `CONNECT 1024\n`,
 //! read `OK <port>\n`, then hand the stream to tonic. Ordinary calls carry a deadline; waits and
 //! output streams have none (they end when the process does or the VM dies).
+//!
+//! [`Agent`] is the typed client: one method per RPC the shim makes, with the timeout table and
+//! the one mapping of gRPC statuses to the shim's errors (`Rpc`). Nothing else in the shim
+//! sees the generated client or builds a tonic request.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
+use kata_like_protocol as pb;
 use kata_like_protocol::agent_client::AgentClient;
 use kata_like_protocol::{HealthRequest, HealthResponse, AGENT_VSOCK_PORT, MAX_MESSAGE_BYTES};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -72,11 +79,114 @@ async fn read_handshake_line(stream: &mut UnixStream) -> std::io::Result<String>
     Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
-/// A gRPC client of the agent plus the deadline for ordinary calls.
+/// The agent RPCs the shim makes. Their names are the ones in error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rpc {
+    SetTime,
+    CreateSandbox,
+    CopyFile,
+    AddStorage,
+    RemoveStorage,
+    CreateContainer,
+    StartContainer,
+    ExecProcess,
+    SignalProcess,
+    WaitProcess,
+    RemoveContainer,
+    PauseContainer,
+    ResumeContainer,
+    UpdateContainer,
+    ListProcesses,
+    StatsContainer,
+    ProcessOutput,
+    WriteStdin,
+    CloseStdin,
+    ResizeTty,
+    OomEvents,
+}
+
+impl Rpc {
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::SetTime => "SetTime",
+            Rpc::CreateSandbox => "CreateSandbox",
+            Rpc::CopyFile => "CopyFile",
+            Rpc::AddStorage => "AddStorage",
+            Rpc::RemoveStorage => "RemoveStorage",
+            Rpc::CreateContainer => "CreateContainer",
+            Rpc::StartContainer => "StartContainer",
+            Rpc::ExecProcess => "ExecProcess",
+            Rpc::SignalProcess => "SignalProcess",
+            Rpc::WaitProcess => "WaitProcess",
+            Rpc::RemoveContainer => "RemoveContainer",
+            Rpc::PauseContainer => "PauseContainer",
+            Rpc::ResumeContainer => "ResumeContainer",
+            Rpc::UpdateContainer => "UpdateContainer",
+            Rpc::ListProcesses => "ListProcesses",
+            Rpc::StatsContainer => "StatsContainer",
+            Rpc::ProcessOutput => "ProcessOutput",
+            Rpc::WriteStdin => "WriteStdin",
+            Rpc::CloseStdin => "CloseStdin",
+            Rpc::ResizeTty => "ResizeTty",
+            Rpc::OomEvents => "OomEvents",
+        }
+    }
+
+    /// The timeout table: every call carries the configured deadline
+    /// (`vmm.agent_call_timeout_ms`) except waits and streams, which end when the process
+    /// does or the VM dies, and WriteStdin, which a process that does not read its stdin
+    /// back-pressures, as a pipe does. (Health has its own per-attempt bound in `wait_ready`.)
+    fn has_deadline(self) -> bool {
+        !matches!(
+            self,
+            Rpc::WaitProcess | Rpc::ProcessOutput | Rpc::WriteStdin | Rpc::OomEvents
+        )
+    }
+
+    /// The one mapping of an agent gRPC status onto the shim's errors, keeping the agent's
+    /// message behind the RPC's name.
+    fn error(self, status: tonic::Status) -> Error {
+        let msg = format!("{}: {}", self.name(), status.message());
+        match status.code() {
+            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => {
+                Error::InvalidArgument(msg)
+            }
+            tonic::Code::NotFound => Error::NotFound(msg),
+            tonic::Code::AlreadyExists => Error::AlreadyExists(msg),
+            tonic::Code::FailedPrecondition => Error::FailedPrecondition(msg),
+            tonic::Code::Unimplemented => Error::Unimplemented(msg),
+            code => Error::Agent(format!("{msg} ({code:?})")),
+        }
+    }
+}
+
+/// The typed client of the guest agent: one method per RPC the shim makes, each with its
+/// deadline and error mapping. No other module sees the generated client or tonic requests.
 #[derive(Clone, Debug)]
 pub struct Agent {
     client: AgentClient<Channel>,
     call_timeout: Duration,
+}
+
+/// A guest process's exit as the agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub exit_status: i32,
+    pub exited_at_unix_nanos: i64,
+}
+
+/// The agent's stream of OOM kills in the guest.
+pub struct OomEvents(tonic::Streaming<pb::OomEvent>);
+
+impl OomEvents {
+    /// The id of the next container with an OOM kill; None when the stream ends or fails
+    /// (the VM died or the agent went away).
+    pub async fn next(&mut self) -> Option<String> {
+        match self.0.message().await {
+            Ok(Some(ev)) => Some(ev.container_id),
+            _ => None,
+        }
+    }
 }
 
 impl Agent {
@@ -105,16 +215,294 @@ impl Agent {
         })
     }
 
-    /// A client for one call.
-    pub fn client(&self) -> AgentClient<Channel> {
-        self.client.clone()
+    /// Makes one call: wraps `message` with the RPC's deadline, maps a failure to the shim's
+    /// error. `send` names the generated client's method.
+    async fn call<T, R, F, Fut>(&self, rpc: Rpc, message: T, send: F) -> Result<R>
+    where
+        F: FnOnce(AgentClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let mut req = tonic::Request::new(message);
+        if rpc.has_deadline() {
+            req.set_timeout(self.call_timeout);
+        }
+        send(self.client.clone(), req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| rpc.error(s))
     }
 
-    /// Wraps a message into a request with the ordinary deadline.
-    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(message);
-        req.set_timeout(self.call_timeout);
-        req
+    /// Sets the guest clock to `since_epoch` (time since the Unix epoch).
+    pub async fn set_time(&self, since_epoch: Duration) -> Result<()> {
+        let msg = pb::SetTimeRequest {
+            seconds: since_epoch.as_secs() as i64,
+            nanos: since_epoch.subsec_nanos(),
+        };
+        self.call(
+            Rpc::SetTime,
+            msg,
+            |mut c, r| async move { c.set_time(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<()> {
+        let msg = pb::CreateSandboxRequest {
+            sandbox_id: sandbox_id.to_string(),
+            hostname: hostname.to_string(),
+            ..Default::default()
+        };
+        self.call(Rpc::CreateSandbox, msg, |mut c, r| async move {
+            c.create_sandbox(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Writes one chunk of a file in the guest.
+    pub async fn copy_file(&self, chunk: pb::CopyFileRequest) -> Result<()> {
+        self.call(Rpc::CopyFile, chunk, |mut c, r| async move {
+            c.copy_file(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Mounts a storage in the guest; returns its mount point.
+    pub async fn add_storage(&self, storage: pb::AddStorageRequest) -> Result<String> {
+        self.call(Rpc::AddStorage, storage, |mut c, r| async move {
+            c.add_storage(r).await
+        })
+        .await
+        .map(|resp| resp.mount_point)
+    }
+
+    pub async fn remove_storage(&self, storage_id: &str) -> Result<()> {
+        let msg = pb::RemoveStorageRequest {
+            storage_id: storage_id.to_string(),
+        };
+        self.call(Rpc::RemoveStorage, msg, |mut c, r| async move {
+            c.remove_storage(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Creates a container (not started yet); returns the guest pid of its init process.
+    pub async fn create_container(&self, container: pb::CreateContainerRequest) -> Result<u32> {
+        self.call(Rpc::CreateContainer, container, |mut c, r| async move {
+            c.create_container(r).await
+        })
+        .await
+        .map(|resp| resp.pid)
+    }
+
+    pub async fn start_container(&self, container_id: &str) -> Result<()> {
+        self.call(
+            Rpc::StartContainer,
+            container_request(container_id),
+            |mut c, r| async move { c.start_container(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Starts an exec process (it runs at once); returns its guest pid.
+    pub async fn exec_process(&self, exec: pb::ExecProcessRequest) -> Result<u32> {
+        self.call(Rpc::ExecProcess, exec, |mut c, r| async move {
+            c.exec_process(r).await
+        })
+        .await
+        .map(|resp| resp.pid)
+    }
+
+    /// Signals one process, or with `all` every process of the container.
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        let msg = pb::SignalProcessRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            signal,
+            all,
+        };
+        self.call(Rpc::SignalProcess, msg, |mut c, r| async move {
+            c.signal_process(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Waits, without a deadline, for a process to exit.
+    pub async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<ProcessExit> {
+        self.call(
+            Rpc::WaitProcess,
+            process_request(container_id, exec_id),
+            |mut c, r| async move { c.wait_process(r).await },
+        )
+        .await
+        .map(|resp| ProcessExit {
+            exit_status: resp.exit_status,
+            exited_at_unix_nanos: resp.exited_at_unix_nanos,
+        })
+    }
+
+    /// Removes a container, SIGKILLing processes left after `timeout_ms`.
+    pub async fn remove_container(&self, container_id: &str, timeout_ms: u32) -> Result<()> {
+        let msg = pb::RemoveContainerRequest {
+            container_id: container_id.to_string(),
+            timeout_ms,
+        };
+        self.call(Rpc::RemoveContainer, msg, |mut c, r| async move {
+            c.remove_container(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn pause_container(&self, container_id: &str) -> Result<()> {
+        self.call(
+            Rpc::PauseContainer,
+            container_request(container_id),
+            |mut c, r| async move { c.pause_container(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn resume_container(&self, container_id: &str) -> Result<()> {
+        self.call(
+            Rpc::ResumeContainer,
+            container_request(container_id),
+            |mut c, r| async move { c.resume_container(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Applies OCI `linux.resources` (JSON) to a container.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<()> {
+        let msg = pb::UpdateContainerRequest {
+            container_id: container_id.to_string(),
+            oci_linux_resources_json: resources_json,
+        };
+        self.call(Rpc::UpdateContainer, msg, |mut c, r| async move {
+            c.update_container(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The guest pids of a container's processes.
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>> {
+        self.call(
+            Rpc::ListProcesses,
+            container_request(container_id),
+            |mut c, r| async move { c.list_processes(r).await },
+        )
+        .await
+        .map(|resp| resp.processes.into_iter().map(|p| p.pid).collect())
+    }
+
+    pub async fn stats_container(&self, container_id: &str) -> Result<pb::StatsContainerResponse> {
+        self.call(
+            Rpc::StatsContainer,
+            container_request(container_id),
+            |mut c, r| async move { c.stats_container(r).await },
+        )
+        .await
+    }
+
+    /// One output of a process as a stream of chunks; it ends after the process's pipe
+    /// reached EOF and every byte was sent.
+    pub async fn process_output(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        fd: pb::OutputFd,
+    ) -> Result<impl Stream<Item = Result<Vec<u8>>> + Unpin> {
+        let msg = pb::ProcessOutputRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            fd: fd as i32,
+        };
+        let stream = self
+            .call(Rpc::ProcessOutput, msg, |mut c, r| async move {
+                c.process_output(r).await
+            })
+            .await?;
+        Ok(stream.map(|chunk| {
+            chunk
+                .map(|c| c.data)
+                .map_err(|s| Rpc::ProcessOutput.error(s))
+        }))
+    }
+
+    /// Writes to a process's stdin; returns how many bytes its pipe took.
+    pub async fn write_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        data: Vec<u8>,
+    ) -> Result<usize> {
+        let msg = pb::WriteStdinRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            data,
+        };
+        self.call(Rpc::WriteStdin, msg, |mut c, r| async move {
+            c.write_stdin(r).await
+        })
+        .await
+        .map(|resp| resp.written as usize)
+    }
+
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {
+        self.call(
+            Rpc::CloseStdin,
+            process_request(container_id, exec_id),
+            |mut c, r| async move { c.close_stdin(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<()> {
+        let msg = pb::ResizeTtyRequest {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.to_string(),
+            rows,
+            columns,
+        };
+        self.call(Rpc::ResizeTty, msg, |mut c, r| async move {
+            c.resize_tty(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Subscribes to the guest's OOM kills.
+    pub async fn oom_events(&self) -> Result<OomEvents> {
+        self.call(Rpc::OomEvents, pb::Empty {}, |mut c, r| async move {
+            c.oom_events(r).await
+        })
+        .await
+        .map(OomEvents)
     }
 
     /// Polls `Health` until the agent answers or `deadline` passes, giving up early when
@@ -141,7 +529,7 @@ impl Agent {
                 .min(Duration::from_secs(5));
             let mut req = tonic::Request::new(HealthRequest {});
             req.set_timeout(attempt);
-            match tokio::time::timeout(attempt, self.client().health(req)).await {
+            match tokio::time::timeout(attempt, self.client.clone().health(req)).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => last_error = format!("{}: {}", status.code(), status.message()),
                 Err(_) => last_error = format!("no answer within {attempt:?}"),
@@ -154,6 +542,19 @@ impl Agent {
         Err(Error::Agent(format!(
             "the agent did not answer within {timeout:?}: {last_error}"
         )))
+    }
+}
+
+fn container_request(container_id: &str) -> pb::ContainerRequest {
+    pb::ContainerRequest {
+        container_id: container_id.to_string(),
+    }
+}
+
+fn process_request(container_id: &str, exec_id: &str) -> pb::ProcessRequest {
+    pb::ProcessRequest {
+        container_id: container_id.to_string(),
+        exec_id: exec_id.to_string(),
     }
 }
 
@@ -194,6 +595,34 @@ mod tests {
         let err = connect_vsock(&sock, 1024).await.unwrap_err();
         assert!(err.to_string().contains("refused"), "{err}");
         server.await.expect("server");
+    }
+
+    #[test]
+    fn agent_errors_name_the_rpc_and_keep_the_agents_code() {
+        let e = Rpc::CreateContainer.error(tonic::Status::not_found("no such layer"));
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        assert_eq!(e.to_string(), "not found: CreateContainer: no such layer");
+        let e = Rpc::CopyFile.error(tonic::Status::resource_exhausted("too big"));
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        let e = Rpc::OomEvents.error(tonic::Status::unimplemented("no"));
+        assert!(matches!(e, Error::Unimplemented(_)), "{e}");
+        let e = Rpc::StartContainer.error(tonic::Status::internal("boom"));
+        assert_eq!(e.to_string(), "agent: StartContainer: boom (Internal)");
+    }
+
+    #[test]
+    fn waits_streams_and_stdin_writes_go_without_a_deadline() {
+        for rpc in [
+            Rpc::WaitProcess,
+            Rpc::ProcessOutput,
+            Rpc::WriteStdin,
+            Rpc::OomEvents,
+        ] {
+            assert!(!rpc.has_deadline(), "{rpc:?}");
+        }
+        for rpc in [Rpc::CreateContainer, Rpc::CloseStdin, Rpc::RemoveContainer] {
+            assert!(rpc.has_deadline(), "{rpc:?}");
+        }
     }
 
     #[tokio::test]

@@ -16,9 +16,8 @@ use tokio::sync::watch;
 
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
-use crate::pod::rootfs::LayerImage;
-use crate::pod::spec::storage_mount_point;
 use crate::vm::agent_client::Agent;
+use crate::vm::storage::{storage_mount_point, LayerImage};
 use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
 
 /// How the VMM process ended.
@@ -45,8 +44,8 @@ pub fn state_dir_for(config: &Config, namespace: &str, sandbox_id: &str) -> Resu
 /// under a test's state dir would exceed.
 pub fn state_dir_name(namespace: &str, sandbox_id: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
-    crate::pod::spec::check_id("namespace", namespace)?;
-    crate::pod::spec::check_id("sandbox", sandbox_id)?;
+    crate::ids::check_id("namespace", namespace)?;
+    crate::ids::check_id("sandbox", sandbox_id)?;
     let digest = Sha256::digest(format!("{namespace}/{sandbox_id}").as_bytes());
     Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -239,23 +238,8 @@ impl Vm {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
-            vm.agent
-                .client()
-                .set_time(vm.agent.request(pb::SetTimeRequest {
-                    seconds: now.as_secs() as i64,
-                    nanos: now.subsec_nanos(),
-                }))
-                .await
-                .map_err(|s| Error::from_agent("SetTime", s))?;
-            vm.agent
-                .client()
-                .create_sandbox(vm.agent.request(pb::CreateSandboxRequest {
-                    sandbox_id: sandbox_id.to_string(),
-                    hostname: hostname.to_string(),
-                    ..Default::default()
-                }))
-                .await
-                .map_err(|s| Error::from_agent("CreateSandbox", s))?;
+            vm.agent.set_time(now).await?;
+            vm.agent.create_sandbox(sandbox_id, hostname).await?;
             Ok::<(), Error>(())
         };
         if let Err(e) = setup.await {
@@ -401,8 +385,7 @@ impl Vm {
             .await?;
         let added = self
             .agent
-            .client()
-            .add_storage(self.agent.request(pb::AddStorageRequest {
+            .add_storage(pb::AddStorageRequest {
                 storage_id: storage_id.to_string(),
                 source: Some(pb::add_storage_request::Source::BlockSerial(
                     slot_id.clone(),
@@ -410,13 +393,13 @@ impl Vm {
                 fs_type: "erofs".into(),
                 options: vec!["ro".into()],
                 wait_ms: 10_000,
-            }))
+            })
             .await;
         let mount_point = match added {
-            Ok(resp) => resp.into_inner().mount_point,
-            Err(status) => {
+            Ok(mount_point) => mount_point,
+            Err(e) => {
                 let _ = self.api.clear_drive(&slot_id).await;
-                return Err(Error::from_agent("AddStorage", status));
+                return Err(e);
             }
         };
         storages.slots.insert(
@@ -447,13 +430,7 @@ impl Vm {
         if self.exit().is_some() {
             return Ok(());
         }
-        self.agent
-            .client()
-            .remove_storage(self.agent.request(pb::RemoveStorageRequest {
-                storage_id: storage_id.to_string(),
-            }))
-            .await
-            .map_err(|s| Error::from_agent("RemoveStorage", s))?;
+        self.agent.remove_storage(storage_id).await?;
         self.api.clear_drive(&vmm::slot_id(index)).await
     }
 
@@ -464,20 +441,18 @@ impl Vm {
             *users += 1;
             return Ok((storage_mount_point(storage_id), false));
         }
-        let resp = self
+        let mount_point = self
             .agent
-            .client()
-            .add_storage(self.agent.request(pb::AddStorageRequest {
+            .add_storage(pb::AddStorageRequest {
                 storage_id: storage_id.to_string(),
                 source: Some(pb::add_storage_request::Source::Tmpfs(true)),
                 fs_type: "tmpfs".into(),
                 options: vec![],
                 wait_ms: 0,
-            }))
-            .await
-            .map_err(|s| Error::from_agent("AddStorage", s))?;
+            })
+            .await?;
         storages.tmpfs.insert(storage_id.to_string(), 1);
-        Ok((resp.into_inner().mount_point, true))
+        Ok((mount_point, true))
     }
 
     pub async fn release_tmpfs(&self, storage_id: &str) -> Result<()> {
@@ -493,14 +468,7 @@ impl Vm {
         if self.exit().is_some() {
             return Ok(());
         }
-        self.agent
-            .client()
-            .remove_storage(self.agent.request(pb::RemoveStorageRequest {
-                storage_id: storage_id.to_string(),
-            }))
-            .await
-            .map_err(|s| Error::from_agent("RemoveStorage", s))
-            .map(|_| ())
+        self.agent.remove_storage(storage_id).await
     }
 
     /// Copies one host file into the guest, in chunks the agent accepts.
@@ -534,8 +502,7 @@ impl Vm {
                 break;
             }
             self.agent
-                .client()
-                .copy_file(self.agent.request(pb::CopyFileRequest {
+                .copy_file(pb::CopyFileRequest {
                     path: guest.to_string(),
                     data: buf[..n].to_vec(),
                     offset,
@@ -544,9 +511,8 @@ impl Vm {
                     uid: meta.uid(),
                     gid: meta.gid(),
                     create_parents: true,
-                }))
-                .await
-                .map_err(|s| Error::from_agent("CopyFile", s))?;
+                })
+                .await?;
             offset += n as u64;
             if n == 0 || offset >= size {
                 break;
