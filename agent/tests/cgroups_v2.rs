@@ -80,13 +80,7 @@ async fn pids_limit_stops_a_fork_bomb() {
         .unwrap();
     let out = collect_output(&agent.client, "bomb", "", OutputFd::Stdout);
     let err = collect_output(&agent.client, "bomb", "", OutputFd::Stderr);
-    agent
-        .client
-        .start_container(ContainerRequest {
-            container_id: "bomb".into(),
-        })
-        .await
-        .unwrap();
+    start_container(&mut agent.client, "bomb").await.unwrap();
     // The shell cannot fork past the limit: busybox sh gives up with "can't fork".
     let status = wait(&mut agent.client, "bomb", "").await;
     assert_ne!(status, 0);
@@ -103,12 +97,7 @@ async fn pids_limit_stops_a_fork_bomb() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(hits > 0, "pids.events: {events}");
-    agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: "bomb".into(),
-            timeout_ms: 0,
-        })
+    remove_container(&mut agent.client, "bomb", 0)
         .await
         .unwrap();
 }
@@ -126,16 +115,7 @@ async fn stats_and_update_use_cgroup_v2() {
     ]);
     s["linux"]["resources"]["memory"] = serde_json::json!({"limit": 64 << 20});
     s["linux"]["resources"]["pids"] = serde_json::json!({"limit": 50});
-    create(&mut agent, "c1", &s, stdio(false, false), true)
-        .await
-        .unwrap();
-    agent
-        .client
-        .start_container(ContainerRequest {
-            container_id: "c1".into(),
-        })
-        .await
-        .unwrap();
+    create_and_start(&mut agent, "c1", &s).await;
     let mut st = stats(&mut agent, "c1").await;
     for _ in 0..500 {
         if st.cpu.as_ref().unwrap().usage_usec > 10_000 {
@@ -151,36 +131,23 @@ async fn stats_and_update_use_cgroup_v2() {
     assert_eq!(st.pids.unwrap().limit, 50);
     assert!(st.timestamp_unix_nanos > 0);
 
-    agent
-        .client
-        .update_container(UpdateContainerRequest {
-            container_id: "c1".into(),
-            oci_linux_resources_json: br#"{"memory":{"limit":134217728},"pids":{"limit":77}}"#
-                .to_vec(),
-        })
-        .await
-        .unwrap();
+    update_container(
+        &mut agent.client,
+        "c1",
+        br#"{"memory":{"limit":134217728},"pids":{"limit":77}}"#,
+    )
+    .await
+    .unwrap();
     let st = stats(&mut agent, "c1").await;
     assert_eq!(st.memory.unwrap().usage_limit, 128 << 20);
     assert_eq!(st.pids.unwrap().limit, 77);
-    let err = agent
-        .client
-        .update_container(UpdateContainerRequest {
-            container_id: "c1".into(),
-            oci_linux_resources_json: b"{bad".to_vec(),
-        })
+    let err = update_container(&mut agent.client, "c1", b"{bad")
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     // Pause freezes the cgroup (cgroup.freeze), resume thaws it.
-    agent
-        .client
-        .pause_container(ContainerRequest {
-            container_id: "c1".into(),
-        })
-        .await
-        .unwrap();
+    pause_container(&mut agent.client, "c1").await.unwrap();
     let dir = std::path::Path::new("/sys/fs/cgroup/kata-like/sb-stats/c1");
     assert_eq!(
         std::fs::read_to_string(dir.join("cgroup.freeze"))
@@ -188,27 +155,14 @@ async fn stats_and_update_use_cgroup_v2() {
             .trim(),
         "1"
     );
-    agent
-        .client
-        .resume_container(ContainerRequest {
-            container_id: "c1".into(),
-        })
-        .await
-        .unwrap();
+    resume_container(&mut agent.client, "c1").await.unwrap();
     assert_eq!(
         std::fs::read_to_string(dir.join("cgroup.freeze"))
             .unwrap()
             .trim(),
         "0"
     );
-    agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: "c1".into(),
-            timeout_ms: 0,
-        })
-        .await
-        .unwrap();
+    remove_container(&mut agent.client, "c1", 0).await.unwrap();
     assert!(!dir.exists(), "the cgroup is removed with the container");
 }
 
@@ -261,17 +215,15 @@ const DISK_DENIED: &str = "/dev/probe-disk: Operation not permitted";
 
 /// `ulimit -l` of a process exec'd in the container.
 async fn exec_memlock(agent: &mut TestAgent, id: &str, exec_id: &str) -> String {
-    let process = spec(&["sh", "-c", "ulimit -l"])["process"].clone();
-    agent
-        .client
-        .exec_process(ExecProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            oci_process_json: serde_json::to_vec(&process).unwrap(),
-            stdio: stdio(false, false),
-        })
-        .await
-        .expect("exec");
+    exec(
+        agent,
+        id,
+        exec_id,
+        &["sh", "-c", "ulimit -l"],
+        stdio(false, false),
+    )
+    .await
+    .expect("exec");
     let out = collect_output(&agent.client, id, exec_id, OutputFd::Stdout);
     assert_eq!(wait(&mut agent.client, id, exec_id).await, 0);
     let out = String::from_utf8_lossy(&out.await.unwrap())
@@ -282,17 +234,15 @@ async fn exec_memlock(agent: &mut TestAgent, id: &str, exec_id: &str) -> String 
 }
 
 async fn exec_probe(agent: &mut TestAgent, id: &str, exec_id: &str) -> (i32, String, String) {
-    let process = spec(&["sh", "-c", DEVICE_PROBE])["process"].clone();
-    agent
-        .client
-        .exec_process(ExecProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            oci_process_json: serde_json::to_vec(&process).unwrap(),
-            stdio: stdio(false, false),
-        })
-        .await
-        .expect("exec");
+    exec(
+        agent,
+        id,
+        exec_id,
+        &["sh", "-c", DEVICE_PROBE],
+        stdio(false, false),
+    )
+    .await
+    .expect("exec");
     let out = collect_output(&agent.client, id, exec_id, OutputFd::Stdout);
     let err = collect_output(&agent.client, id, exec_id, OutputFd::Stderr);
     let status = wait(&mut agent.client, id, exec_id).await;
@@ -346,16 +296,7 @@ async fn device_cgroup_allows_a_listed_device_also_after_an_update() {
         serde_json::json!({"allow": true, "type": "c", "major": 1, "minor": 11, "access": "rw"}),
     );
     s["linux"]["resources"]["devices"] = rules.into();
-    create(&mut agent, "allow", &s, stdio(false, false), true)
-        .await
-        .unwrap();
-    agent
-        .client
-        .start_container(ContainerRequest {
-            container_id: "allow".into(),
-        })
-        .await
-        .unwrap();
+    create_and_start(&mut agent, "allow", &s).await;
     let memlock_before = exec_memlock(&mut agent, "allow", "memlock1").await;
     let (status, out, err) = exec_probe(&mut agent, "allow", "probe1").await;
     assert_eq!(status, 0, "stdout: {out} stderr: {err}");
@@ -364,12 +305,7 @@ async fn device_cgroup_allows_a_listed_device_also_after_an_update() {
     assert!(err.contains(DISK_DENIED), "{err}");
 
     // An update without device rules (what most updates are) keeps the container's rules.
-    agent
-        .client
-        .update_container(UpdateContainerRequest {
-            container_id: "allow".into(),
-            oci_linux_resources_json: br#"{"pids":{"limit":99}}"#.to_vec(),
-        })
+    update_container(&mut agent.client, "allow", br#"{"pids":{"limit":99}}"#)
         .await
         .unwrap();
     assert_eq!(stats(&mut agent, "allow").await.pids.unwrap().limit, 99);
@@ -383,12 +319,7 @@ async fn device_cgroup_allows_a_listed_device_also_after_an_update() {
         exec_memlock(&mut agent, "allow", "memlock2").await,
         memlock_before
     );
-    agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: "allow".into(),
-            timeout_ms: 0,
-        })
+    remove_container(&mut agent.client, "allow", 0)
         .await
         .unwrap();
 }

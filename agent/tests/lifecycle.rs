@@ -39,79 +39,11 @@ async fn exit_code_and_output_are_reported() {
     );
 }
 
-async fn start(agent: &mut TestAgent, id: &str) {
-    agent
-        .client
-        .start_container(ContainerRequest {
-            container_id: id.into(),
-        })
-        .await
-        .expect("start");
-}
-
-async fn remove(agent: &mut TestAgent, id: &str) {
-    agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: id.into(),
-            timeout_ms: 0,
-        })
-        .await
-        .expect("remove");
-}
-
-async fn exec(
-    agent: &mut TestAgent,
-    id: &str,
-    exec_id: &str,
-    args: &[&str],
-    stdio_: Option<Stdio>,
-) -> Result<u32, tonic::Status> {
-    let process = spec(args)["process"].clone();
-    agent
-        .client
-        .exec_process(ExecProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            oci_process_json: serde_json::to_vec(&process).unwrap(),
-            stdio: stdio_,
-        })
-        .await
-        .map(|r| r.into_inner().pid)
-}
-
-async fn signal(
-    agent: &mut TestAgent,
-    id: &str,
-    exec_id: &str,
-    sig: i32,
-) -> Result<(), tonic::Status> {
-    agent
-        .client
-        .signal_process(SignalProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            signal: sig as u32,
-            all: false,
-        })
-        .await
-        .map(|_| ())
-}
-
 #[tokio::test]
 async fn signalled_processes_report_128_plus_signal() {
     let mut agent = TestAgent::start().await;
     agent.sandbox("sb-sig").await;
-    create(
-        &mut agent,
-        "c1",
-        &spec(&["sleep", "1000"]),
-        stdio(false, false),
-        true,
-    )
-    .await
-    .unwrap();
-    start(&mut agent, "c1").await;
+    create_and_start(&mut agent, "c1", &spec(&["sleep", "1000"])).await;
     // An exec'd process (not the pid namespace's init, which ignores unhandled signals).
     exec(
         &mut agent,
@@ -143,16 +75,7 @@ async fn signalled_processes_report_128_plus_signal() {
 async fn exec_runs_real_binaries_with_their_exit_codes_and_output() {
     let mut agent = TestAgent::start().await;
     agent.sandbox("sb-exec").await;
-    create(
-        &mut agent,
-        "c1",
-        &spec(&["sleep", "1000"]),
-        stdio(false, false),
-        true,
-    )
-    .await
-    .unwrap();
-    start(&mut agent, "c1").await;
+    create_and_start(&mut agent, "c1", &spec(&["sleep", "1000"])).await;
     exec(
         &mut agent,
         "c1",
@@ -379,16 +302,7 @@ async fn tty_processes_get_a_terminal_and_window_size() {
 async fn tty_exec_with_stdin() {
     let mut agent = TestAgent::start().await;
     agent.sandbox("sb-ttyexec").await;
-    create(
-        &mut agent,
-        "c1",
-        &spec(&["sleep", "1000"]),
-        stdio(false, false),
-        true,
-    )
-    .await
-    .unwrap();
-    start(&mut agent, "c1").await;
+    create_and_start(&mut agent, "c1", &spec(&["sleep", "1000"])).await;
     exec(&mut agent, "c1", "sh", &["sh"], stdio(true, true))
         .await
         .unwrap();
@@ -556,16 +470,7 @@ async fn shared_pid_namespace_lets_containers_see_each_other() {
         })
         .await
         .unwrap();
-    create(
-        &mut agent,
-        "a",
-        &spec(&["sleep", "4242"]),
-        stdio(false, false),
-        true,
-    )
-    .await
-    .unwrap();
-    start(&mut agent, "a").await;
+    create_and_start(&mut agent, "a", &spec(&["sleep", "4242"])).await;
     let result = run(&mut agent, "b", &spec(&["sh", "-c", "ps -o args"])).await;
     assert!(
         result.stdout().contains("sleep 4242"),
@@ -581,37 +486,20 @@ async fn shared_pid_namespace_lets_containers_see_each_other() {
 async fn pause_resume_list_and_remove_with_leftovers() {
     let mut agent = TestAgent::start().await;
     agent.sandbox("sb-pause").await;
-    create(
+    // Start twice: the second is a state error.
+    create_and_start(
         &mut agent,
         "c1",
         &spec(&["sh", "-c", "sleep 1000 & sleep 1001"]),
-        stdio(false, false),
-        true,
     )
-    .await
-    .unwrap();
-    // Start twice: the second is a state error.
-    start(&mut agent, "c1").await;
-    let err = agent
-        .client
-        .start_container(ContainerRequest {
-            container_id: "c1".into(),
-        })
-        .await
-        .unwrap_err();
+    .await;
+    let err = start_container(&mut agent.client, "c1").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let mut names = Vec::new();
     for _ in 0..100 {
-        let list = agent
-            .client
-            .list_processes(ContainerRequest {
-                container_id: "c1".into(),
-            })
+        names = list_processes(&mut agent.client, "c1")
             .await
             .unwrap()
-            .into_inner();
-        names = list
-            .processes
             .iter()
             .map(|p| p.command.clone())
             .collect::<Vec<_>>();
@@ -624,47 +512,24 @@ async fn pause_resume_list_and_remove_with_leftovers() {
         names.iter().filter(|n| n.as_str() == "sleep").count() == 2,
         "{names:?}"
     );
-    agent
-        .client
-        .pause_container(ContainerRequest {
-            container_id: "c1".into(),
-        })
-        .await
-        .unwrap();
+    pause_container(&mut agent.client, "c1").await.unwrap();
     let err = exec(&mut agent, "c1", "e", &["true"], stdio(false, false))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    agent
-        .client
-        .resume_container(ContainerRequest {
-            container_id: "c1".into(),
-        })
-        .await
-        .unwrap();
+    resume_container(&mut agent.client, "c1").await.unwrap();
     exec(&mut agent, "c1", "e", &["true"], stdio(false, false))
         .await
         .unwrap();
     assert_eq!(wait(&mut agent.client, "c1", "e").await, 0);
     // Remove while running: everything is killed and unmounted.
-    let pids: Vec<u32> = agent
-        .client
-        .list_processes(ContainerRequest {
-            container_id: "c1".into(),
-        })
+    let pids: Vec<u32> = list_processes(&mut agent.client, "c1")
         .await
         .unwrap()
-        .into_inner()
-        .processes
         .iter()
         .map(|p| p.pid)
         .collect();
-    agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: "c1".into(),
-            timeout_ms: 100,
-        })
+    remove_container(&mut agent.client, "c1", 100)
         .await
         .unwrap();
     for pid in pids {
@@ -718,16 +583,12 @@ async fn hooks_run_at_their_lifecycle_points_and_sysctls_apply() {
 async fn signal_all_kills_every_process_and_waiters_all_get_the_status() {
     let mut agent = TestAgent::start().await;
     agent.sandbox("sb-all").await;
-    create(
+    create_and_start(
         &mut agent,
         "c1",
         &spec(&["sh", "-c", "sleep 1000 & sleep 1001"]),
-        stdio(false, false),
-        true,
     )
-    .await
-    .unwrap();
-    start(&mut agent, "c1").await;
+    .await;
     // Several concurrent waiters on the same process.
     let waiters: Vec<_> = (0..3)
         .map(|_| {
@@ -737,16 +598,7 @@ async fn signal_all_kills_every_process_and_waiters_all_get_the_status() {
         .collect();
     let mut count = 0;
     for _ in 0..100 {
-        count = agent
-            .client
-            .list_processes(ContainerRequest {
-                container_id: "c1".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .processes
-            .len();
+        count = list_processes(&mut agent.client, "c1").await.unwrap().len();
         if count == 2 {
             break;
         }

@@ -45,20 +45,10 @@ async fn unknown_invalid_and_duplicate_ids() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{id:?}: {err}");
-        let err = agent
-            .client
-            .start_container(ContainerRequest {
-                container_id: id.into(),
-            })
-            .await
-            .unwrap_err();
+        let err = start_container(&mut agent.client, id).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{id:?}");
     }
-    let err = agent
-        .client
-        .start_container(ContainerRequest {
-            container_id: "nope".into(),
-        })
+    let err = start_container(&mut agent.client, "nope")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -71,12 +61,7 @@ async fn unknown_invalid_and_duplicate_ids() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: "nope".into(),
-            timeout_ms: 0,
-        })
+    let err = remove_container(&mut agent.client, "nope", 0)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -116,14 +101,7 @@ async fn unknown_invalid_and_duplicate_ids() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: "c1".into(),
-            timeout_ms: 0,
-        })
-        .await
-        .unwrap();
+    remove_container(&mut agent.client, "c1", 0).await.unwrap();
     assert_clean(&mut agent).await;
 }
 
@@ -220,21 +198,10 @@ async fn malformed_specs_and_hostile_mounts_are_rejected_cleanly() {
     // A runtime failure after the rootfs was mounted (the binary does not exist) cleans up too.
     let err = create(&mut agent, "nobin", &spec(&["/no/such/binary"]), None, true).await;
     if err.is_ok() {
-        agent
-            .client
-            .start_container(ContainerRequest {
-                container_id: "nobin".into(),
-            })
-            .await
-            .ok();
+        start_container(&mut agent.client, "nobin").await.ok();
         let status = wait(&mut agent.client, "nobin", "").await;
         assert_ne!(status, 0);
-        agent
-            .client
-            .remove_container(RemoveContainerRequest {
-                container_id: "nobin".into(),
-                timeout_ms: 0,
-            })
+        remove_container(&mut agent.client, "nobin", 0)
             .await
             .unwrap();
     }
@@ -254,22 +221,9 @@ async fn symlinks_in_the_rootfs_cannot_redirect_mounts_out_of_it() {
     ));
     let created = create(&mut agent, "c1", &s, stdio(false, false), true).await;
     if created.is_ok() {
-        agent
-            .client
-            .start_container(ContainerRequest {
-                container_id: "c1".into(),
-            })
-            .await
-            .unwrap();
+        start_container(&mut agent.client, "c1").await.unwrap();
         wait(&mut agent.client, "c1", "").await;
-        agent
-            .client
-            .remove_container(RemoveContainerRequest {
-                container_id: "c1".into(),
-                timeout_ms: 0,
-            })
-            .await
-            .unwrap();
+        remove_container(&mut agent.client, "c1", 0).await.unwrap();
     }
     // Either way: nothing was mounted on or written into the host directory.
     assert!(

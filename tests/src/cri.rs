@@ -210,20 +210,24 @@ impl Cri {
     /// Removes every pod (a failed earlier test may have left some), so that each test starts
     /// from an empty node.
     pub async fn remove_all_pods(&mut self) {
-        let pods = self
-            .runtime
-            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
-        for p in pods {
+        for p in self.list_pods().await {
             let _ = self.teardown_pod_best_effort(&p.id).await;
         }
     }
 
-    async fn teardown_pod_best_effort(&mut self, pod_id: &str) -> Result<(), tonic::Status> {
-        let containers = self
+    /// ListPodSandbox without a filter: every pod of the node, ready or not.
+    pub async fn list_pods(&mut self) -> Vec<cri::PodSandbox> {
+        self.runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .expect("ListPodSandbox")
+            .into_inner()
+            .items
+    }
+
+    /// ListContainers of one pod.
+    async fn pod_containers(&mut self, pod_id: &str) -> Result<Vec<cri::Container>, tonic::Status> {
+        Ok(self
             .runtime
             .list_containers(cri::ListContainersRequest {
                 filter: Some(cri::ContainerFilter {
@@ -233,8 +237,11 @@ impl Cri {
             })
             .await?
             .into_inner()
-            .containers;
-        for c in containers {
+            .containers)
+    }
+
+    async fn teardown_pod_best_effort(&mut self, pod_id: &str) -> Result<(), tonic::Status> {
+        for c in self.pod_containers(pod_id).await? {
             let _ = self.stop_container(&c.id, 1).await;
             let _ = self.remove_container(&c.id).await;
         }
@@ -244,18 +251,7 @@ impl Cri {
 
     /// Stops and removes a pod with everything in it (what kubelet does on pod deletion).
     pub async fn teardown_pod(&mut self, pod_id: &str) {
-        let containers = self
-            .runtime
-            .list_containers(cri::ListContainersRequest {
-                filter: Some(cri::ContainerFilter {
-                    pod_sandbox_id: pod_id.into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .expect("ListContainers")
-            .into_inner()
-            .containers;
+        let containers = self.pod_containers(pod_id).await.expect("ListContainers");
         for c in containers {
             self.stop_container(&c.id, 5).await.expect("StopContainer");
             self.remove_container(&c.id).await.expect("RemoveContainer");

@@ -38,3 +38,5 @@ pub mod console;
 pub mod containerd;
 /// A CRI client acting as kubelet.
 pub mod cri;
+/// Pod fixtures: a clean node, kata-like pods and their containers, built and started.
+pub mod pod;

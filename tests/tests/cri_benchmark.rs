@@ -18,8 +18,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kata_like_tests::containerd::{self, KataArtifacts, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
+use kata_like_tests::containerd::{self, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
 use kata_like_tests::cri::{self, Cri};
+use kata_like_tests::pod;
 
 const PHASES: [&str; 4] = [
     "RunPodSandbox",
@@ -88,17 +89,16 @@ async fn one_pod(cri: &mut Cri, log_dir: &Path, handler: &str, name: &str) -> [f
     [ms(t0, t1), ms(t1, t2), ms(t2, t3), ms(t3, t4)]
 }
 
+/// The number of a smaps field's value such as "   1234 kB".
+fn kib_value(rest: &str) -> Option<u64> {
+    rest.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// kB fields of a smaps-style file, summed by name.
 fn smaps_field(text: &str, field: &str) -> u64 {
     text.lines()
         .filter_map(|l| l.strip_prefix(field))
-        .filter_map(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
+        .filter_map(kib_value)
         .sum()
 }
 
@@ -119,28 +119,13 @@ fn guest_ram_kib(pid: u32, guest_mib: u64) -> (u64, u64) {
             in_guest = false;
         }
         if let Some(rest) = line.strip_prefix("Size:") {
-            let kb: u64 = rest
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .unwrap_or(0);
+            let kb = kib_value(rest).unwrap_or(0);
             in_guest = kb == guest_mib * 1024;
         } else if in_guest {
             if let Some(rest) = line.strip_prefix("Rss:") {
-                result.0 += rest
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
+                result.0 += kib_value(rest).unwrap_or(0);
             } else if let Some(rest) = line.strip_prefix("Pss:") {
-                result.1 += rest
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
+                result.1 += kib_value(rest).unwrap_or(0);
             }
         }
     }
@@ -159,12 +144,9 @@ macro_rules! report {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn cri_pod_start_benchmark() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
+    let (containerd, kata, mut cri) = pod::clean_node().await;
     let pods = env_count("KATA_LIKE_BENCH_PODS", 5).max(1);
     let idle_pods = env_count("KATA_LIKE_BENCH_IDLE_PODS", 2).max(1);
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
     let log_dir = containerd.log_dir();
 
     // Warm-up, not counted: the first pod of each runtime fills caches (snapshots, erofs).
@@ -247,15 +229,7 @@ async fn cri_pod_start_benchmark() {
             .run_pod(&pod, KATA_RUNTIME_HANDLER)
             .await
             .expect("RunPodSandbox");
-        let c = cri
-            .create_container(
-                &pod_id,
-                &cri::container_config("idle", BUSYBOX_IMAGE, &["sleep", "3600"]),
-                &pod,
-            )
-            .await
-            .expect("CreateContainer");
-        cri.start_container(&c).await.expect("StartContainer");
+        pod::start_sleeper(&mut cri, &pod_id, &pod, "idle").await;
         idle.push(pod_id);
     }
     // Let boot-time activity settle before measuring.

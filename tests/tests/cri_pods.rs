@@ -9,10 +9,9 @@
 
 use std::time::Duration;
 
-use kata_like_tests::containerd::{
-    self, Containerd, KataArtifacts, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER,
-};
+use kata_like_tests::containerd::{self, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
 use kata_like_tests::cri::{self, Cri};
+use kata_like_tests::pod;
 
 /// Generous bound for one container to finish under TCG (the test host is several times slower).
 const EXIT_LIMIT: Duration = Duration::from_secs(180);
@@ -38,24 +37,19 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn runc_baseline_pod_runs_in_the_same_containerd() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
     let pod = cri::pod_config("runc-baseline", &containerd.log_dir());
     let pod_id = cri
         .run_pod(&pod, "runc")
         .await
         .expect("RunPodSandbox (runc)");
-    let c = cri
-        .create_container(
-            &pod_id,
-            &cri::container_config("main", BUSYBOX_IMAGE, &["sh", "-c", "echo runc-ok; exit 4"]),
-            &pod,
-        )
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
+    let c = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &pod,
+        &cri::container_config("main", BUSYBOX_IMAGE, &["sh", "-c", "echo runc-ok; exit 4"]),
+    )
+    .await;
     let status = cri.wait_exited(&c, EXIT_LIMIT).await;
     assert_eq!(status.exit_code, 4);
     let log = cri::read_log(std::path::Path::new(&status.log_path));
@@ -67,15 +61,8 @@ async fn runc_baseline_pod_runs_in_the_same_containerd() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_pod_runs_a_container_with_logs_and_exit_code() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-logs", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-logs").await;
     let state = cri.pod_status(&pod_id).await;
     assert_eq!(state.state, cri::v1::PodSandboxState::SandboxReady as i32);
     // The pod went through the CNI setup as for runc: it has an address from our subnet.
@@ -119,24 +106,8 @@ async fn kata_pod_runs_a_container_with_logs_and_exit_code() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_container_runs_under_its_own_kernel() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-kernel", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-    let c = cri
-        .create_container(
-            &pod_id,
-            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
-            &pod,
-        )
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, c) = pod::sleeping_kata_pod(&mut cri, &containerd, "kata-kernel", "sleeper").await;
 
     let uname = cri
         .exec_sync(&c, &["uname", "-r"], 60)
@@ -174,38 +145,11 @@ async fn kata_container_runs_under_its_own_kernel() {
     containerd.assert_no_leftovers(&kata);
 }
 
-/// A kata-like pod with one started busybox container that sleeps: (pod id, container id).
-async fn sleeping_kata_pod(
-    cri: &mut Cri,
-    containerd: &Containerd,
-    pod_name: &str,
-    container_name: &str,
-) -> (String, String) {
-    let pod = cri::pod_config(pod_name, &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-    let c = cri
-        .create_container(
-            &pod_id,
-            &cri::container_config(container_name, BUSYBOX_IMAGE, &["sleep", "3600"]),
-            &pod,
-        )
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
-    (pod_id, c)
-}
-
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_exec_sync_returns_output_and_exit_code() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let (pod_id, c) = sleeping_kata_pod(&mut cri, &containerd, "kata-exec", "sleeper").await;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, c) = pod::sleeping_kata_pod(&mut cri, &containerd, "kata-exec", "sleeper").await;
     let r = cri
         .exec_sync(&c, &["sh", "-c", "echo out; echo err >&2; exit 7"], 60)
         .await
@@ -278,11 +222,8 @@ async fn kata_container_cannot_open_the_pod_vms_block_devices() {
     // The pod's containers share one VM whose virtio disks hold every container's rootfs. A
     // container has CAP_MKNOD by default, so only the device cgroup (an eBPF filter on cgroup v2)
     // keeps it from reading the disks, as runc's device rules do on a node.
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let (pod_id, c) = sleeping_kata_pod(&mut cri, &containerd, "kata-devices", "prober").await;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, c) = pod::sleeping_kata_pod(&mut cri, &containerd, "kata-devices", "prober").await;
     // The disk exists and its node can be made (mknod itself is allowed, as under runc); opening
     // it is what the filter refuses.
     let probe = "for b in /sys/class/block/vd*; do d=$(cat $b/dev); break; done; \
@@ -326,15 +267,8 @@ async fn kata_container_cannot_open_the_pod_vms_block_devices() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_stop_container_honours_the_grace_period() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-stop", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-stop").await;
     // Handles SIGTERM: exits 42 within the grace period.
     let polite = cri
         .create_container(
@@ -411,27 +345,11 @@ async fn kata_stop_container_honours_the_grace_period() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_two_containers_share_one_pod_vm() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-two", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-two").await;
     let mut ids = Vec::new();
     for name in ["first", "second"] {
-        let c = cri
-            .create_container(
-                &pod_id,
-                &cri::container_config(name, BUSYBOX_IMAGE, &["sleep", "3600"]),
-                &pod,
-            )
-            .await
-            .expect("CreateContainer");
-        cri.start_container(&c).await.expect("StartContainer");
-        ids.push(c);
+        ids.push(pod::start_sleeper(&mut cri, &pod_id, &pod, name).await);
     }
     assert_eq!(
         containerd::vmm_instances(&kata.vmm).len(),
@@ -484,27 +402,10 @@ async fn kata_two_containers_share_one_pod_vm() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_two_pods_run_at_once() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
     let mut pods = Vec::new();
     for name in ["kata-pod-a", "kata-pod-b"] {
-        let pod = cri::pod_config(name, &containerd.log_dir());
-        let pod_id = cri
-            .run_pod(&pod, KATA_RUNTIME_HANDLER)
-            .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-        let c = cri
-            .create_container(
-                &pod_id,
-                &cri::container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]),
-                &pod,
-            )
-            .await
-            .expect("CreateContainer");
-        cri.start_container(&c).await.expect("StartContainer");
-        pods.push((pod_id, c));
+        pods.push(pod::sleeping_kata_pod(&mut cri, &containerd, name, "main").await);
     }
     assert_eq!(
         containerd::vmm_instances(&kata.vmm).len(),
@@ -530,10 +431,7 @@ async fn kata_two_pods_run_at_once() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_pod_refuses_hostile_annotations_and_leaves_nothing() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
     let mut pod = cri::pod_config("kata-hostile", &containerd.log_dir());
     pod.annotations
         .insert("io.kata-like.memory-mib".into(), "99999999".into());
@@ -546,14 +444,7 @@ async fn kata_pod_refuses_hostile_annotations_and_leaves_nothing() {
         "the error names the annotation: {err}"
     );
     // containerd keeps the failed sandbox record (NotReady) only until removed.
-    let pods = cri
-        .runtime
-        .list_pod_sandbox(cri::v1::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("ListPodSandbox")
-        .into_inner()
-        .items;
-    for p in pods {
+    for p in cri.list_pods().await {
         let _ = cri.stop_pod(&p.id).await;
         let _ = cri.remove_pod(&p.id).await;
     }
@@ -563,24 +454,9 @@ async fn kata_pod_refuses_hostile_annotations_and_leaves_nothing() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_killed_shim_leaves_nothing_behind() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-killed-shim", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-    let c = cri
-        .create_container(
-            &pod_id,
-            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
-            &pod,
-        )
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, c) =
+        pod::sleeping_kata_pod(&mut cri, &containerd, "kata-killed-shim", "sleeper").await;
     let shims = containerd::pids_of(&kata.shim);
     assert_eq!(shims.len(), 1, "one shim for the pod");
     // SIGKILL: the shim gets no chance to clean up; its VMM dies with it (parent-death signal)
@@ -598,24 +474,9 @@ async fn kata_killed_shim_leaves_nothing_behind() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_pod_survives_a_containerd_kill_and_is_cleaned_after() {
-    let mut containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-containerd-kill", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-    let c = cri
-        .create_container(
-            &pod_id,
-            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
-            &pod,
-        )
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
+    let (mut containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, c) =
+        pod::sleeping_kata_pod(&mut cri, &containerd, "kata-containerd-kill", "sleeper").await;
     let vmm_before = containerd::vmm_instances(&kata.vmm);
     drop(cri);
 
@@ -640,36 +501,19 @@ async fn kata_pod_survives_a_containerd_kill_and_is_cleaned_after() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_oom_kill_is_reported_to_kubelet() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-oom", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-oom").await;
     // 32 MiB limit; the shell then builds a 64 MiB string.
-    let mut config = cri::container_config(
+    let config = pod::container_with_memory_limit(
         "hog",
-        BUSYBOX_IMAGE,
         &[
             "sh",
             "-c",
             "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived",
         ],
+        32 * 1024 * 1024,
     );
-    if let Some(linux) = config.linux.as_mut() {
-        linux.resources = Some(cri::v1::LinuxContainerResources {
-            memory_limit_in_bytes: 32 * 1024 * 1024,
-            ..Default::default()
-        });
-    }
-    let c = cri
-        .create_container(&pod_id, &config, &pod)
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
+    let c = pod::start_container(&mut cri, &pod_id, &pod, &config).await;
     let status = cri.wait_exited(&c, EXIT_LIMIT).await;
     assert_ne!(status.exit_code, 0, "{status:?}");
     // The OOM event (guest cgroup -> agent -> shim -> containerd) marks the container.
@@ -687,24 +531,9 @@ async fn kata_oom_kill_is_reported_to_kubelet() {
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_vm_death_ends_the_pods_containers() {
-    let containerd = containerd::shared();
-    let kata = KataArtifacts::from_env();
-    let mut cri = Cri::connect(&containerd.socket).await;
-    cri.remove_all_pods().await;
-    let pod = cri::pod_config("kata-vm-death", &containerd.log_dir());
-    let pod_id = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-    let c = cri
-        .create_container(
-            &pod_id,
-            &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "3600"]),
-            &pod,
-        )
-        .await
-        .expect("CreateContainer");
-    cri.start_container(&c).await.expect("StartContainer");
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, c) =
+        pod::sleeping_kata_pod(&mut cri, &containerd, "kata-vm-death", "sleeper").await;
     let vmms = containerd::vmm_instances(&kata.vmm);
     assert_eq!(vmms.len(), 1);
     // The VM dies under a live shim: its container exits (status 255) and the sandbox is no

@@ -46,6 +46,12 @@ fn run_privately(
     (out, leftovers, files)
 }
 
+/// The run left no process and no file of its private TMPDIR behind.
+fn assert_left_nothing(leftovers: &[String], files: &[std::path::PathBuf]) {
+    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
+    assert!(files.is_empty(), "files left: {files:?}");
+}
+
 #[test]
 fn runs_the_command_inside_and_returns_its_exit_status() {
     let script = "echo inside:$(hostname):$(test -c /dev/kvm && echo kvm):$(stat -f -c %T /sys/fs/cgroup); exit 7";
@@ -74,8 +80,7 @@ fn a_timeout_stops_the_test_host_and_leaves_nothing_behind() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(124), "stderr: {stderr}");
     assert!(stderr.contains("timed out"), "stderr: {stderr}");
-    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
-    assert!(files.is_empty(), "files left: {files:?}");
+    assert_left_nothing(&leftovers, &files);
 }
 
 #[test]
@@ -98,8 +103,7 @@ fn a_frozen_test_host_is_detected_and_stopped() {
     assert!(stdout.contains("heartbeat-stopped"), "stdout: {stdout}");
     assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
     assert!(stderr.contains("froze"), "stderr: {stderr}");
-    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
-    assert!(files.is_empty(), "files left: {files:?}");
+    assert_left_nothing(&leftovers, &files);
 }
 
 #[test]
@@ -114,6 +118,5 @@ fn an_emulator_that_does_not_start_gives_125_and_leaves_nothing_behind() {
         stderr.contains("/nonexistent/qemu-system-x86_64"),
         "stderr: {stderr}"
     );
-    assert!(leftovers.is_empty(), "processes left: {leftovers:?}");
-    assert!(files.is_empty(), "files left: {files:?}");
+    assert_left_nothing(&leftovers, &files);
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::vmm_bin;
+use common::{send_with_fd, vmm_bin};
 
 const IGNORE: &str = "needs a Linux-capable KVM: run through tests/e2e";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -106,6 +106,12 @@ impl Vm {
         }
     }
 
+    /// Waits for the VM to exit: its status and the whole console.
+    fn wait_with_console(&mut self) -> (ExitStatus, String) {
+        let st = self.wait();
+        (st, self.console())
+    }
+
     fn wait(&mut self) -> ExitStatus {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let child = self.child.as_mut().unwrap();
@@ -134,13 +140,19 @@ impl Drop for Vm {
 
 fn no_jail(_: &mut Command, _: &Path) {}
 
+/// Creates the jail directory `dir/jail` (for `--jail-dir`) and returns its path.
+fn jail_in(dir: &Path) -> PathBuf {
+    let jail = dir.join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    jail
+}
+
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn boots_to_init_and_powers_off() {
     let _ = IGNORE;
     let mut vm = Vm::start("poweroff", &["--no-jail"], no_jail);
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert!(console.contains("KL_INIT_REACHED"), "console:\n{console}");
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     // The boot benchmark splits boot time with these: the guest clock when it ran /init, and
@@ -168,13 +180,11 @@ fn boots_two_vcpus_in_the_jail_as_nobody() {
         "poweroff",
         &["--vcpus", "2", "--rng", "--uid", "65534", "--gid", "65534"],
         |cmd, dir| {
-            let jail = dir.join("jail");
-            std::fs::create_dir(&jail).unwrap();
+            let jail = jail_in(dir);
             cmd.arg("--jail-dir").arg(&jail);
         },
     );
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(console.contains("KL_INIT_REACHED"), "console:\n{console}");
     assert!(
@@ -187,8 +197,7 @@ fn boots_two_vcpus_in_the_jail_as_nobody() {
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn graceful_stop_asks_the_guest_through_the_power_port() {
     let scratch = tempfile::tempdir().unwrap();
-    let jail = scratch.path().join("jail");
-    std::fs::create_dir(&jail).unwrap();
+    let jail = jail_in(scratch.path());
     let vsock = format!("cid=3,uds={}", jail.join("v.sock").display());
     let api = jail.join("api.sock");
     let mut vm = Vm::start("power_port", &["--vsock", &vsock], |cmd, _| {
@@ -202,8 +211,7 @@ fn graceful_stop_asks_the_guest_through_the_power_port() {
     let mut resp = String::new();
     BufReader::new(&stream).read_line(&mut resp).unwrap();
     assert!(resp.contains("\"graceful\":true"), "{resp}");
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert!(console.contains("KL_POWER_REQUEST"), "console:\n{console}");
     assert_eq!(st.code(), Some(0), "console:\n{console}");
 }
@@ -212,8 +220,7 @@ fn graceful_stop_asks_the_guest_through_the_power_port() {
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn guest_panic_exits_non_zero_and_keeps_the_console() {
     let mut vm = Vm::start("panic", &["--no-jail"], no_jail);
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert_eq!(st.code(), Some(3), "console:\n{console}");
     assert!(console.contains("KL_PANIC_NOW"), "console:\n{console}");
     assert!(console.contains("Kernel panic"), "console:\n{console}");
@@ -235,13 +242,11 @@ fn virtio_blk_reads_and_writes_host_files_jailed() {
         "blk",
         &["--drive", &ro_arg, "--drive", &rw_arg],
         |cmd, dir| {
-            let jail = dir.join("jail");
-            std::fs::create_dir(&jail).unwrap();
+            let jail = jail_in(dir);
             cmd.arg("--jail-dir").arg(&jail);
         },
     );
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(
         console.contains("KL_BLK_READ KL-RO-DRIVE-CONTENT"),
@@ -256,31 +261,6 @@ fn virtio_blk_reads_and_writes_host_files_jailed() {
     );
 }
 
-fn send_with_fd(stream: &UnixStream, data: &[u8], fd: RawFd) {
-    let mut cmsg_buf = [0u64; 4];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut _,
-        iov_len: data.len(),
-    };
-    // SAFETY: a valid msghdr over live buffers carrying one SCM_RIGHTS fd.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
-        assert_eq!(
-            libc::sendmsg(stream.as_raw_fd(), &msg, 0),
-            data.len() as isize
-        );
-    }
-}
-
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn empty_drive_slot_is_filled_through_the_api() {
@@ -288,8 +268,7 @@ fn empty_drive_slot_is_filled_through_the_api() {
         "blk_hotplug",
         &["--drive", "id=slot0,empty", "--rng"],
         |cmd, dir| {
-            let jail = dir.join("jail");
-            std::fs::create_dir(&jail).unwrap();
+            let jail = jail_in(dir);
             cmd.arg("--jail-dir")
                 .arg(&jail)
                 .arg("--api-sock")
@@ -311,8 +290,7 @@ fn empty_drive_slot_is_filled_through_the_api() {
     let mut resp = String::new();
     BufReader::new(&api).read_line(&mut resp).unwrap();
     assert!(resp.contains("\"ok\":true"), "{resp}");
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(
         console.contains("KL_HOTPLUG 16 KL-HOTPLUGGED"),
@@ -324,8 +302,7 @@ fn empty_drive_slot_is_filled_through_the_api() {
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn vsock_carries_data_both_ways_jailed() {
     let scratch = tempfile::tempdir().unwrap();
-    let jail = scratch.path().join("jail");
-    std::fs::create_dir(&jail).unwrap();
+    let jail = jail_in(scratch.path());
     let uds = jail.join("v.sock");
     // Guest-initiated connections to host port 5000 land here (inside the jail).
     let host_listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
@@ -352,15 +329,11 @@ fn vsock_carries_data_both_ways_jailed() {
     assert_eq!(echo, "echo:ping-from-host\n");
 
     // Guest-initiated to host port 5000.
-    let (conn, _) = host_listener.accept().unwrap();
-    conn.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line).unwrap();
+    let (conn, line) = accept_line(&host_listener);
     assert_eq!(line, "hello-from-guest\n");
     (&conn).write_all(b"hello-from-host\n").unwrap();
 
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(
         console.contains("KL_VSOCK_REPLY hello-from-host"),
@@ -398,6 +371,16 @@ fn echo_bulk(s: &UnixStream, n: usize, seed: u8) {
     assert!(back == data, "echoed data differs");
 }
 
+/// Accepts the guest's next connection to a host port (bounded by BOOT_TIMEOUT for reads) and
+/// reads its first line: the stream and the line.
+fn accept_line(listener: &UnixListener) -> (UnixStream, String) {
+    let (conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).unwrap();
+    (conn, line)
+}
+
 /// One JSON request on the API socket; returns the response.
 fn api_call(sock: &Path, line: &str, fd: Option<RawFd>) -> serde_json::Value {
     let s = UnixStream::connect(sock).unwrap();
@@ -423,8 +406,7 @@ fn api_call(sock: &Path, line: &str, fd: Option<RawFd>) -> serde_json::Value {
 fn vsock_shim_pattern_jailed() {
     use std::os::unix::fs::PermissionsExt;
     let scratch = tempfile::tempdir().unwrap();
-    let jail = scratch.path().join("jail");
-    std::fs::create_dir(&jail).unwrap();
+    let jail = jail_in(scratch.path());
     let uds = jail.join("v.sock");
     let api = jail.join("api.sock");
     let host_listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
@@ -453,10 +435,7 @@ fn vsock_shim_pattern_jailed() {
     );
     vm.wait_for("KL_VSOCK_LISTENING");
 
-    let (from_guest, _) = host_listener.accept().unwrap();
-    from_guest.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-    let mut line = String::new();
-    BufReader::new(&from_guest).read_line(&mut line).unwrap();
+    let (from_guest, line) = accept_line(&host_listener);
     assert_eq!(line, "hello-from-guest\n");
     (&from_guest).write_all(b"hello-from-host\n").unwrap();
 
@@ -511,15 +490,11 @@ fn vsock_shim_pattern_jailed() {
         }
     }
     // The re-activated device carries a new guest-initiated stream.
-    let (again, _) = host_listener.accept().unwrap();
-    again.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-    let mut line = String::new();
-    BufReader::new(&again).read_line(&mut line).unwrap();
+    let (again, line) = accept_line(&host_listener);
     assert_eq!(line, "after-reset\n");
     (&again).write_all(b"again-from-host\n").unwrap();
 
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(
         console.contains("KL_VSOCK_REPLY2 again-from-host") && console.contains("KL_PASS"),
@@ -640,8 +615,7 @@ fn virtio_net_frames_cross_the_tap() {
             vm.console()
         );
     }
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert_eq!(st.code(), Some(0), "console:\n{console}");
     assert!(console.contains("KL_NET_RX ok"), "console:\n{console}");
 }
@@ -678,8 +652,7 @@ fn boots_a_bzimage_through_the_64_bit_protocol() {
             cmd.arg("--kernel").arg(&kernel);
         },
     );
-    let st = vm.wait();
-    let console = vm.console();
+    let (st, console) = vm.wait_with_console();
     assert!(
         console.contains("KL_INIT_REACHED"),
         "VM exit {st}; console:\n{console}"

@@ -26,12 +26,7 @@ fn exit_port_status_is_the_exit_status_pvh() {
         "--console",
         "null",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(42),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit_status(&out, 42);
 }
 
 #[test]
@@ -40,27 +35,17 @@ fn exit_port_status_is_the_exit_status_long_mode() {
     // Entered in 64-bit mode: `mov al, 7; out 0xf4, al` encodes the same.
     let k = write_kernel(dir.path(), "k", &Asm::new().exit(7).code, false);
     let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--vcpus", "2"]);
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit_status(&out, 7);
 }
 
-#[test]
-fn serial_output_reaches_the_console_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let k = write_kernel(
-        dir.path(),
-        "k",
-        &Asm::new()
-            .serial_print(b"hello from the guest\n")
-            .exit(0)
-            .code,
-        true,
-    );
-    let console = dir.path().join("console.log");
+/// Runs the PVH guest `code` without the jail, its console written to `dir/console.log`: the
+/// VMM's output and the console file's path.
+fn run_with_console_file(
+    dir: &std::path::Path,
+    code: &[u8],
+) -> (std::process::Output, std::path::PathBuf) {
+    let k = write_kernel(dir, "k", code, true);
+    let console = dir.join("console.log");
     let out = run_vmm(&[
         "--kernel",
         k.to_str().unwrap(),
@@ -68,6 +53,19 @@ fn serial_output_reaches_the_console_file() {
         "--console",
         console.to_str().unwrap(),
     ]);
+    (out, console)
+}
+
+#[test]
+fn serial_output_reaches_the_console_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, console) = run_with_console_file(
+        dir.path(),
+        &Asm::new()
+            .serial_print(b"hello from the guest\n")
+            .exit(0)
+            .code,
+    );
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         std::fs::read_to_string(&console).unwrap(),
@@ -99,15 +97,7 @@ fn guest_reset_through_i8042_exits_3_and_keeps_the_log() {
         .spin()
         .code
         .clone();
-    let k = write_kernel(dir.path(), "k", &code, true);
-    let console = dir.path().join("console.log");
-    let out = run_vmm(&[
-        "--kernel",
-        k.to_str().unwrap(),
-        "--no-jail",
-        "--console",
-        console.to_str().unwrap(),
-    ]);
+    let (out, console) = run_with_console_file(dir.path(), &code);
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(std::fs::read_to_string(&console).unwrap(), "Kernel panic\n");
 }
@@ -147,20 +137,12 @@ fn guest_driver_reads_virtio_rng() {
     let mut a = Asm::new();
     virtio_init(&mut a, VIRTIO0, RING, 8);
     virtio_desc(&mut a, RING, 0, BUF, 16, 2, 0);
-    a.store32(RING + 0x84, 0) // avail ring[0] = 0
-        .store32(RING + 0x80, 1 << 16) // avail idx = 1
-        .store32(VIRTIO0 + 0x50, 0) // notify queue 0
-        .wait_nonzero(RING + 0x100, 0xffff_0000) // used idx
-        .load_eax(RING + 0x108) // used[0].len
+    virtio_submit_first(&mut a, VIRTIO0, RING);
+    a.load_eax(RING + 0x108) // used[0].len
         .exit_with_al();
     let k = write_kernel(dir.path(), "k", &a.code, true);
     let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--rng"]);
-    assert_eq!(
-        out.status.code(),
-        Some(16),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit_status(&out, 16);
 }
 
 /// Guest virtio-blk driver: reads sector 1 of the drive and exits with its first byte,
@@ -185,12 +167,8 @@ fn guest_driver_reads_a_virtio_blk_sector() {
     virtio_desc(&mut a, RING, 0, hdr, 16, 1, 1);
     virtio_desc(&mut a, RING, 1, data, 512, 3, 2);
     virtio_desc(&mut a, RING, 2, status, 1, 2, 0);
-    a.store32(RING + 0x84, 0)
-        .store32(RING + 0x80, 1 << 16)
-        .store32(VIRTIO0 + 0x50, 0)
-        .wait_nonzero(RING + 0x100, 0xffff_0000)
-        .load_eax(data)
-        .exit_with_al();
+    virtio_submit_first(&mut a, VIRTIO0, RING);
+    a.load_eax(data).exit_with_al();
     let k = write_kernel(dir.path(), "k", &a.code, true);
     let drive = format!("id=disk0,path={},ro", disk.display());
     let out = run_vmm(&[
@@ -200,12 +178,7 @@ fn guest_driver_reads_a_virtio_blk_sector() {
         "--drive",
         &drive,
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0x5c),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit_status(&out, 0x5c);
 }
 
 /// A driver that sets DRIVER_OK with a queue size that is not a power of two gets
@@ -218,12 +191,7 @@ fn invalid_queue_size_marks_the_device_needs_reset() {
     a.load_eax(VIRTIO0 + 0x70).exit_with_al();
     let k = write_kernel(dir.path(), "k", &a.code, true);
     let out = run_vmm(&["--kernel", k.to_str().unwrap(), "--no-jail", "--rng"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0x4f),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_exit_status(&out, 0x4f);
 }
 
 /// Kills the VMM if a test fails before it exits.
@@ -431,30 +399,19 @@ impl Api {
     }
 }
 
-fn send_with_fd(stream: &UnixStream, data: &[u8], fd: std::os::unix::io::RawFd) {
-    use std::os::unix::io::AsRawFd;
-    let mut cmsg_buf = [0u64; 4];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut _,
-        iov_len: data.len(),
-    };
-    // SAFETY: building a valid msghdr over live buffers.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
-        assert_eq!(
-            libc::sendmsg(stream.as_raw_fd(), &msg, 0),
-            data.len() as isize
-        );
-    }
+/// A VMM without the jail running `kernel`, with its API socket at `sock` and the arguments
+/// `configure` adds: the VMM and a connection to its API.
+fn unjailed_vm_with_api(
+    kernel: &std::path::Path,
+    sock: &std::path::Path,
+    configure: impl FnOnce(&mut Command),
+) -> (ChildGuard, Api) {
+    let mut cmd = vmm_run_command(kernel);
+    cmd.args(["--no-jail", "--api-sock", sock.to_str().unwrap()]);
+    configure(&mut cmd);
+    let mut child = ChildGuard(cmd.spawn().unwrap());
+    let api = Api::connect(sock, &mut child);
+    (child, api)
 }
 
 #[test]
@@ -462,21 +419,10 @@ fn api_controls_a_running_vm() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
     let sock = dir.path().join("api.sock");
-    let child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            k.to_str().unwrap(),
-            "--no-jail",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ])
-        .args(["--drive", "id=slot0,empty", "--rng", "--vcpus", "2"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = ChildGuard(child);
-    let mut api = Api::connect(&sock, &mut child);
+    let (mut child, mut api) = unjailed_vm_with_api(&k, &sock, |cmd| {
+        cmd.args(["--drive", "id=slot0,empty", "--rng", "--vcpus", "2"])
+            .stdout(Stdio::null());
+    });
     let v = api.call(r#"{"op":"ping"}"#);
     assert_eq!(v["ok"], true);
     assert!(v["version"].is_string());
@@ -549,19 +495,7 @@ fn api_force_stop_ends_the_vm() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
     let sock = dir.path().join("api.sock");
-    let child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            k.to_str().unwrap(),
-            "--no-jail",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ])
-        .spawn()
-        .unwrap();
-    let mut child = ChildGuard(child);
-    let mut api = Api::connect(&sock, &mut child);
+    let (mut child, mut api) = unjailed_vm_with_api(&k, &sock, |_| {});
     assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
     assert_eq!(child.wait_guarded().code(), Some(0));
 }
@@ -666,6 +600,24 @@ fn seccomp_kills_the_vmm_on_a_forbidden_syscall_in_each_thread() {
     }
 }
 
+/// The VMM running `kernel` in `jail` as nobody, its console on a pipe, with the devices of
+/// `devices` (arguments), then vsock at `jail/v.sock` and the API socket at `jail/api.sock`.
+fn jailed_vsock_vm(
+    kernel: &std::path::Path,
+    jail: &std::path::Path,
+    devices: &[&str],
+) -> (ChildGuard, ConsolePipe) {
+    let mut cmd = vmm_run_command(kernel);
+    cmd.args(["--jail-dir", jail.to_str().unwrap()])
+        .args(["--uid", "65534", "--gid", "65534", "--console", "fd:60"])
+        .args(devices)
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", jail.join("v.sock").display()))
+        .arg("--api-sock")
+        .arg(jail.join("api.sock"));
+    ConsolePipe::spawn(&mut cmd)
+}
+
 /// The jailed VMM with vsock: the guest activates the device (epoll registration on the vCPU
 /// thread), a host client connects (accept and non-blocking setup on the VMM thread), the API
 /// stops the VM. Any syscall outside a thread's filter would kill the VMM with SIGSYS.
@@ -682,20 +634,7 @@ fn jailed_vsock_activation_and_host_connection_stay_within_the_filters() {
     a.serial_print(b"activated\n").spin();
     let k = write_kernel(dir.path(), "k", &a.code, true);
     let sock = jail.join("api.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args([
-        "run",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--jail-dir",
-        jail.to_str().unwrap(),
-    ])
-    .args(["--uid", "65534", "--gid", "65534", "--console", "fd:60"])
-    .arg("--vsock")
-    .arg(format!("cid=3,uds={}", jail.join("v.sock").display()))
-    .arg("--api-sock")
-    .arg(&sock);
-    let (mut child, mut console) = ConsolePipe::spawn(&mut cmd);
+    let (mut child, mut console) = jailed_vsock_vm(&k, &jail, &[]);
     console.wait_for("activated\n");
     let mut host = UnixStream::connect(jail.join("v.sock")).unwrap();
     host.write_all(b"CONNECT 1234\n").unwrap();
@@ -776,20 +715,9 @@ fn named_tap_backs_virtio_net() {
     let dir = tempfile::tempdir().unwrap();
     let k = write_kernel(dir.path(), "k", &Asm::new().spin().code, true);
     let sock = dir.path().join("api.sock");
-    let child = Command::new(vmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            k.to_str().unwrap(),
-            "--no-jail",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ])
-        .args(["--net", "tap=kltest0,mac=02:00:00:00:00:07"])
-        .spawn()
-        .unwrap();
-    let mut child = ChildGuard(child);
-    let mut api = Api::connect(&sock, &mut child);
+    let (mut child, mut api) = unjailed_vm_with_api(&k, &sock, |cmd| {
+        cmd.args(["--net", "tap=kltest0,mac=02:00:00:00:00:07"]);
+    });
     let m = api.call(r#"{"op":"metrics"}"#);
     assert_eq!(m["metrics"]["devices"][0]["type"], "net");
     assert!(
@@ -998,20 +926,7 @@ fn jailed_vsock_traffic_resets_and_api_calls_stay_within_the_filters() {
     let k = write_kernel(dir.path(), "k", &g.a.code, true);
 
     let sock = jail.join("api.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args([
-        "run",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--jail-dir",
-        jail.to_str().unwrap(),
-    ])
-    .args(["--uid", "65534", "--gid", "65534", "--console", "fd:60"])
-    .args(["--drive", "id=slot0,empty,ro", "--vsock"])
-    .arg(format!("cid=3,uds={}", jail.join("v.sock").display()))
-    .arg("--api-sock")
-    .arg(&sock);
-    let (mut child, mut console) = ConsolePipe::spawn(&mut cmd);
+    let (mut child, mut console) = jailed_vsock_vm(&k, &jail, &["--drive", "id=slot0,empty,ro"]);
     console.wait_for("A\n");
 
     let mut c1 = UnixStream::connect(jail.join("v.sock")).unwrap();

@@ -400,27 +400,137 @@ pub async fn run(agent: &mut TestAgent, id: &str, spec: &Value) -> RunResult {
         .expect("create");
     let out = collect_output(&agent.client, id, "", OutputFd::Stdout);
     let err = collect_output(&agent.client, id, "", OutputFd::Stderr);
-    agent
-        .client
-        .start_container(ContainerRequest {
-            container_id: id.into(),
-        })
-        .await
-        .expect("start");
+    start(agent, id).await;
     let status = wait(&mut agent.client, id, "").await;
     let stdout = out.await.unwrap();
     let stderr = err.await.unwrap();
-    agent
-        .client
-        .remove_container(RemoveContainerRequest {
-            container_id: id.into(),
-            timeout_ms: 0,
-        })
-        .await
-        .expect("remove");
+    remove(agent, id).await;
     RunResult {
         status,
         stdout,
         stderr,
     }
+}
+
+/// The request that names container `id` alone.
+fn container(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.into(),
+    }
+}
+
+/// StartContainer of `id`; the tests that expect a refusal look at the status.
+pub async fn start_container(client: &mut Client, id: &str) -> Result<(), tonic::Status> {
+    client.start_container(container(id)).await.map(|_| ())
+}
+
+/// RemoveContainer of `id`, killing what still runs after `timeout_ms`.
+pub async fn remove_container(
+    client: &mut Client,
+    id: &str,
+    timeout_ms: u32,
+) -> Result<(), tonic::Status> {
+    client
+        .remove_container(RemoveContainerRequest {
+            container_id: id.into(),
+            timeout_ms,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Starts a created container; a refusal fails the test.
+pub async fn start(agent: &mut TestAgent, id: &str) {
+    start_container(&mut agent.client, id).await.expect("start");
+}
+
+/// Removes a container at once; a refusal fails the test.
+pub async fn remove(agent: &mut TestAgent, id: &str) {
+    remove_container(&mut agent.client, id, 0)
+        .await
+        .expect("remove");
+}
+
+/// Creates a container without a terminal or stdin on a writable rootfs, then starts it.
+pub async fn create_and_start(agent: &mut TestAgent, id: &str, spec: &Value) {
+    create(agent, id, spec, stdio(false, false), true)
+        .await
+        .expect("create");
+    start(agent, id).await;
+}
+
+/// ExecProcess of `args` (the process of [`spec`]) as `exec_id` in container `id`; its pid.
+pub async fn exec(
+    agent: &mut TestAgent,
+    id: &str,
+    exec_id: &str,
+    args: &[&str],
+    stdio_: Option<Stdio>,
+) -> Result<u32, tonic::Status> {
+    let process = spec(args)["process"].clone();
+    agent
+        .client
+        .exec_process(ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: serde_json::to_vec(&process).unwrap(),
+            stdio: stdio_,
+        })
+        .await
+        .map(|r| r.into_inner().pid)
+}
+
+/// SignalProcess of one process (`all: false`).
+pub async fn signal(
+    agent: &mut TestAgent,
+    id: &str,
+    exec_id: &str,
+    sig: i32,
+) -> Result<(), tonic::Status> {
+    agent
+        .client
+        .signal_process(SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal: sig as u32,
+            all: false,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// PauseContainer of `id` (freezes its cgroup).
+pub async fn pause_container(client: &mut Client, id: &str) -> Result<(), tonic::Status> {
+    client.pause_container(container(id)).await.map(|_| ())
+}
+
+/// ResumeContainer of `id` (thaws its cgroup).
+pub async fn resume_container(client: &mut Client, id: &str) -> Result<(), tonic::Status> {
+    client.resume_container(container(id)).await.map(|_| ())
+}
+
+/// UpdateContainer of `id` with OCI `linux.resources` as JSON.
+pub async fn update_container(
+    client: &mut Client,
+    id: &str,
+    oci_linux_resources_json: &[u8],
+) -> Result<(), tonic::Status> {
+    client
+        .update_container(UpdateContainerRequest {
+            container_id: id.into(),
+            oci_linux_resources_json: oci_linux_resources_json.to_vec(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// ListProcesses of `id`: the processes of its cgroup.
+pub async fn list_processes(
+    client: &mut Client,
+    id: &str,
+) -> Result<Vec<ProcessInfo>, tonic::Status> {
+    client
+        .list_processes(container(id))
+        .await
+        .map(|r| r.into_inner().processes)
 }

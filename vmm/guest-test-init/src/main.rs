@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 const EXIT_PORT: u16 = 0xf4;
@@ -227,26 +227,11 @@ impl DirectIo for OpenOptions {
 
 /// Serves vsock port 1025 like the agent: a connection there means "power off".
 fn wait_power_request() -> io::Result<()> {
-    let listener = vsock_socket()?;
-    let addr = vsock_addr(u32::MAX, 1025);
-    // SAFETY: valid sockaddr_vm.
-    unsafe {
-        if libc::bind(
-            listener,
-            (&addr as *const SockaddrVm).cast(),
-            std::mem::size_of::<SockaddrVm>() as u32,
-        ) < 0
-            || libc::listen(listener, 4) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    let listener = vsock_listen(1025, 4)?;
     say("KL_POWER_PORT_READY");
-    // SAFETY: accept on our listener.
-    let conn = unsafe { libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) };
-    if conn < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let conn = vsock_accept(listener)?;
+    // The connection stays open until the power-off, as the agent keeps it.
+    let _ = conn.into_raw_fd();
     say("KL_POWER_REQUEST");
     Ok(())
 }
@@ -300,48 +285,15 @@ fn vsock_socket() -> io::Result<RawFd> {
 }
 
 fn test_vsock() -> io::Result<()> {
-    let listener = vsock_socket()?;
-    let addr = vsock_addr(u32::MAX, 1234); // VMADDR_CID_ANY
-                                           // SAFETY: valid sockaddr_vm.
-    unsafe {
-        if libc::bind(
-            listener,
-            (&addr as *const SockaddrVm).cast(),
-            std::mem::size_of::<SockaddrVm>() as u32,
-        ) < 0
-            || libc::listen(listener, 4) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    let listener = vsock_listen(1234, 4)?;
     say("KL_VSOCK_LISTENING");
-    // SAFETY: accept on our listener.
-    let conn = unsafe { libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) };
-    if conn < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: we own the accepted fd.
-    let conn = unsafe { File::from_raw_fd(conn) };
+    let conn = vsock_accept(listener)?;
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     (&conn).write_all(format!("echo:{line}").as_bytes())?;
     say(&format!("KL_VSOCK_GOT {}", line.trim_end()));
 
-    let out = vsock_socket()?;
-    let host = vsock_addr(2, 5000);
-    // SAFETY: valid sockaddr_vm.
-    if unsafe {
-        libc::connect(
-            out,
-            (&host as *const SockaddrVm).cast(),
-            std::mem::size_of::<SockaddrVm>() as u32,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: we own the connected fd.
-    let out = unsafe { File::from_raw_fd(out) };
+    let out = vsock_connect(2, 5000)?;
     (&out).write_all(b"hello-from-guest\n")?;
     let mut reply = String::new();
     BufReader::new(&out).read_line(&mut reply)?;
@@ -349,8 +301,9 @@ fn test_vsock() -> io::Result<()> {
     Ok(())
 }
 
-/// A listening vsock socket on `port` (any CID).
-fn vsock_listen(port: u32) -> io::Result<RawFd> {
+/// A listening vsock socket on `port` (any CID, VMADDR_CID_ANY) with room for `backlog`
+/// pending connections.
+fn vsock_listen(port: u32, backlog: i32) -> io::Result<RawFd> {
     let listener = vsock_socket()?;
     let addr = vsock_addr(u32::MAX, port);
     // SAFETY: valid sockaddr_vm.
@@ -360,7 +313,7 @@ fn vsock_listen(port: u32) -> io::Result<RawFd> {
             (&addr as *const SockaddrVm).cast(),
             std::mem::size_of::<SockaddrVm>() as u32,
         ) < 0
-            || libc::listen(listener, 16) < 0
+            || libc::listen(listener, backlog) < 0
         {
             return Err(io::Error::last_os_error());
         }
@@ -431,8 +384,8 @@ fn rebind_vsock_driver() -> io::Result<()> {
 /// kept open, and on a power-port request a device reset with streams open, re-activation
 /// and a new guest-initiated stream.
 fn test_vsock_shim() -> io::Result<()> {
-    let service = vsock_listen(1024)?;
-    let power = vsock_listen(1025)?;
+    let service = vsock_listen(1024, 16)?;
+    let power = vsock_listen(1025, 16)?;
     std::thread::spawn(move || {
         while let Ok(conn) = vsock_accept(service) {
             std::thread::spawn(move || echo(conn));

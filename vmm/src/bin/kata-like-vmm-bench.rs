@@ -256,19 +256,25 @@ fn local_benchmarks(o: &Options, dir: &Path) {
         .expect("run the VMM");
     if wait_for_socket(&sock) {
         std::thread::sleep(Duration::from_millis(200));
-        if let Some((total, guest)) = rss_kib(child.id(), MEMORY_MIB << 20) {
-            println!(
-                "{:<46} {:.2} MiB (total RSS {:.2} MiB, guest RAM {:.2} MiB)",
-                "VMM RSS excluding guest memory (tiny guest)",
-                (total - guest) as f64 / 1024.0,
-                total as f64 / 1024.0,
-                guest as f64 / 1024.0
-            );
-        }
+        print_vmm_rss(child.id(), "VMM RSS excluding guest memory (tiny guest)");
         let _ = api_call(&sock, r#"{"op":"stop","force":true}"#);
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Prints the RSS of the VMM `pid` without its guest RAM (a mapping of MEMORY_MIB), when
+/// /proc lets us read it.
+fn print_vmm_rss(pid: u32, what: &str) {
+    if let Some((total, guest)) = rss_kib(pid, MEMORY_MIB << 20) {
+        println!(
+            "{:<46} {:.2} MiB (total RSS {:.2} MiB, guest RAM {:.2} MiB)",
+            what,
+            (total - guest) as f64 / 1024.0,
+            total as f64 / 1024.0,
+            guest as f64 / 1024.0
+        );
+    }
 }
 
 /// The guest's kernel clock when it ran /init, from the test init's `KL_BOOT_TIMES` line.
@@ -648,15 +654,7 @@ fn boot_benchmarks(o: &Options, dir: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    if let Some((total, guest)) = rss_kib(child.id(), MEMORY_MIB << 20) {
-        println!(
-            "{:<46} {:.2} MiB (total RSS {:.2} MiB, guest RAM {:.2} MiB)",
-            "VMM RSS excluding guest memory (Linux idle)",
-            (total - guest) as f64 / 1024.0,
-            total as f64 / 1024.0,
-            guest as f64 / 1024.0
-        );
-    }
+    print_vmm_rss(child.id(), "VMM RSS excluding guest memory (Linux idle)");
     let _ = api_call(&sock, r#"{"op":"stop","force":true}"#);
     let _ = child.kill();
     let _ = child.wait();

@@ -115,6 +115,13 @@ pub fn vmm_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kata-like-vmm")))
 }
 
+/// `kata-like-vmm run --kernel <kernel>`, for the caller to add the rest of the arguments.
+pub fn vmm_run_command(kernel: &Path) -> Command {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("run").arg("--kernel").arg(kernel);
+    cmd
+}
+
 pub fn run_vmm(args: &[&str]) -> Output {
     Command::new(vmm_bin())
         .arg("run")
@@ -157,4 +164,56 @@ pub fn virtio_desc(a: &mut Asm, ring: u32, i: u32, addr: u32, len: u32, flags: u
         .store32(d + 4, 0)
         .store32(d + 8, len)
         .store32(d + 12, u32::from(flags) | (u32::from(next) << 16));
+}
+
+/// Sends `data` on `stream` with `fd` as one SCM_RIGHTS control message, as the shim passes a
+/// drive's or a tap's file to the VMM's API socket.
+pub fn send_with_fd(
+    stream: &std::os::unix::net::UnixStream,
+    data: &[u8],
+    fd: std::os::unix::io::RawFd,
+) {
+    use std::os::unix::io::AsRawFd;
+    let mut cmsg_buf = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut _,
+        iov_len: data.len(),
+    };
+    // SAFETY: a valid msghdr over live buffers (the iovec over `data`, the control buffer
+    // large enough for CMSG_SPACE(4)) carrying one SCM_RIGHTS fd.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut i32, fd);
+        assert_eq!(
+            libc::sendmsg(stream.as_raw_fd(), &msg, 0),
+            data.len() as isize
+        );
+    }
+}
+
+/// Makes descriptor 0 the first available buffer of queue 0 of the device at `base` (avail
+/// ring[0] = 0, avail idx = 1), notifies the queue and spins until the device used it.
+pub fn virtio_submit_first(a: &mut Asm, base: u32, ring: u32) {
+    a.store32(ring + 0x84, 0) // avail ring[0] = 0
+        .store32(ring + 0x80, 1 << 16) // avail idx = 1
+        .store32(base + 0x50, 0) // notify queue 0
+        .wait_nonzero(ring + 0x100, 0xffff_0000); // used idx
+}
+
+/// Asserts the VMM's exit status, showing its stderr when it is another.
+pub fn assert_exit_status(out: &Output, expected: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(expected),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1,0 +1,97 @@
+//! Pod fixtures of the CRI tests: a node to test on, a kata-like pod with its containers built
+//! from the knobs the tests vary, and the CRI calls that run them. The tests and the benchmark
+//! call these instead of repeating the RunPodSandbox, CreateContainer, StartContainer sequence.
+
+use std::sync::MutexGuard;
+
+use crate::containerd::{self, Containerd, KataArtifacts, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
+use crate::cri::{self, Cri};
+
+/// The shared containerd (locked for the test's whole run), the kata-like artifacts and a CRI
+/// client on a node from which every pod an earlier test may have left is removed.
+// The lock is held across awaits on purpose: tests must not overlap (they count VMMs and check
+// for leftovers), and every test has its own single-threaded runtime, so this blocks nothing
+// else.
+#[allow(clippy::await_holding_lock)]
+pub async fn clean_node() -> (MutexGuard<'static, Containerd>, KataArtifacts, Cri) {
+    let containerd = containerd::shared();
+    let kata = KataArtifacts::from_env();
+    let mut cri = Cri::connect(&containerd.socket).await;
+    cri.remove_all_pods().await;
+    (containerd, kata, cri)
+}
+
+/// A busybox container running `cmd`, with a memory limit (bytes) in its resources.
+pub fn container_with_memory_limit(
+    name: &str,
+    cmd: &[&str],
+    memory_limit_in_bytes: i64,
+) -> cri::v1::ContainerConfig {
+    let mut config = cri::container_config(name, BUSYBOX_IMAGE, cmd);
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes,
+            ..Default::default()
+        });
+    }
+    config
+}
+
+/// RunPodSandbox of the pod `name` with the kata-like handler: the pod's id and the config it
+/// was created from (CreateContainer sends it again). A refusal fails the test with
+/// containerd's log, where the shim's reason is.
+pub async fn run_kata_pod(
+    cri: &mut Cri,
+    containerd: &Containerd,
+    name: &str,
+) -> (String, cri::v1::PodSandboxConfig) {
+    let config = cri::pod_config(name, &containerd.log_dir());
+    let id = cri
+        .run_pod(&config, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    (id, config)
+}
+
+/// CreateContainer then StartContainer of `config` in the pod; returns the container id.
+pub async fn start_container(
+    cri: &mut Cri,
+    pod_id: &str,
+    pod_config: &cri::v1::PodSandboxConfig,
+    config: &cri::v1::ContainerConfig,
+) -> String {
+    let c = cri
+        .create_container(pod_id, config, pod_config)
+        .await
+        .expect("CreateContainer");
+    cri.start_container(&c).await.expect("StartContainer");
+    c
+}
+
+/// A busybox container `name` that sleeps for an hour, started in the pod; returns its id.
+pub async fn start_sleeper(
+    cri: &mut Cri,
+    pod_id: &str,
+    pod_config: &cri::v1::PodSandboxConfig,
+    name: &str,
+) -> String {
+    start_container(
+        cri,
+        pod_id,
+        pod_config,
+        &cri::container_config(name, BUSYBOX_IMAGE, &["sleep", "3600"]),
+    )
+    .await
+}
+
+/// A kata-like pod with one started busybox container that sleeps: (pod id, container id).
+pub async fn sleeping_kata_pod(
+    cri: &mut Cri,
+    containerd: &Containerd,
+    pod_name: &str,
+    container_name: &str,
+) -> (String, String) {
+    let (pod_id, pod) = run_kata_pod(cri, containerd, pod_name).await;
+    let c = start_sleeper(cri, &pod_id, &pod, container_name).await;
+    (pod_id, c)
+}
