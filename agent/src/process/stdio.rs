@@ -12,7 +12,8 @@ use std::sync::Arc;
 use kata_like_protocol::OutputChunk;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Mutex};
-use tonic::Status;
+
+use crate::error::Error;
 
 /// Largest chunk sent on an output stream (the protocol's limit).
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
@@ -82,10 +83,10 @@ impl OutputPipe {
     }
 
     /// Attaches a stream. At most one at a time (ALREADY_EXISTS otherwise).
-    pub fn attach(self: &Arc<Self>, fields: (String, String)) -> Result<OutputStream, Status> {
+    pub fn attach(self: &Arc<Self>, fields: (String, String)) -> Result<OutputStream, Error> {
         let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
         match self.phase() {
-            OutputPhase::Streaming => Err(Status::already_exists(
+            OutputPhase::Streaming => Err(Error::already_exists(
                 "an output stream is already attached to this process output",
             )),
             // Everything was delivered: the new stream ends at once.
@@ -131,8 +132,10 @@ impl OutputStream {
     }
 }
 
+// Reading never fails the stream: a read error ends it like EOF (and is logged), so the items
+// are plain chunks; the RPC layer wraps them for gRPC.
 impl futures::Stream for OutputStream {
-    type Item = Result<OutputChunk, Status>;
+    type Item = OutputChunk;
 
     fn poll_next(
         self: std::pin::Pin<&mut Self>,
@@ -164,9 +167,9 @@ impl futures::Stream for OutputStream {
                     return Poll::Ready(None);
                 }
                 Ok(Ok(n)) => {
-                    return Poll::Ready(Some(Ok(OutputChunk {
+                    return Poll::Ready(Some(OutputChunk {
                         data: this.buf[..n].to_vec(),
-                    })))
+                    }))
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(container_id = %this.fields.0, exec_id = %this.fields.1, error = %e, "output read failed");
@@ -268,18 +271,18 @@ impl ProcessStdio {
     }
 
     /// Writes all of `data` to stdin; returns once it is in the pipe/pty (back-pressure).
-    pub async fn write_stdin(&self, data: &[u8]) -> Result<usize, Status> {
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<usize, Error> {
         let stdin = self.stdin.lock().await;
         let Some(fd) = stdin.as_ref() else {
-            return Err(Status::failed_precondition(
+            return Err(Error::failed_precondition(
                 "the process has no open stdin (not requested or already closed)",
             ));
         };
         write_all(fd, data).await.map_err(|e| {
             if e.raw_os_error() == Some(libc::EPIPE) {
-                Status::failed_precondition("the process closed its stdin")
+                Error::failed_precondition("the process closed its stdin")
             } else {
-                Status::internal(format!("writing stdin: {e}"))
+                Error::internal(format!("writing stdin: {e}"))
             }
         })
     }
@@ -289,9 +292,9 @@ impl ProcessStdio {
         self.stdin.lock().await.take();
     }
 
-    pub fn resize(&self, rows: u16, columns: u16) -> Result<(), Status> {
+    pub fn resize(&self, rows: u16, columns: u16) -> Result<(), Error> {
         let Some(master) = self.pty_master.as_ref() else {
-            return Err(Status::failed_precondition("the process has no terminal"));
+            return Err(Error::failed_precondition("the process has no terminal"));
         };
         let size = libc::winsize {
             ws_row: rows,
@@ -302,7 +305,7 @@ impl ProcessStdio {
         // SAFETY: TIOCSWINSZ reads one winsize from the pointer.
         let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
         if rc < 0 {
-            return Err(Status::internal(format!(
+            return Err(Error::internal(format!(
                 "TIOCSWINSZ: {}",
                 std::io::Error::last_os_error()
             )));
