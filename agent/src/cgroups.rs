@@ -322,7 +322,7 @@ fn inotify_on(file: &Path) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>>
     if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_MODIFY) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    crate::process::stdio::register(fd)
+    crate::fd::register(fd)
 }
 
 #[cfg(test)]

@@ -9,12 +9,14 @@
 //!   `network` (rtnetlink), `files` (CopyFile);
 //! - `process/` (processes and their stdio), `cgroups` (stats, OOM, freeze), `runtime`
 //!   (libcontainer helper), `reaper` (child exits), `init` (PID 1 duties);
-//! - `validate` (ids, hostnames) and `error` (the domain error type), used by all.
+//! - `validate` (ids, hostnames, guest paths), `fd` (fds on the tokio reactor) and `error` (the
+//!   domain error type), used by all.
 
 pub mod agent;
 pub mod cgroups;
 pub mod container;
 pub mod error;
+pub mod fd;
 pub mod files;
 pub mod init;
 pub mod network;

@@ -160,7 +160,7 @@ pub async fn run_helper(
 }
 
 fn read_available(fd: &OwnedFd) -> Vec<u8> {
-    let _ = crate::process::stdio::set_nonblocking(fd);
+    let _ = crate::fd::set_nonblocking(fd);
     let mut output = Vec::new();
     let mut buf = [0u8; 4096];
     while output.len() < MAX_RESPONSE {

@@ -220,8 +220,7 @@ pub fn check_lower_dirs(lower_dirs: &[String], state_dir: &Path) -> Result<Vec<P
     }
     let mut resolved = Vec::with_capacity(lower_dirs.len());
     for dir in lower_dirs {
-        let path =
-            crate::container::spec::resolve_under("rootfs lower dir", Path::new(dir), state_dir)?;
+        let path = crate::validate::resolve_under("rootfs lower dir", Path::new(dir), state_dir)?;
         if !path.is_dir() {
             return Err(invalid(format!(
                 "rootfs lower dir {dir} is not a directory"

@@ -1,5 +1,7 @@
-//! Checks of names the shim sends that both the sandbox and its containers use: ids and the
-//! hostname. A leaf module, so that `sandbox` and `container` need not import each other.
+//! Checks of what the shim sends that several modules share: ids, the hostname, guest paths.
+//! A leaf module, so that `sandbox`, `container` and `storage` need not import each other.
+
+use std::path::{Component, Path, PathBuf};
 
 use kata_like_protocol::is_valid_id;
 
@@ -33,4 +35,36 @@ pub fn check_hostname(hostname: &str) -> Result<(), Error> {
         return Err(invalid(format!("hostname {hostname:?} is not valid")));
     }
     Ok(())
+}
+
+/// A guest path given by the shim for use inside a container: absolute, no `..`, no NUL.
+pub fn check_container_path(what: &str, path: &Path) -> Result<(), Error> {
+    let text = path.to_string_lossy();
+    if text.contains('\0') || text.len() > 4096 {
+        return Err(invalid(format!("{what} {text:?} is not a valid path")));
+    }
+    if !path.is_absolute() {
+        return Err(invalid(format!("{what} {text:?} must be absolute")));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(invalid(format!("{what} {text:?} must not contain '..'")));
+    }
+    Ok(())
+}
+
+/// Resolves `path` (following symlinks) and checks that it stays under `root`.
+pub fn resolve_under(what: &str, path: &Path, root: &Path) -> Result<PathBuf, Error> {
+    check_container_path(what, path)?;
+    let resolved = std::fs::canonicalize(path)
+        .map_err(|e| invalid(format!("{what} {}: {e}", path.display())))?;
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    if !resolved.starts_with(&root) {
+        return Err(invalid(format!(
+            "{what} {} resolves to {}, outside {}",
+            path.display(),
+            resolved.display(),
+            root.display()
+        )));
+    }
+    Ok(resolved)
 }

@@ -4,14 +4,14 @@
 //! checked here before libcontainer sees the spec. Mount destinations inside the rootfs are then
 //! resolved by libcontainer itself without following symlinks out of the rootfs.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     LinuxNamespace, LinuxNamespaceType, Mount, PosixRlimitBuilder, PosixRlimitType, Process, Spec,
 };
 
 use crate::error::{invalid, Error};
-use crate::validate::check_hostname;
+use crate::validate::{check_container_path, check_hostname, resolve_under};
 
 /// Limits on list sizes in a spec (far above what any real pod uses).
 const MAX_MOUNTS: usize = 512;
@@ -38,38 +38,6 @@ pub struct SpecContext<'a> {
     /// Sandbox files bind-mounted into containers that do not mount these paths themselves:
     /// (destination, source).
     pub sandbox_files: Vec<(PathBuf, PathBuf)>,
-}
-
-/// A guest path given by the shim for use inside a container: absolute, no `..`, no NUL.
-pub fn check_container_path(what: &str, path: &Path) -> Result<(), Error> {
-    let text = path.to_string_lossy();
-    if text.contains('\0') || text.len() > 4096 {
-        return Err(invalid(format!("{what} {text:?} is not a valid path")));
-    }
-    if !path.is_absolute() {
-        return Err(invalid(format!("{what} {text:?} must be absolute")));
-    }
-    if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(invalid(format!("{what} {text:?} must not contain '..'")));
-    }
-    Ok(())
-}
-
-/// Resolves `path` (following symlinks) and checks that it stays under `root`.
-pub fn resolve_under(what: &str, path: &Path, root: &Path) -> Result<PathBuf, Error> {
-    check_container_path(what, path)?;
-    let resolved = std::fs::canonicalize(path)
-        .map_err(|e| invalid(format!("{what} {}: {e}", path.display())))?;
-    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    if !resolved.starts_with(&root) {
-        return Err(invalid(format!(
-            "{what} {} resolves to {}, outside {}",
-            path.display(),
-            resolved.display(),
-            root.display()
-        )));
-    }
-    Ok(resolved)
 }
 
 fn check_options(what: &str, options: &[String]) -> Result<(), Error> {

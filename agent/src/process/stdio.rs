@@ -14,23 +14,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Mutex};
 
 use crate::error::Error;
+use crate::fd::{register, set_nonblocking};
 
 /// Largest chunk sent on an output stream (the protocol's limit).
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
-
-/// Registers an owned, non-blocking fd with the tokio reactor.
-pub fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns the fd, so it is deregistered before it is closed.
-    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
-}
-
-pub fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
-    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
-    Ok(())
-}
 
 /// Where an output pipe is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
