@@ -20,6 +20,18 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// One constructor per kind, named like tonic's (`Error::not_found(..)` reads as the status it
+/// becomes); a macro because the six differ only in the kind.
+macro_rules! constructors {
+    ($($name:ident => $kind:ident,)*) => {
+        $(
+            pub fn $name(message: impl Into<String>) -> Self {
+                Self::new(ErrorKind::$kind, message)
+            }
+        )*
+    };
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct Error {
@@ -34,23 +46,13 @@ impl Error {
             message: message.into(),
         }
     }
-    pub fn invalid_argument(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::InvalidArgument, message)
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::NotFound, message)
-    }
-    pub fn already_exists(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::AlreadyExists, message)
-    }
-    pub fn failed_precondition(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::FailedPrecondition, message)
-    }
-    pub fn resource_exhausted(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::ResourceExhausted, message)
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Internal, message)
+    constructors! {
+        invalid_argument => InvalidArgument,
+        not_found => NotFound,
+        already_exists => AlreadyExists,
+        failed_precondition => FailedPrecondition,
+        resource_exhausted => ResourceExhausted,
+        internal => Internal,
     }
 
     pub fn kind(&self) -> ErrorKind {

@@ -146,6 +146,16 @@ fn netlink_error(what: &str, e: rtnetlink::Error) -> Error {
     Error::internal(format!("{what}: {e}"))
 }
 
+/// Applies one link change; `what` names it in the error.
+async fn set_link(handle: &mut Handle, change: LinkMessage, what: &str) -> Result<(), Error> {
+    handle
+        .link()
+        .set(change)
+        .execute()
+        .await
+        .map_err(|e| netlink_error(what, e))
+}
+
 async fn links(handle: &mut Handle) -> Result<Vec<LinkMessage>, Error> {
     handle
         .link()
@@ -198,30 +208,16 @@ async fn apply(handle: &mut Handle, req: &SetupNetworkRequest) -> Result<(), Err
         let index = link.header.index;
         if !iface.name.is_empty() && link_name(link).as_deref() != Some(iface.name.as_str()) {
             // A link must be down to be renamed.
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).down().build())
-                .execute()
-                .await
-                .map_err(|e| netlink_error("setting link down", e))?;
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .name(iface.name.clone())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| netlink_error("renaming link", e))?;
+            let down = LinkUnspec::new_with_index(index).down().build();
+            set_link(handle, down, "setting link down").await?;
+            let renamed = LinkUnspec::new_with_index(index)
+                .name(iface.name.clone())
+                .build();
+            set_link(handle, renamed, "renaming link").await?;
         }
         if iface.mtu != 0 {
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).mtu(iface.mtu).build())
-                .execute()
-                .await
-                .map_err(|e| netlink_error("setting MTU", e))?;
+            let mtu = LinkUnspec::new_with_index(index).mtu(iface.mtu).build();
+            set_link(handle, mtu, "setting MTU").await?;
         }
         for address in &iface.addresses {
             let ip = parse_ip(&address.address)?;
@@ -234,12 +230,8 @@ async fn apply(handle: &mut Handle, req: &SetupNetworkRequest) -> Result<(), Err
                 .await
                 .map_err(|e| netlink_error(&format!("adding {ip}/{prefix}"), e))?;
         }
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| netlink_error("setting link up", e))?;
+        let up = LinkUnspec::new_with_index(index).up().build();
+        set_link(handle, up, "setting link up").await?;
     }
 
     // Names after renaming.
