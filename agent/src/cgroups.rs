@@ -16,7 +16,8 @@ use libcgroups::common::{
 };
 use oci_spec::runtime::LinuxResources;
 use tokio::sync::broadcast;
-use tonic::Status;
+
+use crate::error::Error;
 
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -41,13 +42,13 @@ pub struct ContainerCgroup {
 }
 
 impl ContainerCgroup {
-    fn manager(&self) -> Result<AnyCgroupManager, Status> {
+    fn manager(&self) -> Result<AnyCgroupManager, Error> {
         create_cgroup_manager(CgroupConfig {
             cgroup_path: self.path.clone(),
             systemd_cgroup: false,
             container_name: self.name.clone(),
         })
-        .map_err(|e| Status::internal(format!("cgroup manager: {e}")))
+        .map_err(|e| Error::internal(format!("cgroup manager: {e}")))
     }
 
     /// The v2 directory of this cgroup.
@@ -55,7 +56,7 @@ impl ContainerCgroup {
         Path::new(CGROUP_ROOT).join(self.path.strip_prefix("/").unwrap_or(&self.path))
     }
 
-    pub fn freeze(&self, frozen: bool) -> Result<(), Status> {
+    pub fn freeze(&self, frozen: bool) -> Result<(), Error> {
         let state = if frozen {
             FreezerState::Frozen
         } else {
@@ -63,10 +64,10 @@ impl ContainerCgroup {
         };
         self.manager()?
             .freeze(state)
-            .map_err(|e| Status::internal(format!("cgroup freezer: {e}")))
+            .map_err(|e| Error::internal(format!("cgroup freezer: {e}")))
     }
 
-    pub fn update(&self, resources: &LinuxResources) -> Result<(), Status> {
+    pub fn update(&self, resources: &LinuxResources) -> Result<(), Error> {
         let manager = self.manager()?;
         // On cgroup v2 libcgroups raises RLIMIT_MEMLOCK to 128 MiB before it loads the device
         // filter; here that is the agent's own limit, which every process it starts later would
@@ -84,7 +85,7 @@ impl ContainerCgroup {
                 oom_score_adj: None,
                 freezer_state: None,
             })
-            .map_err(|e| Status::internal(format!("applying resources: {e}")));
+            .map_err(|e| Error::internal(format!("applying resources: {e}")));
         if saved {
             // SAFETY: setrlimit reads the rlimit we pass; lowering a limit is always allowed.
             unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &memlock) };
@@ -92,24 +93,24 @@ impl ContainerCgroup {
         result
     }
 
-    pub fn pids(&self) -> Result<Vec<u32>, Status> {
+    pub fn pids(&self) -> Result<Vec<u32>, Error> {
         let pids = self
             .manager()?
             .get_all_pids()
-            .map_err(|e| Status::internal(format!("listing cgroup pids: {e}")))?;
+            .map_err(|e| Error::internal(format!("listing cgroup pids: {e}")))?;
         Ok(pids.into_iter().map(|p| p.as_raw() as u32).collect())
     }
 
     /// Statistics from the cgroup v2 files.
-    pub fn stats(&self) -> Result<StatsContainerResponse, Status> {
+    pub fn stats(&self) -> Result<StatsContainerResponse, Error> {
         if !is_unified() {
-            return Err(Status::failed_precondition(
+            return Err(Error::failed_precondition(
                 "container statistics need a cgroup v2 hierarchy at /sys/fs/cgroup",
             ));
         }
         let dir = self.v2_dir();
         if !dir.is_dir() {
-            return Err(Status::not_found("the container's cgroup is gone"));
+            return Err(Error::not_found("the container's cgroup is gone"));
         }
         let cpu_stat = read_flat_keyed(&dir.join("cpu.stat"));
         let cpu = CpuStats {
@@ -321,7 +322,7 @@ fn inotify_on(file: &Path) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>>
     if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_MODIFY) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    crate::process::stdio::register(fd)
+    crate::fd::register(fd)
 }
 
 #[cfg(test)]

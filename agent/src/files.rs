@@ -12,15 +12,14 @@ use std::path::{Component, Path};
 use kata_like_protocol::CopyFileRequest;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
-use tonic::Status;
 
-use crate::container::spec::invalid;
+use crate::error::{invalid, Error};
 
 pub const MAX_CHUNK: usize = 1024 * 1024;
 pub const MAX_FILE_SIZE: u64 = 64 * 1024 * 1024;
 
 /// Checks a CopyFile path; `allowed_root` restricts it further (the state dir on the host).
-pub fn check_path(path: &str, allowed_root: Option<&Path>) -> Result<(), Status> {
+pub fn check_path(path: &str, allowed_root: Option<&Path>) -> Result<(), Error> {
     let p = Path::new(path);
     if path.len() > 4096 || path.contains('\0') || !p.is_absolute() {
         return Err(invalid(format!("path {path:?} must be an absolute path")));
@@ -56,18 +55,18 @@ pub fn check_path(path: &str, allowed_root: Option<&Path>) -> Result<(), Status>
     Ok(())
 }
 
-fn io_status(what: &str, e: nix::Error) -> Status {
+fn io_status(what: &str, e: nix::Error) -> Error {
     match e {
         nix::Error::ELOOP | nix::Error::ENOTDIR => invalid(format!(
             "{what}: a path component is a symlink or not a directory"
         )),
-        nix::Error::ENOENT => Status::not_found(format!("{what}: {e}")),
-        _ => Status::internal(format!("{what}: {e}")),
+        nix::Error::ENOENT => Error::not_found(format!("{what}: {e}")),
+        _ => Error::internal(format!("{what}: {e}")),
     }
 }
 
 /// Opens the parent directory of `path` without following symlinks, creating it if asked.
-fn open_parent(path: &Path, create: bool) -> Result<OwnedFd, Status> {
+fn open_parent(path: &Path, create: bool) -> Result<OwnedFd, Error> {
     let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
     let root = nix::fcntl::open("/", flags, Mode::empty()).map_err(|e| io_status("/", e))?;
     // SAFETY: open returned a new fd that we own.
@@ -100,13 +99,13 @@ fn open_parent(path: &Path, create: bool) -> Result<OwnedFd, Status> {
 }
 
 /// Writes one chunk; renames the file into place once `file_size` bytes are there.
-pub fn copy_chunk(req: &CopyFileRequest, allowed_root: Option<&Path>) -> Result<(), Status> {
+pub fn copy_chunk(req: &CopyFileRequest, allowed_root: Option<&Path>) -> Result<(), Error> {
     check_path(&req.path, allowed_root)?;
     if req.data.len() > MAX_CHUNK {
-        return Err(Status::resource_exhausted("a chunk is at most 1 MiB"));
+        return Err(Error::resource_exhausted("a chunk is at most 1 MiB"));
     }
     if req.file_size > MAX_FILE_SIZE {
-        return Err(Status::resource_exhausted("files are at most 64 MiB"));
+        return Err(Error::resource_exhausted("files are at most 64 MiB"));
     }
     let end = req
         .offset
@@ -135,7 +134,7 @@ pub fn copy_chunk(req: &CopyFileRequest, allowed_root: Option<&Path>) -> Result<
         Mode::from_bits_truncate(0o600),
     )
     .map_err(|e| match e {
-        nix::Error::ENOENT => Status::failed_precondition(
+        nix::Error::ENOENT => Error::failed_precondition(
             "a chunk at a non-zero offset needs the chunk at offset 0 first",
         ),
         e => io_status("opening the file", e),
@@ -175,7 +174,7 @@ pub fn copy_chunk(req: &CopyFileRequest, allowed_root: Option<&Path>) -> Result<
             )
         };
         if rc != 0 {
-            return Err(Status::internal(format!(
+            return Err(Error::internal(format!(
                 "renaming into place: {}",
                 std::io::Error::last_os_error()
             )));
@@ -187,6 +186,7 @@ pub fn copy_chunk(req: &CopyFileRequest, allowed_root: Option<&Path>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn hostile_paths_are_rejected() {
@@ -201,8 +201,8 @@ mod tests {
             "/etc/",
         ] {
             assert_eq!(
-                check_path(bad, None).unwrap_err().code(),
-                tonic::Code::InvalidArgument,
+                check_path(bad, None).unwrap_err().kind(),
+                ErrorKind::InvalidArgument,
                 "{bad}"
             );
         }
@@ -246,8 +246,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            copy_chunk(&req, None).unwrap_err().code(),
-            tonic::Code::InvalidArgument
+            copy_chunk(&req, None).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
         );
         assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     }

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kata_like_agent::agent::{Agent, AgentConfig};
+use kata_like_agent::agent::{uptime_ms, Agent, AgentConfig};
 use kata_like_agent::reaper::Reaper;
 use kata_like_agent::server::{serve, Listen};
-use kata_like_agent::{init, rpc, runtime};
+use kata_like_agent::{init, runtime};
 
 const USAGE: &str =
     "usage: kata-like-agent [--listen unix:/path|vsock:PORT] [--state-dir DIR] [--debug]
@@ -150,7 +150,7 @@ async fn run(args: Args, pid1: bool) -> Result<u8, String> {
         // One line the VMM's console readers and the tests wait for.
         println!(
             "kata-like-agent: ready uptime_ms={} listen={listen:?}",
-            rpc::uptime_ms()
+            uptime_ms()
         );
     })
     .await

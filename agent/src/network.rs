@@ -10,13 +10,12 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
-use tonic::Status;
 
-use crate::container::spec::invalid;
+use crate::error::{invalid, Error};
 
 const MAX_ITEMS: usize = 1024;
 
-pub fn parse_mac(text: &str) -> Result<[u8; 6], Status> {
+pub fn parse_mac(text: &str) -> Result<[u8; 6], Error> {
     let mut mac = [0u8; 6];
     let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
@@ -32,7 +31,7 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], Status> {
     Ok(mac)
 }
 
-pub fn check_ifname(name: &str) -> Result<(), Status> {
+pub fn check_ifname(name: &str) -> Result<(), Error> {
     if name.is_empty()
         || name.len() > 15
         || name == "."
@@ -46,12 +45,21 @@ pub fn check_ifname(name: &str) -> Result<(), Status> {
     Ok(())
 }
 
-fn parse_ip(text: &str) -> Result<IpAddr, Status> {
+fn parse_ip(text: &str) -> Result<IpAddr, Error> {
     text.parse()
         .map_err(|_| invalid(format!("{text:?} is not an IP address")))
 }
 
-fn check_prefix(ip: IpAddr, prefix: u32) -> Result<u8, Status> {
+/// A route's gateway: "" for none.
+fn parse_gateway(text: &str) -> Result<Option<IpAddr>, Error> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        parse_ip(text).map(Some)
+    }
+}
+
+fn check_prefix(ip: IpAddr, prefix: u32) -> Result<u8, Error> {
     let max = if ip.is_ipv4() { 32 } else { 128 };
     if prefix > max {
         return Err(invalid(format!("prefix /{prefix} is too long for {ip}")));
@@ -60,7 +68,7 @@ fn check_prefix(ip: IpAddr, prefix: u32) -> Result<u8, Status> {
 }
 
 /// "10.0.0.0/8", "fd00::/64" or "default" (family from `family_hint`).
-fn parse_destination(text: &str, family_hint: Option<IpAddr>) -> Result<(IpAddr, u8), Status> {
+fn parse_destination(text: &str, family_hint: Option<IpAddr>) -> Result<(IpAddr, u8), Error> {
     if text == "default" {
         let any = match family_hint {
             Some(IpAddr::V6(_)) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
@@ -84,12 +92,12 @@ fn parse_destination(text: &str, family_hint: Option<IpAddr>) -> Result<(IpAddr,
 }
 
 /// Validates the whole request before anything changes.
-pub fn validate(req: &SetupNetworkRequest) -> Result<(), Status> {
+pub fn validate(req: &SetupNetworkRequest) -> Result<(), Error> {
     if req.interfaces.len() > MAX_ITEMS
         || req.routes.len() > MAX_ITEMS
         || req.neighbors.len() > MAX_ITEMS
     {
-        return Err(Status::resource_exhausted("too many network items"));
+        return Err(Error::resource_exhausted("too many network items"));
     }
     for iface in &req.interfaces {
         parse_mac(&iface.mac)?;
@@ -105,11 +113,7 @@ pub fn validate(req: &SetupNetworkRequest) -> Result<(), Status> {
         }
     }
     for route in &req.routes {
-        let gateway = if route.gateway.is_empty() {
-            None
-        } else {
-            Some(parse_ip(&route.gateway)?)
-        };
+        let gateway = parse_gateway(&route.gateway)?;
         let (dest, _) = parse_destination(&route.destination, gateway)?;
         if let Some(gw) = gateway {
             if gw.is_ipv4() != dest.is_ipv4() {
@@ -134,15 +138,25 @@ pub fn validate(req: &SetupNetworkRequest) -> Result<(), Status> {
     Ok(())
 }
 
-fn bad_route(e: impl std::fmt::Display) -> Status {
+fn bad_route(e: impl std::fmt::Display) -> Error {
     invalid(format!("route: {e}"))
 }
 
-fn netlink_error(what: &str, e: rtnetlink::Error) -> Status {
-    Status::internal(format!("{what}: {e}"))
+fn netlink_error(what: &str, e: rtnetlink::Error) -> Error {
+    Error::internal(format!("{what}: {e}"))
 }
 
-async fn links(handle: &mut Handle) -> Result<Vec<LinkMessage>, Status> {
+/// Applies one link change; `what` names it in the error.
+async fn set_link(handle: &mut Handle, change: LinkMessage, what: &str) -> Result<(), Error> {
+    handle
+        .link()
+        .set(change)
+        .execute()
+        .await
+        .map_err(|e| netlink_error(what, e))
+}
+
+async fn links(handle: &mut Handle) -> Result<Vec<LinkMessage>, Error> {
     handle
         .link()
         .get()
@@ -167,51 +181,43 @@ fn link_name(link: &LinkMessage) -> Option<String> {
 }
 
 /// Applies the request in the agent's network namespace (the pod's network in the guest).
-pub async fn setup(req: &SetupNetworkRequest) -> Result<(), Status> {
+pub async fn setup(req: &SetupNetworkRequest) -> Result<(), Error> {
     validate(req)?;
     let (connection, mut handle, _) =
-        rtnetlink::new_connection().map_err(|e| Status::internal(format!("netlink: {e}")))?;
+        rtnetlink::new_connection().map_err(|e| Error::internal(format!("netlink: {e}")))?;
     let connection = tokio::spawn(connection);
     let result = apply(&mut handle, req).await;
     connection.abort();
-    result
+    result?;
+    tracing::info!(
+        interfaces = req.interfaces.len(),
+        routes = req.routes.len(),
+        "network set up"
+    );
+    Ok(())
 }
 
-async fn apply(handle: &mut Handle, req: &SetupNetworkRequest) -> Result<(), Status> {
+async fn apply(handle: &mut Handle, req: &SetupNetworkRequest) -> Result<(), Error> {
     let existing = links(handle).await?;
     for iface in &req.interfaces {
         let mac = parse_mac(&iface.mac)?;
         let link = existing
             .iter()
             .find(|l| link_mac(l).as_deref() == Some(&mac[..]))
-            .ok_or_else(|| Status::not_found(format!("no interface with MAC {}", iface.mac)))?;
+            .ok_or_else(|| Error::not_found(format!("no interface with MAC {}", iface.mac)))?;
         let index = link.header.index;
         if !iface.name.is_empty() && link_name(link).as_deref() != Some(iface.name.as_str()) {
             // A link must be down to be renamed.
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).down().build())
-                .execute()
-                .await
-                .map_err(|e| netlink_error("setting link down", e))?;
-            handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .name(iface.name.clone())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| netlink_error("renaming link", e))?;
+            let down = LinkUnspec::new_with_index(index).down().build();
+            set_link(handle, down, "setting link down").await?;
+            let renamed = LinkUnspec::new_with_index(index)
+                .name(iface.name.clone())
+                .build();
+            set_link(handle, renamed, "renaming link").await?;
         }
         if iface.mtu != 0 {
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).mtu(iface.mtu).build())
-                .execute()
-                .await
-                .map_err(|e| netlink_error("setting MTU", e))?;
+            let mtu = LinkUnspec::new_with_index(index).mtu(iface.mtu).build();
+            set_link(handle, mtu, "setting MTU").await?;
         }
         for address in &iface.addresses {
             let ip = parse_ip(&address.address)?;
@@ -224,12 +230,8 @@ async fn apply(handle: &mut Handle, req: &SetupNetworkRequest) -> Result<(), Sta
                 .await
                 .map_err(|e| netlink_error(&format!("adding {ip}/{prefix}"), e))?;
         }
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(|e| netlink_error("setting link up", e))?;
+        let up = LinkUnspec::new_with_index(index).up().build();
+        set_link(handle, up, "setting link up").await?;
     }
 
     // Names after renaming.
@@ -242,15 +244,11 @@ async fn apply(handle: &mut Handle, req: &SetupNetworkRequest) -> Result<(), Sta
         by_name
             .get(name)
             .copied()
-            .ok_or_else(|| Status::not_found(format!("no interface named {name}")))
+            .ok_or_else(|| Error::not_found(format!("no interface named {name}")))
     };
 
     for route in &req.routes {
-        let gateway = if route.gateway.is_empty() {
-            None
-        } else {
-            Some(parse_ip(&route.gateway)?)
-        };
+        let gateway = parse_gateway(&route.gateway)?;
         let (dest, prefix) = parse_destination(&route.destination, gateway)?;
         let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dest, prefix)

@@ -1,16 +1,23 @@
-//! The gRPC service: validates each request and hands it to the agent's state.
+//! The gRPC service, the agent's RPC boundary: each method turns a request into a call on the
+//! agent's state and the result into a response. Domain errors become `tonic::Status` here and
+//! nowhere else (`impl From<Error> for Status`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use kata_like_protocol::agent_server::Agent as AgentService;
 use kata_like_protocol::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::agent::Agent;
-use crate::container::check_id;
+use crate::agent::{uptime_ms, Agent};
+use crate::error::{Error, ErrorKind};
+use crate::process::stdio::OutputStream;
+
+/// Longest grace period a RemoveContainer may ask for.
+const MAX_REMOVE_TIMEOUT_MS: u64 = 600_000;
 
 pub struct Service {
     pub agent: Arc<Agent>,
@@ -18,19 +25,24 @@ pub struct Service {
 
 type Reply<T> = Result<Response<T>, Status>;
 
-fn check_exec_id(exec_id: &str) -> Result<(), Status> {
-    if exec_id.is_empty() {
-        Ok(())
-    } else {
-        check_id("exec id", exec_id)
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = match error.kind() {
+            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+            ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorKind::Internal => tonic::Code::Internal,
+        };
+        Status::new(code, error.message())
     }
 }
 
-/// Guest CLOCK_BOOTTIME in milliseconds.
-pub fn uptime_ms() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-        .unwrap_or(0)
+/// An empty reply once a domain call succeeded.
+fn done(result: Result<(), Error>) -> Reply<Empty> {
+    result?;
+    Ok(Response::new(Empty {}))
 }
 
 #[tonic::async_trait]
@@ -45,80 +57,36 @@ impl AgentService for Service {
 
     async fn set_time(&self, request: Request<SetTimeRequest>) -> Reply<Empty> {
         let req = request.into_inner();
-        if req.seconds < 0 || req.nanos >= 1_000_000_000 {
-            return Err(Status::invalid_argument("time out of range"));
-        }
-        if !self.agent.config.guest {
-            return Err(Status::failed_precondition(
-                "SetTime only changes the clock of a guest (the agent runs in host mode)",
-            ));
-        }
-        let ts = nix::sys::time::TimeSpec::new(req.seconds, req.nanos as i64);
-        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
-            .map_err(|e| Status::internal(format!("clock_settime: {e}")))?;
-        tracing::info!(seconds = req.seconds, "guest clock set");
-        Ok(Response::new(Empty {}))
+        done(self.agent.set_time(req.seconds, req.nanos))
     }
 
     async fn create_sandbox(&self, request: Request<CreateSandboxRequest>) -> Reply<Empty> {
-        self.agent.create_sandbox(request.into_inner()).await?;
-        Ok(Response::new(Empty {}))
+        done(self.agent.create_sandbox(request.into_inner()).await)
     }
 
     async fn destroy_sandbox(&self, _: Request<Empty>) -> Reply<Empty> {
-        self.agent.destroy_sandbox().await?;
-        Ok(Response::new(Empty {}))
+        done(self.agent.destroy_sandbox().await)
     }
 
     async fn setup_network(&self, request: Request<SetupNetworkRequest>) -> Reply<Empty> {
-        let req = request.into_inner();
-        crate::network::setup(&req).await?;
-        tracing::info!(
-            interfaces = req.interfaces.len(),
-            routes = req.routes.len(),
-            "network set up"
-        );
-        Ok(Response::new(Empty {}))
+        done(crate::network::setup(&request.into_inner()).await)
     }
 
     async fn copy_file(&self, request: Request<CopyFileRequest>) -> Reply<Empty> {
-        let req = request.into_inner();
-        // On the host the agent only writes below its state directory.
-        let root = (!self.agent.config.guest).then(|| self.agent.config.state_dir.clone());
-        tokio::task::spawn_blocking(move || crate::files::copy_chunk(&req, root.as_deref()))
-            .await
-            .map_err(|e| Status::internal(format!("copy task: {e}")))??;
-        Ok(Response::new(Empty {}))
+        done(self.agent.copy_file(request.into_inner()).await)
     }
 
     async fn add_storage(&self, request: Request<AddStorageRequest>) -> Reply<AddStorageResponse> {
-        let req = request.into_inner();
-        check_id("storage id", &req.storage_id)?;
-        let mut storages = self.agent.storages.lock().await;
-        if storages.contains_key(&req.storage_id) {
-            return Err(Status::already_exists(format!(
-                "storage {} exists",
-                req.storage_id
-            )));
-        }
-        let storage = crate::storage::add(&self.agent.storage_dir(), &req).await?;
-        let mount_point = storage.mount_point.to_string_lossy().into_owned();
-        storages.insert(req.storage_id.clone(), storage);
-        tracing::info!(storage_id = %req.storage_id, mount_point, "storage added");
+        let mount_point = self.agent.add_storage(&request.into_inner()).await?;
         Ok(Response::new(AddStorageResponse { mount_point }))
     }
 
     async fn remove_storage(&self, request: Request<RemoveStorageRequest>) -> Reply<Empty> {
-        let req = request.into_inner();
-        check_id("storage id", &req.storage_id)?;
-        let mut storages = self.agent.storages.lock().await;
-        let Some(storage) = storages.get(&req.storage_id) else {
-            return Err(Status::not_found(format!("no storage {}", req.storage_id)));
-        };
-        crate::storage::unmount_and_remove(&storage.mount_point)?;
-        storages.remove(&req.storage_id);
-        tracing::info!(storage_id = %req.storage_id, "storage removed");
-        Ok(Response::new(Empty {}))
+        done(
+            self.agent
+                .remove_storage(&request.into_inner().storage_id)
+                .await,
+        )
     }
 
     async fn create_container(
@@ -130,36 +98,34 @@ impl AgentService for Service {
     }
 
     async fn start_container(&self, request: Request<ContainerRequest>) -> Reply<Empty> {
-        self.agent
-            .start_container(&request.into_inner().container_id)
-            .await?;
-        Ok(Response::new(Empty {}))
+        let id = request.into_inner().container_id;
+        done(self.agent.containers.start(&id).await)
     }
 
     async fn exec_process(
         &self,
         request: Request<ExecProcessRequest>,
     ) -> Reply<ExecProcessResponse> {
-        let pid = self.agent.exec_process(request.into_inner()).await?;
+        let pid = self.agent.containers.exec(request.into_inner()).await?;
         Ok(Response::new(ExecProcessResponse { pid }))
     }
 
     async fn signal_process(&self, request: Request<SignalProcessRequest>) -> Reply<Empty> {
         let req = request.into_inner();
-        check_exec_id(&req.exec_id)?;
-        self.agent
-            .signal_process(&req.container_id, &req.exec_id, req.signal, req.all)
-            .await?;
-        Ok(Response::new(Empty {}))
+        done(
+            self.agent
+                .containers
+                .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+                .await,
+        )
     }
 
     async fn wait_process(&self, request: Request<ProcessRequest>) -> Reply<WaitProcessResponse> {
         let req = request.into_inner();
-        check_exec_id(&req.exec_id)?;
         let process = self
             .agent
-            .container(&req.container_id)?
-            .process(&req.exec_id)?;
+            .containers
+            .process(&req.container_id, &req.exec_id)?;
         let exit = process.wait().await;
         Ok(Response::new(WaitProcessResponse {
             exit_status: exit.status,
@@ -169,42 +135,41 @@ impl AgentService for Service {
 
     async fn remove_container(&self, request: Request<RemoveContainerRequest>) -> Reply<Empty> {
         let req = request.into_inner();
-        let timeout = Duration::from_millis(u64::from(req.timeout_ms).min(600_000));
-        self.agent
-            .remove_container(&req.container_id, timeout)
-            .await?;
-        Ok(Response::new(Empty {}))
+        let timeout = Duration::from_millis(u64::from(req.timeout_ms).min(MAX_REMOVE_TIMEOUT_MS));
+        done(
+            self.agent
+                .containers
+                .remove(&req.container_id, timeout)
+                .await,
+        )
     }
 
     async fn pause_container(&self, request: Request<ContainerRequest>) -> Reply<Empty> {
-        self.agent
-            .pause_container(&request.into_inner().container_id, true)
-            .await?;
-        Ok(Response::new(Empty {}))
+        let id = request.into_inner().container_id;
+        done(self.agent.containers.pause(&id, true).await)
     }
 
     async fn resume_container(&self, request: Request<ContainerRequest>) -> Reply<Empty> {
-        self.agent
-            .pause_container(&request.into_inner().container_id, false)
-            .await?;
-        Ok(Response::new(Empty {}))
+        let id = request.into_inner().container_id;
+        done(self.agent.containers.pause(&id, false).await)
     }
 
     async fn update_container(&self, request: Request<UpdateContainerRequest>) -> Reply<Empty> {
         let req = request.into_inner();
-        self.agent
-            .update_container(&req.container_id, &req.oci_linux_resources_json)
-            .await?;
-        Ok(Response::new(Empty {}))
+        done(
+            self.agent
+                .containers
+                .update(&req.container_id, &req.oci_linux_resources_json)
+                .await,
+        )
     }
 
     async fn list_processes(
         &self,
         request: Request<ContainerRequest>,
     ) -> Reply<ListProcessesResponse> {
-        let list = self
-            .agent
-            .list_processes(&request.into_inner().container_id)?;
+        let id = request.into_inner().container_id;
+        let list = self.agent.containers.list_processes(&id)?;
         Ok(Response::new(ListProcessesResponse {
             processes: list
                 .into_iter()
@@ -217,42 +182,34 @@ impl AgentService for Service {
         &self,
         request: Request<ContainerRequest>,
     ) -> Reply<StatsContainerResponse> {
-        let container = self.agent.container(&request.into_inner().container_id)?;
+        let id = request.into_inner().container_id;
+        let container = self.agent.containers.container(&id)?;
         Ok(Response::new(container.cgroup.stats()?))
     }
 
-    type ProcessOutputStream = crate::process::stdio::OutputStream;
+    // The output stream yields plain chunks (it ends rather than fails); gRPC wants results.
+    type ProcessOutputStream =
+        futures::stream::Map<OutputStream, fn(OutputChunk) -> Result<OutputChunk, Status>>;
 
     async fn process_output(
         &self,
         request: Request<ProcessOutputRequest>,
     ) -> Reply<Self::ProcessOutputStream> {
         let req = request.into_inner();
-        check_exec_id(&req.exec_id)?;
-        let process = self
-            .agent
-            .container(&req.container_id)?
-            .process(&req.exec_id)?;
-        let pipe = match OutputFd::try_from(req.fd) {
-            Ok(OutputFd::Stdout) => &process.stdio.stdout,
-            Ok(OutputFd::Stderr) => &process.stdio.stderr,
-            _ => return Err(Status::invalid_argument("fd must be STDOUT or STDERR")),
-        };
-        let stream = pipe.attach((req.container_id.clone(), req.exec_id.clone()))?;
-        Ok(Response::new(stream))
+        let stream =
+            self.agent
+                .containers
+                .attach_output(&req.container_id, &req.exec_id, req.fd)?;
+        Ok(Response::new(stream.map(Ok as fn(_) -> _)))
     }
 
     async fn write_stdin(&self, request: Request<WriteStdinRequest>) -> Reply<WriteStdinResponse> {
         let req = request.into_inner();
-        check_exec_id(&req.exec_id)?;
-        if req.data.len() > 1024 * 1024 {
-            return Err(Status::resource_exhausted("stdin writes are at most 1 MiB"));
-        }
-        let process = self
+        let written = self
             .agent
-            .container(&req.container_id)?
-            .process(&req.exec_id)?;
-        let written = process.stdio.write_stdin(&req.data).await?;
+            .containers
+            .write_stdin(&req.container_id, &req.exec_id, &req.data)
+            .await?;
         Ok(Response::new(WriteStdinResponse {
             written: written as u32,
         }))
@@ -260,29 +217,22 @@ impl AgentService for Service {
 
     async fn close_stdin(&self, request: Request<ProcessRequest>) -> Reply<Empty> {
         let req = request.into_inner();
-        check_exec_id(&req.exec_id)?;
-        let process = self
-            .agent
-            .container(&req.container_id)?
-            .process(&req.exec_id)?;
-        process.stdio.close_stdin().await;
-        Ok(Response::new(Empty {}))
+        done(
+            self.agent
+                .containers
+                .close_stdin(&req.container_id, &req.exec_id)
+                .await,
+        )
     }
 
     async fn resize_tty(&self, request: Request<ResizeTtyRequest>) -> Reply<Empty> {
         let req = request.into_inner();
-        check_exec_id(&req.exec_id)?;
-        let (Ok(rows), Ok(columns)) = (u16::try_from(req.rows), u16::try_from(req.columns)) else {
-            return Err(Status::invalid_argument(
-                "rows and columns must fit in 16 bits",
-            ));
-        };
-        let process = self
-            .agent
-            .container(&req.container_id)?
-            .process(&req.exec_id)?;
-        process.stdio.resize(rows, columns)?;
-        Ok(Response::new(Empty {}))
+        done(self.agent.containers.resize_tty(
+            &req.container_id,
+            &req.exec_id,
+            req.rows,
+            req.columns,
+        ))
     }
 
     type OomEventsStream = ReceiverStream<Result<OomEvent, Status>>;
@@ -312,5 +262,33 @@ impl AgentService for Service {
         tracing::info!("shutdown requested");
         self.agent.shutdown.send_replace(Some(0));
         Ok(Response::new(Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_errors_keep_their_message_and_map_to_their_grpc_code() {
+        for (error, code) in [
+            (Error::invalid_argument("bad"), tonic::Code::InvalidArgument),
+            (Error::not_found("gone"), tonic::Code::NotFound),
+            (Error::already_exists("twice"), tonic::Code::AlreadyExists),
+            (
+                Error::failed_precondition("not yet"),
+                tonic::Code::FailedPrecondition,
+            ),
+            (
+                Error::resource_exhausted("too big"),
+                tonic::Code::ResourceExhausted,
+            ),
+            (Error::internal("broke"), tonic::Code::Internal),
+        ] {
+            let message = error.message().to_string();
+            let status = Status::from(error);
+            assert_eq!(status.code(), code);
+            assert_eq!(status.message(), message);
+        }
     }
 }

@@ -160,7 +160,7 @@ pub async fn run_helper(
 }
 
 fn read_available(fd: &OwnedFd) -> Vec<u8> {
-    let _ = crate::process::stdio::set_nonblocking(fd);
+    let _ = crate::fd::set_nonblocking(fd);
     let mut output = Vec::new();
     let mut buf = [0u8; 4096];
     while output.len() < MAX_RESPONSE {
@@ -224,10 +224,24 @@ pub fn helper_main(request_json: &str) -> i32 {
     }
 }
 
-fn execute(request: RuntimeRequest) -> Result<Option<u32>, String> {
+/// A libcontainer builder for container `id` with its state under `root`, as create and exec
+/// both start.
+fn container_builder(
+    id: String,
+    root: PathBuf,
+    console_socket: Option<PathBuf>,
+) -> Result<libcontainer::container::builder::ContainerBuilder, String> {
     use libcontainer::container::builder::ContainerBuilder;
-    use libcontainer::container::Container;
     use libcontainer::syscall::syscall::SyscallType;
+
+    Ok(ContainerBuilder::new(id, SyscallType::default())
+        .with_root_path(root)
+        .map_err(|e| e.to_string())?
+        .with_console_socket(console_socket))
+}
+
+fn execute(request: RuntimeRequest) -> Result<Option<u32>, String> {
+    use libcontainer::container::Container;
 
     match request {
         RuntimeRequest::Create {
@@ -236,10 +250,7 @@ fn execute(request: RuntimeRequest) -> Result<Option<u32>, String> {
             bundle,
             console_socket,
         } => {
-            let container = ContainerBuilder::new(id, SyscallType::default())
-                .with_root_path(root)
-                .map_err(|e| e.to_string())?
-                .with_console_socket(console_socket)
+            let container = container_builder(id, root, console_socket)?
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -256,10 +267,7 @@ fn execute(request: RuntimeRequest) -> Result<Option<u32>, String> {
             process,
             console_socket,
         } => {
-            let pid = ContainerBuilder::new(id, SyscallType::default())
-                .with_root_path(root)
-                .map_err(|e| e.to_string())?
-                .with_console_socket(console_socket)
+            let pid = container_builder(id, root, console_socket)?
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)

@@ -4,13 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kata_like_protocol::CreateSandboxRequest;
-use tonic::Status;
 
-use crate::agent::Agent;
-use crate::container::check_id;
-use crate::container::spec::{check_hostname, invalid};
-use crate::reaper::{wait_exit, ExitReceiver};
+use crate::error::{invalid, Error};
+use crate::reaper::{wait_exit, ExitReceiver, Reaper};
 use crate::runtime::{run_helper, HelperStdio, RuntimeRequest};
+use crate::validate::{check_hostname, check_id};
 
 const MAX_FILE: usize = 64 * 1024;
 const MAX_SYSCTLS: usize = 256;
@@ -39,9 +37,10 @@ impl Sandbox {
             .map(|(pid, _)| PathBuf::from(format!("/proc/{pid}/ns/pid")))
     }
 
-    pub async fn destroy(self, agent: &Agent) {
+    /// Ends the shared pid namespace, removes the sandbox's cgroups and its files in `dir`.
+    pub async fn destroy(self, reaper: &Reaper, dir: &Path) {
         if let Some((pid, exit)) = self.pid_ns_holder {
-            agent.reaper.with_live_pid(pid, |live| {
+            reaper.with_live_pid(pid, |live| {
                 if live {
                     // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -50,7 +49,6 @@ impl Sandbox {
             let _ = tokio::time::timeout(Duration::from_secs(10), wait_exit(exit)).await;
         }
         remove_sandbox_cgroups(&self.id);
-        let dir = agent.sandbox_dir();
         for name in ["hostname", "hosts", "resolv.conf"] {
             let _ = std::fs::remove_file(dir.join(name));
         }
@@ -74,7 +72,7 @@ fn remove_sandbox_cgroups(sandbox_id: &str) {
     }
 }
 
-pub fn check_sysctl(key: &str, value: &str) -> Result<(), Status> {
+pub fn check_sysctl(key: &str, value: &str) -> Result<(), Error> {
     let key_ok = !key.is_empty()
         && key.len() <= 128
         && key
@@ -103,34 +101,45 @@ fn default_hosts(hostname: &str) -> String {
     hosts
 }
 
-fn write_file(path: &Path, data: &[u8]) -> Result<(), Status> {
+fn write_file(path: &Path, data: &[u8]) -> Result<(), Error> {
     std::fs::write(path, data)
-        .map_err(|e| Status::internal(format!("writing {}: {e}", path.display())))
+        .map_err(|e| Error::internal(format!("writing {}: {e}", path.display())))
 }
 
-impl Agent {
-    pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<(), Status> {
-        check_id("sandbox id", &req.sandbox_id)?;
-        if !req.hostname.is_empty() {
-            check_hostname(&req.hostname)?;
-        }
-        if req.resolv_conf.len() > MAX_FILE || req.hosts.len() > MAX_FILE {
-            return Err(Status::resource_exhausted("resolv_conf/hosts above 64 KiB"));
-        }
-        if req.sysctls.len() > MAX_SYSCTLS {
-            return Err(invalid("too many sysctls"));
-        }
-        for (key, value) in &req.sysctls {
-            check_sysctl(key, value)?;
-        }
-        let mut slot = self.sandbox.write().await;
-        if let Some(existing) = slot.as_ref() {
-            return Err(Status::already_exists(format!(
-                "sandbox {} exists",
-                existing.id
-            )));
-        }
-        let dir = self.sandbox_dir();
+/// What creating a sandbox needs from the agent.
+pub struct SandboxEnv<'a> {
+    pub reaper: &'a Reaper,
+    /// The agent's state directory (the runtime helper's working directory).
+    pub state_dir: &'a Path,
+    /// Where the sandbox's hostname, hosts and resolv.conf files are written.
+    pub dir: &'a Path,
+    /// Whether the guest-wide hostname, /etc files and sysctls are the pod's to change.
+    pub guest: bool,
+}
+
+/// Checks a CreateSandbox request before anything is changed.
+pub fn validate(req: &CreateSandboxRequest) -> Result<(), Error> {
+    check_id("sandbox id", &req.sandbox_id)?;
+    if !req.hostname.is_empty() {
+        check_hostname(&req.hostname)?;
+    }
+    if req.resolv_conf.len() > MAX_FILE || req.hosts.len() > MAX_FILE {
+        return Err(Error::resource_exhausted("resolv_conf/hosts above 64 KiB"));
+    }
+    if req.sysctls.len() > MAX_SYSCTLS {
+        return Err(invalid("too many sysctls"));
+    }
+    for (key, value) in &req.sysctls {
+        check_sysctl(key, value)?;
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    /// Sets the pod up as a validated (see [`validate`]) request asks: its files, in the guest
+    /// the hostname, /etc files and sysctls, and the shared pid namespace.
+    pub async fn create(req: &CreateSandboxRequest, env: &SandboxEnv<'_>) -> Result<Self, Error> {
+        let dir = env.dir;
         let hosts = if req.hosts.is_empty() {
             default_hosts(&req.hostname).into_bytes()
         } else {
@@ -149,11 +158,11 @@ impl Agent {
             write_file(&dir.join("resolv.conf"), &req.resolv_conf)?;
             files.push((PathBuf::from("/etc/resolv.conf"), dir.join("resolv.conf")));
         }
-        if self.config.guest {
+        if env.guest {
             // The guest is the pod: its own hostname, files and namespaced sysctls are the pod's.
             if !req.hostname.is_empty() {
                 nix::unistd::sethostname(&req.hostname)
-                    .map_err(|e| Status::internal(format!("sethostname: {e}")))?;
+                    .map_err(|e| Error::internal(format!("sethostname: {e}")))?;
             }
             let _ = std::fs::create_dir_all("/etc");
             write_file(Path::new("/etc/hosts"), &hosts)?;
@@ -170,17 +179,17 @@ impl Agent {
         }
         let pid_ns_holder = if req.shared_pid_namespace {
             let response = run_helper(
-                &self.reaper,
-                &self.config.state_dir,
+                env.reaper,
+                env.state_dir,
                 &RuntimeRequest::PidNamespace,
                 HelperStdio::null(),
             )
             .await
-            .map_err(Status::internal)?;
+            .map_err(Error::internal)?;
             match (response.pid, response.error) {
-                (Some(pid), None) => Some((pid, self.reaper.claim(pid))),
+                (Some(pid), None) => Some((pid, env.reaper.claim(pid))),
                 (_, error) => {
-                    return Err(Status::internal(format!(
+                    return Err(Error::internal(format!(
                         "creating the shared pid namespace: {}",
                         error.unwrap_or_default()
                     )))
@@ -189,22 +198,13 @@ impl Agent {
         } else {
             None
         };
-        *slot = Some(Sandbox {
+        tracing::info!(sandbox_id = %req.sandbox_id, shared_pid_namespace = req.shared_pid_namespace, "sandbox created");
+        Ok(Sandbox {
             id: req.sandbox_id.clone(),
             hostname: req.hostname.clone(),
             pid_ns_holder,
             files,
-        });
-        tracing::info!(sandbox_id = %req.sandbox_id, shared_pid_namespace = req.shared_pid_namespace, "sandbox created");
-        Ok(())
-    }
-
-    pub async fn destroy_sandbox(&self) -> Result<(), Status> {
-        if self.sandbox.read().await.is_none() {
-            return Err(Status::failed_precondition("there is no sandbox"));
-        }
-        self.teardown().await;
-        Ok(())
+        })
     }
 }
 

@@ -4,9 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use tonic::Status;
 
-use crate::container::spec::invalid;
+use crate::error::{invalid, Error};
 
 /// File systems a block storage may carry.
 const ALLOWED_FS_TYPES: &[&str] = &[
@@ -29,7 +28,7 @@ pub struct MountOptions {
 }
 
 /// Validates mount options against an allow-list and splits them into flags and fs data.
-pub fn parse_options(options: &[String], tmpfs: bool) -> Result<MountOptions, Status> {
+pub fn parse_options(options: &[String], tmpfs: bool) -> Result<MountOptions, Error> {
     if options.len() > 32 {
         return Err(invalid("too many mount options"));
     }
@@ -96,7 +95,7 @@ pub fn parse_options(options: &[String], tmpfs: bool) -> Result<MountOptions, St
 }
 
 /// Finds the block device whose virtio serial is `serial`, waiting up to `wait`.
-pub async fn find_block_device(serial: &str, wait: Duration) -> Result<PathBuf, Status> {
+pub async fn find_block_device(serial: &str, wait: Duration) -> Result<PathBuf, Error> {
     let deadline = Instant::now() + wait;
     loop {
         if let Ok(entries) = std::fs::read_dir("/sys/block") {
@@ -110,7 +109,7 @@ pub async fn find_block_device(serial: &str, wait: Duration) -> Result<PathBuf, 
             }
         }
         if Instant::now() >= deadline {
-            return Err(Status::not_found(format!(
+            return Err(Error::not_found(format!(
                 "no block device with serial {serial:?} appeared within {} ms",
                 wait.as_millis()
             )));
@@ -123,7 +122,7 @@ pub async fn find_block_device(serial: &str, wait: Duration) -> Result<PathBuf, 
 pub async fn add(
     storage_dir: &Path,
     request: &kata_like_protocol::AddStorageRequest,
-) -> Result<Storage, Status> {
+) -> Result<Storage, Error> {
     use kata_like_protocol::add_storage_request::Source;
     let mount_point = storage_dir.join(&request.storage_id);
     let (source, fs_type, options) = match &request.source {
@@ -158,12 +157,12 @@ pub async fn add(
         }
     };
     std::fs::create_dir_all(storage_dir)
-        .map_err(|e| Status::internal(format!("creating {}: {e}", storage_dir.display())))?;
+        .map_err(|e| Error::internal(format!("creating {}: {e}", storage_dir.display())))?;
     std::fs::create_dir(&mount_point).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Status::already_exists(format!("storage {} exists", request.storage_id))
+            Error::already_exists(format!("storage {} exists", request.storage_id))
         } else {
-            Status::internal(format!("creating {}: {e}", mount_point.display()))
+            Error::internal(format!("creating {}: {e}", mount_point.display()))
         }
     })?;
     let data = options.data.join(",");
@@ -177,7 +176,7 @@ pub async fn add(
     );
     if let Err(e) = result {
         let _ = std::fs::remove_dir(&mount_point);
-        return Err(Status::internal(format!(
+        return Err(Error::internal(format!(
             "mounting {} ({fs_type}) on {}: {e}",
             source.display(),
             mount_point.display()
@@ -187,17 +186,17 @@ pub async fn add(
 }
 
 /// Unmounts `path` (if mounted) and removes the directory.
-pub fn unmount_and_remove(path: &Path) -> Result<(), Status> {
+pub fn unmount_and_remove(path: &Path) -> Result<(), Error> {
     match umount2(path, MntFlags::empty()) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
         Err(nix::errno::Errno::EBUSY) => {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "{} is still in use",
                 path.display()
             )))
         }
         Err(e) => {
-            return Err(Status::internal(format!(
+            return Err(Error::internal(format!(
                 "unmounting {}: {e}",
                 path.display()
             )))
@@ -206,16 +205,13 @@ pub fn unmount_and_remove(path: &Path) -> Result<(), Status> {
     match std::fs::remove_dir(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Status::internal(format!(
-            "removing {}: {e}",
-            path.display()
-        ))),
+        Err(e) => Err(Error::internal(format!("removing {}: {e}", path.display()))),
     }
 }
 
 /// Checks overlay lower dirs: each must resolve to a directory under the state directory and be
 /// expressible in overlayfs' option syntax.
-pub fn check_lower_dirs(lower_dirs: &[String], state_dir: &Path) -> Result<Vec<PathBuf>, Status> {
+pub fn check_lower_dirs(lower_dirs: &[String], state_dir: &Path) -> Result<Vec<PathBuf>, Error> {
     if lower_dirs.is_empty() {
         return Err(invalid("rootfs.lower_dirs must not be empty"));
     }
@@ -224,8 +220,7 @@ pub fn check_lower_dirs(lower_dirs: &[String], state_dir: &Path) -> Result<Vec<P
     }
     let mut resolved = Vec::with_capacity(lower_dirs.len());
     for dir in lower_dirs {
-        let path =
-            crate::container::spec::resolve_under("rootfs lower dir", Path::new(dir), state_dir)?;
+        let path = crate::validate::resolve_under("rootfs lower dir", Path::new(dir), state_dir)?;
         if !path.is_dir() {
             return Err(invalid(format!(
                 "rootfs lower dir {dir} is not a directory"
@@ -249,8 +244,8 @@ pub fn mount_rootfs(
     lowers: &[PathBuf],
     writable: bool,
     upper_size_bytes: u64,
-) -> Result<PathBuf, Status> {
-    let internal = |what: &str, e: &dyn std::fmt::Display| Status::internal(format!("{what}: {e}"));
+) -> Result<PathBuf, Error> {
+    let internal = |what: &str, e: &dyn std::fmt::Display| Error::internal(format!("{what}: {e}"));
     let rootfs = container_dir.join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| internal("creating the rootfs dir", &e))?;
     let lowerdir = lowers

@@ -10,18 +10,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kata_like_protocol::{is_valid_id, CreateContainerRequest, ExecProcessRequest};
+use kata_like_protocol::{CreateContainerRequest, ExecProcessRequest, OomEvent, OutputFd};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tonic::Status;
+use tokio::sync::broadcast;
 
-use crate::agent::Agent;
 use crate::cgroups::ContainerCgroup;
+use crate::error::{invalid, Error};
+use crate::process::stdio::OutputStream;
 use crate::process::{PreparedStdio, Process, StdioRequest};
-use crate::reaper::wait_exit;
-use crate::runtime::{run_helper, RuntimeRequest};
+use crate::reaper::{wait_exit, Reaper};
+use crate::runtime::{run_helper, HelperStdio, RuntimeRequest};
 use crate::storage;
-use spec::{adapt_spec, invalid, parse_process, SpecContext};
+use crate::validate::{check_exec_id, check_id};
+use spec::{adapt_spec, parse_process, SpecContext};
+
+/// Largest stdin write one request may carry.
+const MAX_STDIN_WRITE: usize = 1024 * 1024;
 
 /// Where a container is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,14 +51,26 @@ pub struct Container {
     oom_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-pub fn check_id(what: &str, id: &str) -> Result<(), Status> {
-    if is_valid_id(id) {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "{what} {id:?} must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"
-        )))
-    }
+/// What a container takes from its sandbox. Defined here and filled in by the agent, so that
+/// `container` does not depend on `sandbox` (nor on the agent that holds both).
+pub struct SandboxContext<'a> {
+    pub id: &'a str,
+    /// "" when the pod has no hostname of its own.
+    pub hostname: &'a str,
+    /// Path of the shared pid namespace, if the sandbox has one.
+    pub pid_ns: Option<PathBuf>,
+    /// Files bind-mounted into every container that does not mount the path itself:
+    /// (destination, source).
+    pub files: &'a [(PathBuf, PathBuf)],
+}
+
+/// The agent's containers and what their lifecycle needs: the state directory (bundles,
+/// libcontainer state, tty sockets), the reaper and the OOM event channel.
+pub struct Containers {
+    state_dir: PathBuf,
+    reaper: Arc<Reaper>,
+    oom_events: broadcast::Sender<OomEvent>,
+    table: Mutex<HashMap<String, Arc<Container>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,9 +78,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Container {
-    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>, Status> {
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>, Error> {
         lock(&self.processes).get(exec_id).cloned().ok_or_else(|| {
-            Status::not_found(format!("container {} has no process {exec_id:?}", self.id))
+            Error::not_found(format!("container {} has no process {exec_id:?}", self.id))
         })
     }
 
@@ -76,33 +93,62 @@ impl Container {
     }
 }
 
-impl Agent {
-    pub fn container(&self, id: &str) -> Result<Arc<Container>, Status> {
+impl Containers {
+    /// `state_dir` must hold the `containers`, `runtime` and `tty` directories.
+    pub fn new(
+        state_dir: PathBuf,
+        reaper: Arc<Reaper>,
+        oom_events: broadcast::Sender<OomEvent>,
+    ) -> Self {
+        Self {
+            state_dir,
+            reaper,
+            oom_events,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn containers_dir(&self) -> PathBuf {
+        self.state_dir.join("containers")
+    }
+    /// libcontainer's state root.
+    pub fn runtime_root(&self) -> PathBuf {
+        self.state_dir.join("runtime")
+    }
+    pub fn tty_dir(&self) -> PathBuf {
+        self.state_dir.join("tty")
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>, Error> {
         check_id("container id", id)?;
-        lock(&self.containers)
+        lock(&self.table)
             .get(id)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("no container {id}")))
+            .ok_or_else(|| Error::not_found(format!("no container {id}")))
     }
 
-    pub fn containers(&self) -> Vec<Arc<Container>> {
-        lock(&self.containers).values().cloned().collect()
+    pub fn all(&self) -> Vec<Arc<Container>> {
+        lock(&self.table).values().cloned().collect()
     }
 
-    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<u32, Status> {
+    /// A process of a container; `exec_id` "" is its init process.
+    pub fn process(&self, container_id: &str, exec_id: &str) -> Result<Arc<Process>, Error> {
+        check_exec_id(exec_id)?;
+        self.container(container_id)?.process(exec_id)
+    }
+
+    pub async fn create(
+        &self,
+        req: CreateContainerRequest,
+        sandbox: &SandboxContext<'_>,
+    ) -> Result<u32, Error> {
         check_id("container id", &req.container_id)?;
-        let sandbox = self.sandbox.read().await;
-        let Some(sandbox) = sandbox.as_ref() else {
-            return Err(Status::failed_precondition(
-                "CreateSandbox must come before CreateContainer",
-            ));
-        };
         let id = req.container_id.clone();
         let container = Arc::new(Container {
             id: id.clone(),
             dir: self.containers_dir().join(&id),
             cgroup: ContainerCgroup {
-                path: PathBuf::from("/kata-like").join(&sandbox.id).join(&id),
+                path: PathBuf::from("/kata-like").join(sandbox.id).join(&id),
                 name: id.clone(),
             },
             lifecycle: tokio::sync::Mutex::new(Lifecycle::Creating),
@@ -114,9 +160,9 @@ impl Agent {
             oom_watch: Mutex::new(None),
         });
         {
-            let mut map = lock(&self.containers);
+            let mut map = lock(&self.table);
             if map.contains_key(&id) {
-                return Err(Status::already_exists(format!("container {id} exists")));
+                return Err(Error::already_exists(format!("container {id} exists")));
             }
             map.insert(id.clone(), Arc::clone(&container));
         }
@@ -127,26 +173,26 @@ impl Agent {
                 tracing::info!(container_id = %id, pid, "container created");
                 Ok(pid)
             }
-            Err(status) => {
-                tracing::warn!(container_id = %id, error = %status.message(), "create failed");
-                self.cleanup_container(&container).await;
-                lock(&self.containers).remove(&id);
-                Err(status)
+            Err(error) => {
+                tracing::warn!(container_id = %id, %error, "create failed");
+                self.cleanup(&container).await;
+                lock(&self.table).remove(&id);
+                Err(error)
             }
         }
     }
 
     async fn create_inner(
         &self,
-        sandbox: &crate::sandbox::Sandbox,
+        sandbox: &SandboxContext<'_>,
         container: &Arc<Container>,
         req: &CreateContainerRequest,
-    ) -> Result<u32, Status> {
+    ) -> Result<u32, Error> {
         let rootfs_req = req
             .rootfs
             .as_ref()
             .ok_or_else(|| invalid("rootfs is required"))?;
-        let lowers = storage::check_lower_dirs(&rootfs_req.lower_dirs, &self.config.state_dir)?;
+        let lowers = storage::check_lower_dirs(&rootfs_req.lower_dirs, &self.state_dir)?;
         let stdio_req = req.stdio.unwrap_or_default();
         let stdio_req = StdioRequest {
             terminal: stdio_req.terminal,
@@ -156,12 +202,12 @@ impl Agent {
         let rootfs_path = container.dir.join("rootfs");
         let ctx = SpecContext {
             container_id: &container.id,
-            sandbox_id: &sandbox.id,
+            sandbox_id: sandbox.id,
             rootfs: &rootfs_path,
-            state_dir: &self.config.state_dir,
+            state_dir: &self.state_dir,
             terminal: stdio_req.terminal,
-            sandbox_pid_ns: sandbox.pid_ns_path(),
-            sandbox_hostname: Some(sandbox.hostname.clone()).filter(|h| !h.is_empty()),
+            sandbox_pid_ns: sandbox.pid_ns.clone(),
+            sandbox_hostname: Some(sandbox.hostname.to_string()).filter(|h| !h.is_empty()),
             // On a read-only rootfs a missing mount point cannot be created: inject the
             // sandbox files only where the image has them.
             sandbox_files: sandbox
@@ -179,32 +225,25 @@ impl Agent {
                 .collect(),
         };
         let spec = adapt_spec(&req.oci_spec_json, &ctx)?;
-        let poststart = spec
-            .hooks()
-            .as_ref()
-            .and_then(|h| h.poststart().as_ref())
-            .is_some_and(|h| !h.is_empty());
-        container
-            .has_poststart_hooks
-            .store(poststart, Ordering::Relaxed);
-        let poststop = spec
-            .hooks()
-            .as_ref()
-            .and_then(|h| h.poststop().as_ref())
-            .is_some_and(|h| !h.is_empty());
-        container
-            .has_poststop_hooks
-            .store(poststop, Ordering::Relaxed);
+        let hooks = spec.hooks().as_ref();
+        container.has_poststart_hooks.store(
+            hooks.is_some_and(|h| is_non_empty(h.poststart())),
+            Ordering::Relaxed,
+        );
+        container.has_poststop_hooks.store(
+            hooks.is_some_and(|h| is_non_empty(h.poststop())),
+            Ordering::Relaxed,
+        );
 
         match std::fs::create_dir(&container.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Status::internal(format!(
+                return Err(Error::internal(format!(
                     "stale state of a container {} is in the way",
                     container.id
                 )))
             }
-            Err(e) => return Err(Status::internal(format!("creating container dir: {e}"))),
+            Err(e) => return Err(Error::internal(format!("creating container dir: {e}"))),
         }
         storage::mount_rootfs(
             &container.dir,
@@ -213,9 +252,9 @@ impl Agent {
             rootfs_req.upper_size_bytes,
         )?;
         let config = serde_json::to_vec(&spec)
-            .map_err(|e| Status::internal(format!("encoding config.json: {e}")))?;
+            .map_err(|e| Error::internal(format!("encoding config.json: {e}")))?;
         std::fs::write(container.dir.join("config.json"), config)
-            .map_err(|e| Status::internal(format!("writing config.json: {e}")))?;
+            .map_err(|e| Error::internal(format!("writing config.json: {e}")))?;
 
         let mut stdio = PreparedStdio::prepare(stdio_req, &self.tty_dir())?;
         let request = RuntimeRequest::Create {
@@ -225,9 +264,9 @@ impl Agent {
             console_socket: stdio.console_socket(),
         };
         let helper_stdio = stdio.helper_stdio();
-        let response = run_helper(&self.reaper, &self.config.state_dir, &request, helper_stdio)
+        let response = run_helper(&self.reaper, &self.state_dir, &request, helper_stdio)
             .await
-            .map_err(Status::internal);
+            .map_err(Error::internal);
         let response = match response {
             Ok(r) => r,
             Err(e) => {
@@ -281,7 +320,7 @@ impl Agent {
     }
 
     /// Undoes whatever part of a create or a container's life happened; never fails.
-    async fn cleanup_container(&self, container: &Container) {
+    async fn cleanup(&self, container: &Container) {
         // The runtime delete can race with exiting members of the cgroup; retry a few times.
         for attempt in 0..5 {
             if !self.runtime_root().join(&container.id).exists() {
@@ -314,13 +353,8 @@ impl Agent {
                 id: container.id.clone(),
                 root: self.runtime_root(),
             };
-            let result = run_helper(
-                &self.reaper,
-                &self.config.state_dir,
-                &request,
-                crate::runtime::HelperStdio::null(),
-            )
-            .await;
+            let result =
+                run_helper(&self.reaper, &self.state_dir, &request, HelperStdio::null()).await;
             match result {
                 Ok(r) if r.error.is_none() => break,
                 Ok(r) => {
@@ -342,16 +376,16 @@ impl Agent {
         }
     }
 
-    pub async fn start_container(&self, id: &str) -> Result<(), Status> {
+    pub async fn start(&self, id: &str) -> Result<(), Error> {
         let container = self.container(id)?;
         let mut lifecycle = container.lifecycle.lock().await;
         if *lifecycle != Lifecycle::Created {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {id} is {lifecycle:?}, not Created"
             )));
         }
         if !container.init_running() {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {id}'s init process has exited"
             )));
         }
@@ -361,14 +395,9 @@ impl Agent {
                 id: id.to_string(),
                 root: self.runtime_root(),
             };
-            let response = run_helper(
-                &self.reaper,
-                &self.config.state_dir,
-                &request,
-                crate::runtime::HelperStdio::null(),
-            )
-            .await
-            .map_err(Status::internal)?;
+            let response = run_helper(&self.reaper, &self.state_dir, &request, HelperStdio::null())
+                .await
+                .map_err(Error::internal)?;
             if response.error.is_some() {
                 return Err(runtime_error(response.error));
             }
@@ -381,7 +410,7 @@ impl Agent {
                 c.start()
             })
             .await
-            .map_err(|e| Status::internal(format!("start task: {e}")))?
+            .map_err(|e| Error::internal(format!("start task: {e}")))?
             .map_err(|e| runtime_error(Some(e.to_string())))?;
         }
         *lifecycle = Lifecycle::Running;
@@ -389,24 +418,24 @@ impl Agent {
         Ok(())
     }
 
-    pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<u32, Status> {
+    pub async fn exec(&self, req: ExecProcessRequest) -> Result<u32, Error> {
         let container = self.container(&req.container_id)?;
         check_id("exec id", &req.exec_id)?;
         let lifecycle = container.lifecycle.lock().await;
         if *lifecycle != Lifecycle::Running || !container.init_running() {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {} is not running",
                 container.id
             )));
         }
         if container.paused.load(Ordering::Relaxed) {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {} is paused",
                 container.id
             )));
         }
         if lock(&container.processes).contains_key(&req.exec_id) {
-            return Err(Status::already_exists(format!(
+            return Err(Error::already_exists(format!(
                 "exec {} exists in container {}",
                 req.exec_id, container.id
             )));
@@ -419,12 +448,12 @@ impl Agent {
         let process = parse_process(&req.oci_process_json, stdio_req.terminal)?;
         let exec_dir = container.dir.join("exec");
         std::fs::create_dir_all(&exec_dir)
-            .map_err(|e| Status::internal(format!("creating exec dir: {e}")))?;
+            .map_err(|e| Error::internal(format!("creating exec dir: {e}")))?;
         let process_path = exec_dir.join(format!("{}.json", req.exec_id));
         let json = serde_json::to_vec(&process)
-            .map_err(|e| Status::internal(format!("encoding process: {e}")))?;
+            .map_err(|e| Error::internal(format!("encoding process: {e}")))?;
         std::fs::write(&process_path, json)
-            .map_err(|e| Status::internal(format!("writing process: {e}")))?;
+            .map_err(|e| Error::internal(format!("writing process: {e}")))?;
 
         let mut stdio = PreparedStdio::prepare(stdio_req, &self.tty_dir())?;
         let request = RuntimeRequest::Exec {
@@ -434,8 +463,7 @@ impl Agent {
             console_socket: stdio.console_socket(),
         };
         let helper_stdio = stdio.helper_stdio();
-        let response =
-            run_helper(&self.reaper, &self.config.state_dir, &request, helper_stdio).await;
+        let response = run_helper(&self.reaper, &self.state_dir, &request, helper_stdio).await;
         let _ = std::fs::remove_file(&process_path);
         let pid = match response {
             Ok(r) if r.error.is_none() && r.pid.is_some() => r.pid.unwrap_or_default(),
@@ -445,7 +473,7 @@ impl Agent {
             }
             Err(e) => {
                 stdio.abandon();
-                return Err(Status::internal(e));
+                return Err(Error::internal(e));
             }
         };
         let exit = self.reaper.claim(pid);
@@ -462,13 +490,14 @@ impl Agent {
         Ok(pid)
     }
 
-    pub async fn signal_process(
+    pub async fn signal(
         &self,
         container_id: &str,
         exec_id: &str,
         signal: u32,
         all: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<(), Error> {
+        check_exec_id(exec_id)?;
         let container = self.container(container_id)?;
         if signal > 64 {
             return Err(invalid(format!("signal {signal} is out of range")));
@@ -491,14 +520,11 @@ impl Agent {
             tracing::info!(container_id, signal, "signalled all processes");
             return Ok(());
         }
-        if !exec_id.is_empty() {
-            check_id("exec id", exec_id)?;
-        }
         let process = container.process(exec_id)?;
         // Under the reaper's lock the pid cannot be reaped (and reused) while we signal it.
         self.reaper.with_live_pid(process.pid, |live| {
             if !live {
-                return Err(Status::not_found(format!(
+                return Err(Error::not_found(format!(
                     "process {exec_id:?} of container {container_id} has already exited"
                 )));
             }
@@ -514,17 +540,17 @@ impl Agent {
                 Some(sig) => nix::sys::signal::kill(Pid::from_raw(process.pid as i32), sig),
                 None => nix::sys::signal::kill(Pid::from_raw(process.pid as i32), None),
             }
-            .map_err(|e| Status::internal(format!("kill: {e}")))
+            .map_err(|e| Error::internal(format!("kill: {e}")))
         })?;
         tracing::info!(container_id, exec_id, signal, "signalled process");
         Ok(())
     }
 
-    pub async fn remove_container(&self, id: &str, timeout: Duration) -> Result<(), Status> {
+    pub async fn remove(&self, id: &str, timeout: Duration) -> Result<(), Error> {
         let container = self.container(id)?;
         let mut lifecycle = container.lifecycle.lock().await;
         if *lifecycle == Lifecycle::Removing {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {id} is being removed"
             )));
         }
@@ -544,22 +570,22 @@ impl Agent {
             let _ =
                 tokio::time::timeout(Duration::from_secs(10), wait_exit(init.exit.clone())).await;
         }
-        self.cleanup_container(&container).await;
-        lock(&self.containers).remove(id);
+        self.cleanup(&container).await;
+        lock(&self.table).remove(id);
         tracing::info!(container_id = %id, "container removed");
         Ok(())
     }
 
-    pub async fn pause_container(&self, id: &str, pause: bool) -> Result<(), Status> {
+    pub async fn pause(&self, id: &str, pause: bool) -> Result<(), Error> {
         let container = self.container(id)?;
         let lifecycle = container.lifecycle.lock().await;
         if *lifecycle != Lifecycle::Running {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {id} is not running"
             )));
         }
         if container.paused.load(Ordering::Relaxed) == pause {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {id} is already {}",
                 if pause { "paused" } else { "running" }
             )));
@@ -570,14 +596,14 @@ impl Agent {
         Ok(())
     }
 
-    pub async fn update_container(&self, id: &str, resources_json: &[u8]) -> Result<(), Status> {
+    pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), Error> {
         let container = self.container(id)?;
         let mut resources: oci_spec::runtime::LinuxResources =
             serde_json::from_slice(resources_json)
                 .map_err(|e| invalid(format!("oci_linux_resources_json: {e}")))?;
         let lifecycle = container.lifecycle.lock().await;
         if !matches!(*lifecycle, Lifecycle::Created | Lifecycle::Running) {
-            return Err(Status::failed_precondition(format!(
+            return Err(Error::failed_precondition(format!(
                 "container {id} is {lifecycle:?}"
             )));
         }
@@ -590,7 +616,7 @@ impl Agent {
         Ok(())
     }
 
-    pub fn list_processes(&self, id: &str) -> Result<Vec<(u32, String)>, Status> {
+    pub fn list_processes(&self, id: &str) -> Result<Vec<(u32, String)>, Error> {
         let container = self.container(id)?;
         let mut list = Vec::new();
         for pid in container.cgroup.pids()? {
@@ -602,14 +628,68 @@ impl Agent {
         list.sort();
         Ok(list)
     }
+
+    /// Writes all of `data` to a process's stdin (at most 1 MiB a request).
+    pub async fn write_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> Result<usize, Error> {
+        check_exec_id(exec_id)?;
+        if data.len() > MAX_STDIN_WRITE {
+            return Err(Error::resource_exhausted("stdin writes are at most 1 MiB"));
+        }
+        let process = self.process(container_id, exec_id)?;
+        process.stdio.write_stdin(data).await
+    }
+
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), Error> {
+        let process = self.process(container_id, exec_id)?;
+        process.stdio.close_stdin().await;
+        Ok(())
+    }
+
+    pub fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        columns: u32,
+    ) -> Result<(), Error> {
+        check_exec_id(exec_id)?;
+        let (Ok(rows), Ok(columns)) = (u16::try_from(rows), u16::try_from(columns)) else {
+            return Err(invalid("rows and columns must fit in 16 bits"));
+        };
+        let process = self.process(container_id, exec_id)?;
+        process.stdio.resize(rows, columns)
+    }
+
+    /// Attaches a stream to a process's stdout or stderr (`fd`, the protocol's `OutputFd`).
+    pub fn attach_output(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        fd: i32,
+    ) -> Result<OutputStream, Error> {
+        let process = self.process(container_id, exec_id)?;
+        let pipe = match OutputFd::try_from(fd) {
+            Ok(OutputFd::Stdout) => &process.stdio.stdout,
+            Ok(OutputFd::Stderr) => &process.stdio.stderr,
+            _ => return Err(invalid("fd must be STDOUT or STDERR")),
+        };
+        pipe.attach((container_id.to_string(), exec_id.to_string()))
+    }
+}
+
+fn is_non_empty(hooks: &Option<Vec<oci_spec::runtime::Hook>>) -> bool {
+    hooks.as_ref().is_some_and(|h| !h.is_empty())
 }
 
 /// The device cgroup rules of the container's adapted config.json.
-fn created_devices(
-    dir: &Path,
-) -> Result<Option<Vec<oci_spec::runtime::LinuxDeviceCgroup>>, Status> {
+fn created_devices(dir: &Path) -> Result<Option<Vec<oci_spec::runtime::LinuxDeviceCgroup>>, Error> {
     let spec = oci_spec::runtime::Spec::load(dir.join("config.json"))
-        .map_err(|e| Status::internal(format!("reading the container's config.json: {e}")))?;
+        .map_err(|e| Error::internal(format!("reading the container's config.json: {e}")))?;
     Ok(spec
         .linux()
         .as_ref()
@@ -617,11 +697,11 @@ fn created_devices(
         .and_then(|r| r.devices().clone()))
 }
 
-fn runtime_error(error: Option<String>) -> Status {
+fn runtime_error(error: Option<String>) -> Error {
     let message = error.unwrap_or_else(|| "the runtime returned no pid".into());
     // libcontainer reports spec problems it finds as errors too; they still are the guest's
     // failure to run the container as asked.
-    Status::internal(format!("runtime: {message}"))
+    Error::internal(format!("runtime: {message}"))
 }
 
 /// Used by tests of path layout.

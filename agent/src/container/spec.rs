@@ -4,12 +4,14 @@
 //! checked here before libcontainer sees the spec. Mount destinations inside the rootfs are then
 //! resolved by libcontainer itself without following symlinks out of the rootfs.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     LinuxNamespace, LinuxNamespaceType, Mount, PosixRlimitBuilder, PosixRlimitType, Process, Spec,
 };
-use tonic::Status;
+
+use crate::error::{invalid, Error};
+use crate::validate::{check_container_path, check_hostname, resolve_under};
 
 /// Limits on list sizes in a spec (far above what any real pod uses).
 const MAX_MOUNTS: usize = 512;
@@ -38,43 +40,7 @@ pub struct SpecContext<'a> {
     pub sandbox_files: Vec<(PathBuf, PathBuf)>,
 }
 
-pub fn invalid(message: impl Into<String>) -> Status {
-    Status::invalid_argument(message.into())
-}
-
-/// A guest path given by the shim for use inside a container: absolute, no `..`, no NUL.
-pub fn check_container_path(what: &str, path: &Path) -> Result<(), Status> {
-    let text = path.to_string_lossy();
-    if text.contains('\0') || text.len() > 4096 {
-        return Err(invalid(format!("{what} {text:?} is not a valid path")));
-    }
-    if !path.is_absolute() {
-        return Err(invalid(format!("{what} {text:?} must be absolute")));
-    }
-    if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(invalid(format!("{what} {text:?} must not contain '..'")));
-    }
-    Ok(())
-}
-
-/// Resolves `path` (following symlinks) and checks that it stays under `root`.
-pub fn resolve_under(what: &str, path: &Path, root: &Path) -> Result<PathBuf, Status> {
-    check_container_path(what, path)?;
-    let resolved = std::fs::canonicalize(path)
-        .map_err(|e| invalid(format!("{what} {}: {e}", path.display())))?;
-    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-    if !resolved.starts_with(&root) {
-        return Err(invalid(format!(
-            "{what} {} resolves to {}, outside {}",
-            path.display(),
-            resolved.display(),
-            root.display()
-        )));
-    }
-    Ok(resolved)
-}
-
-fn check_options(what: &str, options: &[String]) -> Result<(), Status> {
+fn check_options(what: &str, options: &[String]) -> Result<(), Error> {
     if options.len() > MAX_MOUNT_OPTIONS {
         return Err(invalid(format!("{what}: too many options")));
     }
@@ -86,7 +52,7 @@ fn check_options(what: &str, options: &[String]) -> Result<(), Status> {
     Ok(())
 }
 
-fn check_mount(mount: &Mount, ctx: &SpecContext) -> Result<Mount, Status> {
+fn check_mount(mount: &Mount, ctx: &SpecContext) -> Result<Mount, Error> {
     let destination = mount.destination();
     check_container_path("mount destination", destination)?;
     let what = format!("mount at {}", destination.display());
@@ -129,7 +95,7 @@ fn check_mount(mount: &Mount, ctx: &SpecContext) -> Result<Mount, Status> {
     Ok(checked)
 }
 
-fn check_process(process: &Process) -> Result<(), Status> {
+fn check_process(process: &Process) -> Result<(), Error> {
     let args = process.args().as_deref().unwrap_or_default();
     if args.is_empty() && process.command_line().is_none() {
         return Err(invalid("process.args must not be empty"));
@@ -184,7 +150,7 @@ fn keep_inherited_memlock(process: &mut Process) {
 }
 
 /// Parses an OCI "process" object for ExecProcess.
-pub fn parse_process(json: &[u8], terminal: bool) -> Result<Process, Status> {
+pub fn parse_process(json: &[u8], terminal: bool) -> Result<Process, Error> {
     let mut process: Process =
         serde_json::from_slice(json).map_err(|e| invalid(format!("oci_process_json: {e}")))?;
     check_process(&process)?;
@@ -193,7 +159,7 @@ pub fn parse_process(json: &[u8], terminal: bool) -> Result<Process, Status> {
 }
 
 /// Parses, validates and adapts a container's config.json for the guest.
-pub fn adapt_spec(json: &[u8], ctx: &SpecContext) -> Result<Spec, Status> {
+pub fn adapt_spec(json: &[u8], ctx: &SpecContext) -> Result<Spec, Error> {
     let mut spec: Spec =
         serde_json::from_slice(json).map_err(|e| invalid(format!("oci_spec_json: {e}")))?;
     if !spec.version().starts_with("1.") {
@@ -322,20 +288,10 @@ fn pid_ns(ctx: &SpecContext) -> LinuxNamespace {
     ns
 }
 
-pub fn check_hostname(hostname: &str) -> Result<(), Status> {
-    if hostname.len() > 64
-        || !hostname
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    {
-        return Err(invalid(format!("hostname {hostname:?} is not valid")));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     fn ctx<'a>(state: &'a Path, rootfs: &'a Path) -> SpecContext<'a> {
         SpecContext {
@@ -467,7 +423,7 @@ mod tests {
         ];
         for case in cases {
             let err = adapt_spec(&spec_with(&case), &ctx(state.path(), &rootfs)).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{case}: {err}");
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{case}: {err}");
         }
     }
 
@@ -496,7 +452,7 @@ mod tests {
             br#"{"ociVersion":"1.0.0","process":{"args":["a"],"cwd":"rel","user":{"uid":0,"gid":0}}}"#,
         ] {
             let err = adapt_spec(json, &ctx(state.path(), &rootfs)).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         }
     }
 }

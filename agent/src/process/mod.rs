@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
-use tonic::Status;
 
+use crate::error::Error;
 use crate::reaper::{wait_exit, Exit, ExitReceiver};
 use crate::runtime::HelperStdio;
 pub use stdio::ProcessStdio;
@@ -66,8 +66,8 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 impl PreparedStdio {
     /// Creates pipes, or a console socket (under `tty_dir`) on which the container's init sends
     /// the pty master.
-    pub fn prepare(request: StdioRequest, tty_dir: &Path) -> Result<Self, Status> {
-        let internal = |e: std::io::Error| Status::internal(format!("setting up stdio: {e}"));
+    pub fn prepare(request: StdioRequest, tty_dir: &Path) -> Result<Self, Error> {
+        let internal = |e: std::io::Error| Error::internal(format!("setting up stdio: {e}"));
         if request.terminal {
             // Short socket names: sun_path is limited to 108 bytes.
             let seq = TTY_SOCKET_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -116,10 +116,10 @@ impl PreparedStdio {
     }
 
     /// After the helper succeeded: the agent's side of the process's stdio.
-    pub async fn finish(self) -> Result<ProcessStdio, Status> {
+    pub async fn finish(self) -> Result<ProcessStdio, Error> {
         match self {
             Self::Pipes { agent, .. } => {
-                agent.ok_or_else(|| Status::internal("stdio already taken"))
+                agent.ok_or_else(|| Error::internal("stdio already taken"))
             }
             Self::Tty {
                 socket_path,
@@ -129,11 +129,11 @@ impl PreparedStdio {
                 let _ = std::fs::remove_file(&socket_path);
                 let master = tokio::time::timeout(Duration::from_secs(10), receiver)
                     .await
-                    .map_err(|_| Status::internal("the container did not send its pty"))?
-                    .map_err(|e| Status::internal(format!("pty receiver: {e}")))?
-                    .map_err(|e| Status::internal(format!("receiving the pty master: {e}")))?;
+                    .map_err(|_| Error::internal("the container did not send its pty"))?
+                    .map_err(|e| Error::internal(format!("pty receiver: {e}")))?
+                    .map_err(|e| Error::internal(format!("receiving the pty master: {e}")))?;
                 ProcessStdio::new_pty(master, keep_stdin)
-                    .map_err(|e| Status::internal(format!("setting up the pty: {e}")))
+                    .map_err(|e| Error::internal(format!("setting up the pty: {e}")))
             }
         }
     }

@@ -12,24 +12,12 @@ use std::sync::Arc;
 use kata_like_protocol::OutputChunk;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Mutex};
-use tonic::Status;
+
+use crate::error::Error;
+use crate::fd::{register, set_nonblocking};
 
 /// Largest chunk sent on an output stream (the protocol's limit).
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
-
-/// Registers an owned, non-blocking fd with the tokio reactor.
-pub fn register(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns the fd, so it is deregistered before it is closed.
-    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
-}
-
-pub fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
-    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
-    Ok(())
-}
 
 /// Where an output pipe is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +70,10 @@ impl OutputPipe {
     }
 
     /// Attaches a stream. At most one at a time (ALREADY_EXISTS otherwise).
-    pub fn attach(self: &Arc<Self>, fields: (String, String)) -> Result<OutputStream, Status> {
+    pub fn attach(self: &Arc<Self>, fields: (String, String)) -> Result<OutputStream, Error> {
         let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
         match self.phase() {
-            OutputPhase::Streaming => Err(Status::already_exists(
+            OutputPhase::Streaming => Err(Error::already_exists(
                 "an output stream is already attached to this process output",
             )),
             // Everything was delivered: the new stream ends at once.
@@ -131,8 +119,10 @@ impl OutputStream {
     }
 }
 
+// Reading never fails the stream: a read error ends it like EOF (and is logged), so the items
+// are plain chunks; the RPC layer wraps them for gRPC.
 impl futures::Stream for OutputStream {
-    type Item = Result<OutputChunk, Status>;
+    type Item = OutputChunk;
 
     fn poll_next(
         self: std::pin::Pin<&mut Self>,
@@ -164,9 +154,9 @@ impl futures::Stream for OutputStream {
                     return Poll::Ready(None);
                 }
                 Ok(Ok(n)) => {
-                    return Poll::Ready(Some(Ok(OutputChunk {
+                    return Poll::Ready(Some(OutputChunk {
                         data: this.buf[..n].to_vec(),
-                    })))
+                    }))
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(container_id = %this.fields.0, exec_id = %this.fields.1, error = %e, "output read failed");
@@ -268,18 +258,18 @@ impl ProcessStdio {
     }
 
     /// Writes all of `data` to stdin; returns once it is in the pipe/pty (back-pressure).
-    pub async fn write_stdin(&self, data: &[u8]) -> Result<usize, Status> {
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<usize, Error> {
         let stdin = self.stdin.lock().await;
         let Some(fd) = stdin.as_ref() else {
-            return Err(Status::failed_precondition(
+            return Err(Error::failed_precondition(
                 "the process has no open stdin (not requested or already closed)",
             ));
         };
         write_all(fd, data).await.map_err(|e| {
             if e.raw_os_error() == Some(libc::EPIPE) {
-                Status::failed_precondition("the process closed its stdin")
+                Error::failed_precondition("the process closed its stdin")
             } else {
-                Status::internal(format!("writing stdin: {e}"))
+                Error::internal(format!("writing stdin: {e}"))
             }
         })
     }
@@ -289,9 +279,9 @@ impl ProcessStdio {
         self.stdin.lock().await.take();
     }
 
-    pub fn resize(&self, rows: u16, columns: u16) -> Result<(), Status> {
+    pub fn resize(&self, rows: u16, columns: u16) -> Result<(), Error> {
         let Some(master) = self.pty_master.as_ref() else {
-            return Err(Status::failed_precondition("the process has no terminal"));
+            return Err(Error::failed_precondition("the process has no terminal"));
         };
         let size = libc::winsize {
             ws_row: rows,
@@ -302,7 +292,7 @@ impl ProcessStdio {
         // SAFETY: TIOCSWINSZ reads one winsize from the pointer.
         let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
         if rc < 0 {
-            return Err(Status::internal(format!(
+            return Err(Error::internal(format!(
                 "TIOCSWINSZ: {}",
                 std::io::Error::last_os_error()
             )));
