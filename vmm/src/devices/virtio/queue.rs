@@ -200,3 +200,203 @@ fn notify<D: VirtioDevice + ?Sized>(device: &mut D, index: usize) {
         Err(_) => state.broken = true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::any::Any;
+
+    use kata_like_vmm_contract::DeviceCounters;
+
+    use super::*;
+    use crate::devices::virtio::test_utils::{activate, test_memory, TestDesc, TestQueue};
+    use crate::devices::virtio::{DeviceState, TYPE_RNG};
+
+    const QUEUE_SIZES: [u16; 1] = [8];
+
+    /// A device that only counts what the helpers hand it.
+    struct Counting {
+        state: DeviceState,
+        /// Chains the receive side still wants to fill.
+        pending: usize,
+        seen: Vec<usize>,
+    }
+
+    impl Counting {
+        fn new() -> Self {
+            Counting {
+                state: DeviceState::new(0, &QUEUE_SIZES),
+                pending: 0,
+                seen: Vec::new(),
+            }
+        }
+    }
+
+    impl VirtioDevice for Counting {
+        fn device_type(&self) -> u32 {
+            TYPE_RNG
+        }
+        fn device_state(&self) -> &DeviceState {
+            &self.state
+        }
+        fn device_state_mut(&mut self) -> &mut DeviceState {
+            &mut self.state
+        }
+        fn process_queue(&mut self, _index: usize) {}
+        fn metrics(&self) -> DeviceCounters {
+            DeviceCounters::Other
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    fn interrupts(irq: &crate::devices::virtio::IrqTrigger) -> u64 {
+        irq.evt.read().unwrap_or(0)
+    }
+
+    #[test]
+    fn drain_hands_every_chain_to_the_device_completes_them_in_order_and_interrupts_once() {
+        let mem = test_memory();
+        let mut q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut dev = Counting::new();
+        let irq = activate(&mut dev, &mem, &[&q]);
+        let first = q.add_chain(&[TestDesc::read(0x10_0000, 4), TestDesc::write(0x10_1000, 16)]);
+        let second = q.add_chain(&[TestDesc::write(0x10_2000, 32)]);
+        let handled = drain_queue(&mut dev, 0, |d, _mem, descs| {
+            d.seen.push(descs.len());
+            descs
+                .iter()
+                .filter(|x| x.is_write_only())
+                .map(|x| x.len())
+                .sum()
+        });
+        assert_eq!(handled, 2);
+        assert_eq!(dev.seen, vec![2, 1]);
+        assert_eq!(q.used_idx(), 2);
+        assert_eq!(q.used_elem(0), (u32::from(first), 16));
+        assert_eq!(q.used_elem(1), (u32::from(second), 32));
+        assert_eq!(interrupts(&irq), 1);
+        assert!(!dev.is_broken());
+    }
+
+    #[test]
+    fn drain_with_nothing_available_neither_completes_nor_interrupts() {
+        let mem = test_memory();
+        let q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut dev = Counting::new();
+        let irq = activate(&mut dev, &mem, &[&q]);
+        assert_eq!(drain_queue(&mut dev, 0, |_, _, _| 0), 0);
+        assert_eq!(q.used_idx(), 0);
+        assert_eq!(interrupts(&irq), 0);
+        // A queue index the device does not have is ignored, not a panic.
+        assert_eq!(drain_queue(&mut dev, 5, |_, _, _| 0), 0);
+    }
+
+    #[test]
+    fn an_avail_index_beyond_the_queue_size_breaks_the_device_and_hands_it_nothing() {
+        let mem = test_memory();
+        let q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut dev = Counting::new();
+        let irq = activate(&mut dev, &mem, &[&q]);
+        q.set_avail_idx(9);
+        let handled = drain_queue(&mut dev, 0, |d, _, _| {
+            d.seen.push(0);
+            0
+        });
+        assert_eq!(handled, 0);
+        assert!(dev.seen.is_empty());
+        assert!(dev.is_broken());
+        assert_eq!(q.used_idx(), 0);
+        assert_eq!(interrupts(&irq), 0);
+    }
+
+    #[test]
+    fn fill_stops_when_the_device_has_no_more_data_and_interrupts_once() {
+        let mem = test_memory();
+        let mut q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut dev = Counting::new();
+        let irq = activate(&mut dev, &mem, &[&q]);
+        for i in 0..4 {
+            q.add_chain(&[TestDesc::write(0x10_0000 + i * 0x1000, 64)]);
+        }
+        dev.pending = 2;
+        let outcome = fill_queue(
+            &mut dev,
+            0,
+            usize::MAX,
+            |d| d.pending > 0,
+            |d, _, _| {
+                d.pending -= 1;
+                Fill::Used(10)
+            },
+        );
+        assert_eq!(
+            outcome,
+            FillOutcome {
+                used: 2,
+                out_of_buffers: false,
+                ring_error: false
+            }
+        );
+        assert_eq!(q.used_idx(), 2);
+        assert_eq!(q.used_elem(1).1, 10);
+        assert_eq!(interrupts(&irq), 1);
+    }
+
+    #[test]
+    fn fill_reports_a_driver_out_of_buffers_and_respects_its_chain_limit() {
+        let mem = test_memory();
+        let mut q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut dev = Counting::new();
+        activate(&mut dev, &mem, &[&q]);
+        q.add_chain(&[TestDesc::write(0x10_0000, 64)]);
+        q.add_chain(&[TestDesc::write(0x10_1000, 64)]);
+        let limited = fill_queue(&mut dev, 0, 1, |_| true, |_, _, _| Fill::Used(1));
+        assert_eq!(limited.used, 1);
+        assert!(!limited.out_of_buffers);
+        let drained = fill_queue(&mut dev, 0, usize::MAX, |_| true, |_, _, _| Fill::Used(1));
+        assert_eq!(drained.used, 1);
+        assert!(drained.out_of_buffers, "the device still had data");
+        assert_eq!(q.used_idx(), 2);
+    }
+
+    #[test]
+    fn a_chain_put_back_is_offered_again_and_not_completed() {
+        let mem = test_memory();
+        let mut q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut dev = Counting::new();
+        let irq = activate(&mut dev, &mem, &[&q]);
+        let head = q.add_chain(&[TestDesc::write(0x10_0000, 64)]);
+        let mut offered = 0;
+        let outcome = fill_queue(
+            &mut dev,
+            0,
+            1,
+            |_| true,
+            |_, _, _| {
+                offered += 1;
+                Fill::PutBack
+            },
+        );
+        assert_eq!(offered, 1);
+        assert_eq!(outcome.used, 0);
+        assert_eq!(q.used_idx(), 0);
+        assert_eq!(interrupts(&irq), 0);
+        let outcome = fill_queue(&mut dev, 0, 1, |_| true, |_, _, _| Fill::Used(7));
+        assert_eq!(outcome.used, 1);
+        assert_eq!(q.used_elem(0), (u32::from(head), 7));
+    }
+
+    #[test]
+    fn fill_on_a_broken_avail_ring_marks_the_device_broken() {
+        let mem = test_memory();
+        let q = TestQueue::new(&mem, 0x1_0000, 8);
+        let mut dev = Counting::new();
+        activate(&mut dev, &mem, &[&q]);
+        q.set_avail_idx(200);
+        let outcome = fill_queue(&mut dev, 0, 4, |_| true, |_, _, _| Fill::Used(1));
+        assert!(outcome.ring_error);
+        assert_eq!(outcome.used, 0);
+        assert!(dev.is_broken());
+    }
+}
