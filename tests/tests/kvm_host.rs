@@ -139,10 +139,17 @@ fn a_caller_working_under_tmp_finds_its_tree_in_the_test_host() {
     let _ = std::fs::remove_dir_all(&top);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(
         stdout.contains(&format!("{}\nfrom the host\nwritten\n", sub.display())),
         "stdout: {stdout}"
     );
-    assert!(!wrote_through, "a write inside the test host reached this host");
+    assert!(
+        !wrote_through,
+        "a write inside the test host reached this host"
+    );
 }
