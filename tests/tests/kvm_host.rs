@@ -120,3 +120,36 @@ fn an_emulator_that_does_not_start_gives_125_and_leaves_nothing_behind() {
     );
     assert_left_nothing(&leftovers, &files);
 }
+
+#[test]
+fn a_caller_working_under_tmp_finds_its_tree_in_the_test_host() {
+    // The test host mounts a fresh /tmp; a checkout under /tmp must still be there, writable
+    // inside (builds and tests write next to it) without the writes reaching this host.
+    let top = std::path::PathBuf::from(format!("/tmp/kvm-host-checkout-{}", std::process::id()));
+    let sub = top.join("repo/sub");
+    std::fs::create_dir_all(&sub).expect("checkout dir");
+    std::fs::write(top.join("repo/marker"), "from the host\n").expect("marker");
+    let out = kvm_host()
+        .current_dir(&sub)
+        .args(["--timeout", "300", "--", "sh", "-c"])
+        .arg("pwd && cat ../marker && echo written > new && cat new")
+        .output()
+        .expect("run starts");
+    let wrote_through = sub.join("new").exists();
+    let _ = std::fs::remove_dir_all(&top);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("{}\nfrom the host\nwritten\n", sub.display())),
+        "stdout: {stdout}"
+    );
+    assert!(
+        !wrote_through,
+        "a write inside the test host reached this host"
+    );
+}
