@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kata_like_vmm::test_guest::tiny_elf;
+use kata_like_vmm::vstate::vcpu::monotonic_ns;
 
 const CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
 const MEMORY_MIB: u64 = 256;
@@ -74,16 +75,6 @@ fn parse_options() -> Options {
         usage();
     }
     o
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// (median, min, max)

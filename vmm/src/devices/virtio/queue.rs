@@ -203,52 +203,13 @@ fn notify<D: VirtioDevice + ?Sized>(device: &mut D, index: usize) {
 
 #[cfg(test)]
 mod tests {
-    use std::any::Any;
-
-    use kata_like_vmm_contract::DeviceCounters;
+    use std::cell::Cell;
 
     use super::*;
+    use crate::devices::virtio::rng::Rng;
     use crate::devices::virtio::test_utils::{activate, test_memory, TestDesc, TestQueue};
-    use crate::devices::virtio::{DeviceState, TYPE_RNG};
 
-    const QUEUE_SIZES: [u16; 1] = [8];
-
-    /// A device that only counts what the helpers hand it.
-    struct Counting {
-        state: DeviceState,
-        /// Chains the receive side still wants to fill.
-        pending: usize,
-        seen: Vec<usize>,
-    }
-
-    impl Counting {
-        fn new() -> Self {
-            Counting {
-                state: DeviceState::new(0, &QUEUE_SIZES),
-                pending: 0,
-                seen: Vec::new(),
-            }
-        }
-    }
-
-    impl VirtioDevice for Counting {
-        fn device_type(&self) -> u32 {
-            TYPE_RNG
-        }
-        fn device_state(&self) -> &DeviceState {
-            &self.state
-        }
-        fn device_state_mut(&mut self) -> &mut DeviceState {
-            &mut self.state
-        }
-        fn process_queue(&mut self, _index: usize) {}
-        fn metrics(&self) -> DeviceCounters {
-            DeviceCounters::Other
-        }
-        fn as_any_mut(&mut self) -> &mut dyn Any {
-            self
-        }
-    }
+    // The helpers need only a device's state: any device serves, handlers come as closures.
 
     fn interrupts(irq: &crate::devices::virtio::IrqTrigger) -> u64 {
         irq.evt.read().unwrap_or(0)
@@ -258,12 +219,13 @@ mod tests {
     fn drain_hands_every_chain_to_the_device_completes_them_in_order_and_interrupts_once() {
         let mem = test_memory();
         let mut q = TestQueue::new(&mem, 0x1_0000, 8);
-        let mut dev = Counting::new();
+        let mut dev = Rng::new();
         let irq = activate(&mut dev, &mem, &[&q]);
         let first = q.add_chain(&[TestDesc::read(0x10_0000, 4), TestDesc::write(0x10_1000, 16)]);
         let second = q.add_chain(&[TestDesc::write(0x10_2000, 32)]);
-        let handled = drain_queue(&mut dev, 0, |d, _mem, descs| {
-            d.seen.push(descs.len());
+        let mut seen = Vec::new();
+        let handled = drain_queue(&mut dev, 0, |_, _mem, descs| {
+            seen.push(descs.len());
             descs
                 .iter()
                 .filter(|x| x.is_write_only())
@@ -271,7 +233,7 @@ mod tests {
                 .sum()
         });
         assert_eq!(handled, 2);
-        assert_eq!(dev.seen, vec![2, 1]);
+        assert_eq!(seen, vec![2, 1]);
         assert_eq!(q.used_idx(), 2);
         assert_eq!(q.used_elem(0), (u32::from(first), 16));
         assert_eq!(q.used_elem(1), (u32::from(second), 32));
@@ -283,7 +245,7 @@ mod tests {
     fn drain_with_nothing_available_neither_completes_nor_interrupts() {
         let mem = test_memory();
         let q = TestQueue::new(&mem, 0x1_0000, 8);
-        let mut dev = Counting::new();
+        let mut dev = Rng::new();
         let irq = activate(&mut dev, &mem, &[&q]);
         assert_eq!(drain_queue(&mut dev, 0, |_, _, _| 0), 0);
         assert_eq!(q.used_idx(), 0);
@@ -296,15 +258,16 @@ mod tests {
     fn an_avail_index_beyond_the_queue_size_breaks_the_device_and_hands_it_nothing() {
         let mem = test_memory();
         let q = TestQueue::new(&mem, 0x1_0000, 8);
-        let mut dev = Counting::new();
+        let mut dev = Rng::new();
         let irq = activate(&mut dev, &mem, &[&q]);
         q.set_avail_idx(9);
-        let handled = drain_queue(&mut dev, 0, |d, _, _| {
-            d.seen.push(0);
+        let mut called = false;
+        let handled = drain_queue(&mut dev, 0, |_, _, _| {
+            called = true;
             0
         });
         assert_eq!(handled, 0);
-        assert!(dev.seen.is_empty());
+        assert!(!called);
         assert!(dev.is_broken());
         assert_eq!(q.used_idx(), 0);
         assert_eq!(interrupts(&irq), 0);
@@ -314,19 +277,19 @@ mod tests {
     fn fill_stops_when_the_device_has_no_more_data_and_interrupts_once() {
         let mem = test_memory();
         let mut q = TestQueue::new(&mem, 0x1_0000, 8);
-        let mut dev = Counting::new();
+        let mut dev = Rng::new();
         let irq = activate(&mut dev, &mem, &[&q]);
         for i in 0..4 {
             q.add_chain(&[TestDesc::write(0x10_0000 + i * 0x1000, 64)]);
         }
-        dev.pending = 2;
+        let pending = Cell::new(2);
         let outcome = fill_queue(
             &mut dev,
             0,
             usize::MAX,
-            |d| d.pending > 0,
-            |d, _, _| {
-                d.pending -= 1;
+            |_| pending.get() > 0,
+            |_, _, _| {
+                pending.set(pending.get() - 1);
                 Fill::Used(10)
             },
         );
@@ -347,7 +310,7 @@ mod tests {
     fn fill_reports_a_driver_out_of_buffers_and_respects_its_chain_limit() {
         let mem = test_memory();
         let mut q = TestQueue::new(&mem, 0x1_0000, 8);
-        let mut dev = Counting::new();
+        let mut dev = Rng::new();
         activate(&mut dev, &mem, &[&q]);
         q.add_chain(&[TestDesc::write(0x10_0000, 64)]);
         q.add_chain(&[TestDesc::write(0x10_1000, 64)]);
@@ -364,7 +327,7 @@ mod tests {
     fn a_chain_put_back_is_offered_again_and_not_completed() {
         let mem = test_memory();
         let mut q = TestQueue::new(&mem, 0x1_0000, 8);
-        let mut dev = Counting::new();
+        let mut dev = Rng::new();
         let irq = activate(&mut dev, &mem, &[&q]);
         let head = q.add_chain(&[TestDesc::write(0x10_0000, 64)]);
         let mut offered = 0;
@@ -391,7 +354,7 @@ mod tests {
     fn fill_on_a_broken_avail_ring_marks_the_device_broken() {
         let mem = test_memory();
         let q = TestQueue::new(&mem, 0x1_0000, 8);
-        let mut dev = Counting::new();
+        let mut dev = Rng::new();
         activate(&mut dev, &mem, &[&q]);
         q.set_avail_idx(200);
         let outcome = fill_queue(&mut dev, 0, 4, |_| true, |_, _, _| Fill::Used(1));
