@@ -84,7 +84,8 @@ pub struct VmmConfig {
 pub struct JailConfig {
     /// Run the VMM in its jail (namespaces, chroot, seccomp). Turn off only to debug.
     pub enabled: bool,
-    /// Unprivileged ids the VMM drops to inside its jail (none: stays root in its namespaces).
+    /// Unprivileged ids the VMM drops to inside its jail (neither: the VMM's default, 65534/65534;
+    /// 0 is refused). One uid for every pod: see the VMM README's threat model.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
 }

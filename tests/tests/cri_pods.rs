@@ -559,3 +559,65 @@ async fn kata_vm_death_ends_the_pods_containers() {
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
+
+/// What is wrong with the privileges of every thread of `pid` (empty: nothing): non-zero uids
+/// and gids, no capability in any set, no_new_privs and a seccomp filter on each.
+fn privilege_problems(pid: u32) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![format!("{pid}: no /proc entry")];
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let text =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+        let field = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let name = field("Name");
+        for ids in ["Uid", "Gid"] {
+            let v = field(ids);
+            if v.is_empty() || v.split_whitespace().any(|id| id == "0") {
+                problems.push(format!("{pid}/{tid} ({name}): {ids} {v}"));
+            }
+        }
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            if field(caps) != "0000000000000000" {
+                problems.push(format!("{pid}/{tid} ({name}): {caps} {}", field(caps)));
+            }
+        }
+        for (key, want) in [("NoNewPrivs", "1"), ("Seccomp", "2")] {
+            if field(key) != want {
+                problems.push(format!("{pid}/{tid} ({name}): {key} {}", field(key)));
+            }
+        }
+    }
+    problems
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn vmm_runs_unprivileged() {
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, _c) =
+        pod::sleeping_kata_pod(&mut cri, &containerd, "kata-unpriv", "sleeper").await;
+    assert_eq!(containerd::vmm_instances(&kata.vmm).len(), 1);
+    // The jail's parent outside and the VM process inside its pid namespace: both checked.
+    let pids = containerd::pids_of(&kata.vmm);
+    assert_eq!(pids.len(), 2, "the jail's parent and the VMM: {pids:?}");
+    // The container runs, so every VMM thread (vCPUs, API, event loop) is past its filter.
+    let problems: Vec<String> = pids.iter().flat_map(|p| privilege_problems(*p)).collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let threads: usize = pids
+        .iter()
+        .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/task")).ok())
+        .map(|d| d.count())
+        .sum();
+    assert!(threads >= 4, "parent, vCPU, API and VMM threads: {threads}");
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}

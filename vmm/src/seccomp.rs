@@ -185,6 +185,45 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     Ok(())
 }
 
+/// The process outside the jail only waits for the VMM `child`, forwards a termination
+/// request as SIGKILL to it, and exits with its status (writes: an error message).
+pub fn jail_parent_filter(child: libc::pid_t) -> Result<BpfProgram, Error> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
+        libc::SYS_wait4,
+        libc::SYS_write,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_restart_syscall,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ]
+    .into_iter()
+    .map(|n| (n, vec![]))
+    .collect();
+    let kill_child = SeccompRule::new(vec![
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, child as u64)?,
+        SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::SIGKILL as u64,
+        )?,
+    ])?;
+    rules.insert(libc::SYS_kill, vec![kill_child]);
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(f.try_into()?)
+}
+
+/// Installs `filter` on the calling thread.
+pub fn install(filter: &BpfProgram) -> Result<(), Error> {
+    apply_filter(filter)?;
+    Ok(())
+}
+
 /// A syscall no thread's filter allows: used by `--seccomp-test-violation`.
 pub fn forbidden_syscall() {
     // SAFETY: getppid has no arguments and no side effects.
@@ -234,14 +273,18 @@ mod enforcement_tests {
     /// Runs `f` in a forked child after installing the filter for `kind`; returns the
     /// child's wait status.
     fn in_filtered_child(kind: ThreadKind, f: fn()) -> i32 {
-        let prog = filter(kind).unwrap();
+        in_filtered_child_prog(&filter(kind).unwrap(), f)
+    }
+
+    /// Runs `f` in a forked child after installing `prog`; returns the child's wait status.
+    fn in_filtered_child_prog(prog: &BpfProgram, f: fn()) -> i32 {
         // SAFETY: the child only installs the filter, runs `f` and exits.
         unsafe {
             let pid = libc::fork();
             assert!(pid >= 0);
             if pid == 0 {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                if apply_filter(&prog).is_err() {
+                if apply_filter(prog).is_err() {
                     libc::_exit(99);
                 }
                 f();
@@ -281,6 +324,59 @@ mod enforcement_tests {
         let mut fds = [0; 2];
         // SAFETY: valid out-array; the fds are left to the child's exit.
         unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+    }
+
+    /// The process outside the jail may SIGKILL its child and nothing else: no other signal,
+    /// no other process, no other syscall.
+    #[test]
+    fn jail_parent_may_only_wait_and_kill_its_child() {
+        // SAFETY: the children only install the filter, make one call and exit.
+        unsafe {
+            let run = |target_is_child: bool, sig: libc::c_int| -> i32 {
+                let sleeper = libc::fork();
+                assert!(sleeper >= 0);
+                if sleeper == 0 {
+                    libc::pause();
+                    libc::_exit(0);
+                }
+                let prog = jail_parent_filter(sleeper).unwrap();
+                let pid = libc::fork();
+                assert!(pid >= 0);
+                if pid == 0 {
+                    libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                    if install(&prog).is_err() {
+                        libc::_exit(99);
+                    }
+                    let target = if target_is_child {
+                        sleeper
+                    } else {
+                        sleeper + 1_000_000
+                    };
+                    libc::kill(target, sig);
+                    libc::_exit(0);
+                }
+                let mut status = 0;
+                libc::waitpid(pid, &mut status, 0);
+                libc::kill(sleeper, libc::SIGKILL);
+                let mut s = 0;
+                libc::waitpid(sleeper, &mut s, 0);
+                status
+            };
+            let status = run(true, libc::SIGKILL);
+            assert!(exited_ok(status), "kill(child, SIGKILL): {status:#x}");
+            let status = run(true, libc::SIGTERM);
+            assert!(
+                killed_by_sigsys(status),
+                "kill(child, SIGTERM): {status:#x}"
+            );
+            let status = run(false, libc::SIGKILL);
+            assert!(
+                killed_by_sigsys(status),
+                "kill(other, SIGKILL): {status:#x}"
+            );
+        }
+        let status = in_filtered_child_prog(&jail_parent_filter(1).unwrap(), forbidden_syscall);
+        assert!(killed_by_sigsys(status), "getppid: {status:#x}");
     }
 
     #[test]

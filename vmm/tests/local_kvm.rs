@@ -988,3 +988,103 @@ fn jailed_vsock_traffic_resets_and_api_calls_stay_within_the_filters() {
     assert_eq!(child.wait_guarded().code(), Some(0x42));
     assert_eq!(console.all(), "A\nB\nE\nF\nG\nH\n");
 }
+
+/// The `Name:\tvalue` lines of /proc/`pid`/task/`tid`/status.
+fn thread_status(pid: u32, tid: &str) -> std::collections::HashMap<String, String> {
+    let path = format!("/proc/{pid}/task/{tid}/status");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// What is wrong with the privileges of every thread of `pid` (empty: nothing): each must
+/// have non-zero uids and gids, no capability in any set, no_new_privs and a seccomp filter.
+fn privilege_problems(pid: u32) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![format!("{pid}: no /proc entry")];
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let status = thread_status(pid, &tid);
+        let field = |k: &str| status.get(k).cloned().unwrap_or_default();
+        for ids in ["Uid", "Gid"] {
+            let v = field(ids);
+            if v.is_empty() || v.split_whitespace().any(|id| id == "0") {
+                problems.push(format!("{pid}/{tid} ({}): {ids} {v}", field("Name")));
+            }
+        }
+        for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            if field(caps) != "0000000000000000" {
+                problems.push(format!(
+                    "{pid}/{tid} ({}): {caps} {}",
+                    field("Name"),
+                    field(caps)
+                ));
+            }
+        }
+        for (k, want) in [("NoNewPrivs", "1"), ("Seccomp", "2")] {
+            if field(k) != want {
+                problems.push(format!("{pid}/{tid} ({}): {k} {}", field("Name"), field(k)));
+            }
+        }
+    }
+    problems
+}
+
+/// The jailed VMM (by default, without --uid/--gid) and the process that waits for it outside
+/// the jail both run as a non-root user with no capabilities, no_new_privs and a seccomp
+/// filter on every thread; SIGTERM to the outside process still ends the VMM (128 + SIGKILL).
+#[test]
+fn jailed_vmm_and_its_outside_process_run_unprivileged() {
+    if !is_root() {
+        panic!("the jail needs root (mount and pid namespaces)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let jail = dir.path().join("jail");
+    std::fs::create_dir(&jail).unwrap();
+    let mut guest = Asm::new();
+    guest.serial_print(b"up\n").spin();
+    let k = write_kernel(dir.path(), "k", &guest.code, true);
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(["run", "--kernel", k.to_str().unwrap(), "--jail-dir"])
+        .arg(&jail)
+        .args(["--vcpus", "2", "--console", "fd:60", "--rng", "--api-sock"])
+        .arg(jail.join("api.sock"));
+    let (mut child, mut console) = ConsolePipe::spawn(&mut cmd);
+    console.wait_for("up\n");
+    // The API answering means its thread is past its filter; the sockets made before the
+    // drop stay usable.
+    let mut api = Api::connect(&jail.join("api.sock"), &mut child);
+    assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+    assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
+    let outside = child.0.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{outside}/task/{outside}/children")).unwrap();
+    let vmm: u32 = children.trim().parse().unwrap();
+    // Threads install their filters as they start: give the last one (the VMM thread, after
+    // starting the others) a moment; a missing filter never appears however long we wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut problems;
+    loop {
+        problems = privilege_problems(outside);
+        problems.extend(privilege_problems(vmm));
+        if problems.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    let threads = std::fs::read_dir(format!("/proc/{vmm}/task"))
+        .unwrap()
+        .count();
+    assert!(
+        threads >= 4,
+        "vcpu0, vcpu1, api and the VMM thread: {threads}"
+    );
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(outside as i32, libc::SIGTERM) };
+    assert_eq!(child.wait_guarded().code(), Some(128 + libc::SIGKILL));
+}

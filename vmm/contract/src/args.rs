@@ -314,6 +314,22 @@ mod tests {
     }
 
     #[test]
+    fn a_jailed_vmm_refuses_root_ids() {
+        let jailed = ["--kernel", "/k", "--jail-dir", "/j"];
+        for ids in [["--uid", "0", "--gid", "1"], ["--uid", "1", "--gid", "0"]] {
+            let args: Vec<&str> = jailed.iter().chain(ids.iter()).copied().collect();
+            assert!(parse(&args).is_err(), "{ids:?}");
+        }
+        let args: Vec<&str> = jailed
+            .iter()
+            .chain(&["--uid", "1", "--gid", "1"])
+            .copied()
+            .collect();
+        assert!(parse(&args).is_ok());
+        assert!(parse(&jailed).is_ok());
+    }
+
+    #[test]
     fn usage_errors() {
         assert!(parse(&["--no-jail"]).is_err(), "kernel required");
         assert!(parse(&["--kernel", "/k", "--vcpus", "0", "--no-jail"]).is_err());

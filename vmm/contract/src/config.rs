@@ -108,6 +108,7 @@ pub struct VsockConfig {
 pub struct JailConfig {
     pub enabled: bool,
     pub jail_dir: Option<PathBuf>,
+    /// The ids the jailed VMM runs as (neither: 65534/65534); never 0.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
 }
@@ -278,6 +279,12 @@ impl VmConfig {
         }
         if self.jail.uid.is_some() != self.jail.gid.is_some() {
             return Err(invalid("--uid and --gid go together"));
+        }
+        if self.jail.enabled && (self.jail.uid == Some(0) || self.jail.gid == Some(0)) {
+            return Err(invalid(
+                "--uid and --gid must not be 0: the jailed VMM runs unprivileged \
+                 (leave both out for 65534/65534)",
+            ));
         }
         Ok(())
     }
