@@ -34,6 +34,12 @@ pub const ANNOTATION_PREFIX: &str = "io.kata-like.";
 pub const ANNOTATION_VCPUS: &str = "io.kata-like.vcpus";
 pub const ANNOTATION_MEMORY_MIB: &str = "io.kata-like.memory-mib";
 pub const ANNOTATION_DEBUG_CONSOLE: &str = "io.kata-like.debug-console";
+/// Every annotation the shim reads; only those listed in `[annotations] allowed` take effect.
+pub const KNOWN_ANNOTATIONS: [&str; 3] = [
+    ANNOTATION_VCPUS,
+    ANNOTATION_MEMORY_MIB,
+    ANNOTATION_DEBUG_CONSOLE,
+];
 
 /// Largest config file accepted (a config is a few hundred bytes).
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
@@ -44,6 +50,7 @@ pub struct Config {
     pub vmm: VmmConfig,
     pub jail: JailConfig,
     pub limits: Limits,
+    pub annotations: AnnotationsConfig,
     /// Per-sandbox state (sockets, pid file, console log, jail dir) lives under
     /// `<state_dir>/<16 hex digits of sha256(namespace/sandbox id)>/`.
     pub state_dir: PathBuf,
@@ -98,12 +105,23 @@ pub struct Limits {
     pub max_memory_mib: u32,
 }
 
+/// Which `io.kata-like.*` pod annotations take effect. They change the VM (its size, its debug
+/// console), which the scheduler does not see and which a pod must not choose on its own, so none
+/// is allowed unless the operator lists it here.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnnotationsConfig {
+    /// Annotation names, e.g. `["io.kata-like.memory-mib"]`; values stay within `[limits]`.
+    pub allowed: Vec<String>,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             vmm: VmmConfig::default(),
             jail: JailConfig::default(),
             limits: Limits::default(),
+            annotations: AnnotationsConfig::default(),
             state_dir: PathBuf::from("/run/kata-like"),
             rootfs_cache_dir: PathBuf::from("/run/kata-like/rootfs-cache"),
             rootfs_cache_entries: 64,
@@ -251,6 +269,15 @@ impl Config {
         if self.vmm.boot_timeout_ms == 0 || self.vmm.agent_call_timeout_ms == 0 {
             return bad("vmm.boot_timeout_ms and vmm.agent_call_timeout_ms must be > 0".into());
         }
+        for name in &self.annotations.allowed {
+            if !KNOWN_ANNOTATIONS.contains(&name.as_str()) {
+                return bad(format!(
+                    "annotations.allowed: {name:?} is not an annotation the kata-like runtime \
+                     reads (known: {})",
+                    KNOWN_ANNOTATIONS.join(", ")
+                ));
+            }
+        }
         if self.vmm.kernel_params.len() > 2048 || self.vmm.kernel_params.contains('\0') {
             return bad("vmm.kernel_params must be at most 2048 bytes without NUL".into());
         }
@@ -270,8 +297,9 @@ pub struct VmShape {
 const MAX_ANNOTATION_VALUE: usize = 64;
 
 /// Applies the pod's `io.kata-like.*` annotations to the configured VM shape. Only the VM size
-/// and the debug console may be chosen by a pod; paths (kernel, VMM, jail) never come from
-/// annotations. Values outside the configured limits are refused with the reason.
+/// and the debug console may be chosen by a pod, and only those the operator allowed in
+/// `[annotations] allowed`; paths (kernel, VMM, jail) never come from annotations. An unknown or
+/// not allowed annotation, or a value outside the configured limits, is refused with the reason.
 pub fn vm_shape(config: &Config, annotations: &HashMap<String, String>) -> Result<VmShape> {
     let mut shape = VmShape {
         vcpus: config.vmm.vcpus,
@@ -281,6 +309,20 @@ pub fn vm_shape(config: &Config, annotations: &HashMap<String, String>) -> Resul
     for (key, value) in annotations {
         if !key.starts_with(ANNOTATION_PREFIX) {
             continue;
+        }
+        if !KNOWN_ANNOTATIONS.contains(&key.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "annotation {key:?} is not one the kata-like runtime accepts ({})",
+                KNOWN_ANNOTATIONS.join(", ")
+            )));
+        }
+        if !config.annotations.allowed.iter().any(|a| a == key) {
+            return Err(Error::InvalidArgument(format!(
+                "annotation {key} is not allowed by the kata-like runtime's configuration: it \
+                 changes the pod VM, so the node's operator must allow it first by adding \
+                 {key:?} to `[annotations] allowed` in the shim's config file \
+                 ({DEFAULT_CONFIG_PATH} or the runtime's ConfigPath); or remove the annotation"
+            )));
         }
         if value.len() > MAX_ANNOTATION_VALUE {
             return Err(Error::InvalidArgument(format!(
@@ -307,10 +349,10 @@ pub fn vm_shape(config: &Config, annotations: &HashMap<String, String>) -> Resul
                     }
                 }
             }
+            // Unknown keys were refused above; this arm only keeps the match total.
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "annotation {key:?} is not one the kata-like runtime accepts \
-                     ({ANNOTATION_VCPUS}, {ANNOTATION_MEMORY_MIB}, {ANNOTATION_DEBUG_CONSOLE})"
+                    "annotation {key:?} is not one the kata-like runtime accepts"
                 )))
             }
         }
@@ -461,9 +503,16 @@ mod tests {
             .collect()
     }
 
+    /// The default config with every known annotation allowed.
+    fn config_allowing_all() -> Config {
+        let mut config = Config::default();
+        config.annotations.allowed = KNOWN_ANNOTATIONS.iter().map(|a| a.to_string()).collect();
+        config
+    }
+
     #[test]
     fn annotations_size_the_vm_within_limits() {
-        let config = Config::default();
+        let config = config_allowing_all();
         let shape = vm_shape(
             &config,
             &annotations(&[
@@ -488,7 +537,7 @@ mod tests {
 
     #[test]
     fn hostile_annotations_are_refused() {
-        let config = Config::default();
+        let config = config_allowing_all();
         for (key, value, expect) in [
             ("io.kata-like.vcpus", "0", "outside"),
             ("io.kata-like.vcpus", "100000", "outside"),
@@ -511,6 +560,87 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("longer than"), "{err}");
+    }
+
+    #[test]
+    fn vm_annotations_are_refused_unless_the_config_allows_them() {
+        let config = Config::default();
+        assert!(
+            config.annotations.allowed.is_empty(),
+            "none allowed by default"
+        );
+        for (key, value) in [
+            (ANNOTATION_VCPUS, "2"),
+            (ANNOTATION_MEMORY_MIB, "512"),
+            (ANNOTATION_DEBUG_CONSOLE, "true"),
+        ] {
+            let err = vm_shape(&config, &annotations(&[(key, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "names the annotation: {err}");
+            assert!(
+                err.contains("not allowed") && err.contains("[annotations] allowed"),
+                "says how the operator allows it: {err}"
+            );
+        }
+        // Annotations of others (kubelet's, containerd's) are none of the shim's business.
+        let plain = vm_shape(
+            &config,
+            &annotations(&[("io.kubernetes.cri.sandbox-id", "abc")]),
+        )
+        .expect("accepted");
+        assert_eq!(plain.memory_mib, config.vmm.memory_mib);
+    }
+
+    #[test]
+    fn allowing_one_annotation_allows_only_that_one_within_its_limit() {
+        let config = Config::parse(
+            "[annotations]\nallowed = [\"io.kata-like.memory-mib\"]\n\
+             [limits]\nmax_memory_mib = 1024\n",
+        )
+        .expect("parses");
+        let shape = vm_shape(&config, &annotations(&[(ANNOTATION_MEMORY_MIB, "1024")]))
+            .expect("allowed and within the maximum");
+        assert_eq!(shape.memory_mib, 1024);
+        let err = vm_shape(&config, &annotations(&[(ANNOTATION_MEMORY_MIB, "1025")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(ANNOTATION_MEMORY_MIB) && err.contains("outside"),
+            "{err}"
+        );
+        let err = vm_shape(&config, &annotations(&[(ANNOTATION_DEBUG_CONSOLE, "true")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(ANNOTATION_DEBUG_CONSOLE) && err.contains("not allowed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_annotations_are_refused_even_when_allowing_everything() {
+        let err = vm_shape(
+            &config_allowing_all(),
+            &annotations(&[("io.kata-like.kernel-params", "init=/bin/sh")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("io.kata-like.kernel-params") && err.contains("not one"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn config_allowing_an_unknown_annotation_is_refused() {
+        let err = Config::parse("[annotations]\nallowed = [\"io.kata-like.memory\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("annotations.allowed") && err.contains("io.kata-like.memory"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -272,6 +272,21 @@ impl Containerd {
         text[start..].to_string()
     }
 
+    /// Adds `toml` (whole tables, e.g. `[annotations]` or `[limits]`, which the base config
+    /// does not have) to the kata-like config until the returned guard is dropped. Each pod's
+    /// shim reads the config when the pod starts, so pods started meanwhile get it and no
+    /// containerd restart is needed.
+    pub fn extend_kata_config(&self, toml: &str) -> KataConfigOverride {
+        let original =
+            std::fs::read_to_string(&self.kata_config).expect("read the kata-like config");
+        std::fs::write(&self.kata_config, format!("{original}{toml}\n"))
+            .expect("write the kata-like config");
+        KataConfigOverride {
+            path: self.kata_config.clone(),
+            original,
+        }
+    }
+
     /// Directory for pod log dirs.
     pub fn log_dir(&self) -> PathBuf {
         self.base.join("logs")
@@ -366,6 +381,22 @@ impl Drop for Containerd {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.netns])
                 .status();
+        }
+    }
+}
+
+/// The kata-like config as an operator changed it for one test; the original comes back when
+/// this is dropped (also when the test panics), so later tests see the base config.
+#[must_use = "the change is undone when this is dropped"]
+pub struct KataConfigOverride {
+    path: PathBuf,
+    original: String,
+}
+
+impl Drop for KataConfigOverride {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.original) {
+            eprintln!("cannot restore {}: {e}", self.path.display());
         }
     }
 }

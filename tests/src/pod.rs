@@ -45,12 +45,7 @@ pub async fn run_kata_pod(
     containerd: &Containerd,
     name: &str,
 ) -> (String, cri::v1::PodSandboxConfig) {
-    let config = cri::pod_config(name, &containerd.log_dir());
-    let id = cri
-        .run_pod(&config, KATA_RUNTIME_HANDLER)
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
-    (id, config)
+    run_annotated_kata_pod(cri, containerd, name, &[]).await
 }
 
 /// CreateContainer then StartContainer of `config` in the pod; returns the container id.
@@ -94,4 +89,49 @@ pub async fn sleeping_kata_pod(
     let (pod_id, pod) = run_kata_pod(cri, containerd, pod_name).await;
     let c = start_sleeper(cri, &pod_id, &pod, container_name).await;
     (pod_id, c)
+}
+
+/// RunPodSandbox of a kata-like pod `name` with one extra annotation, which must be refused:
+/// returns the refusal's message after removing the failed sandbox record containerd keeps
+/// (NotReady) until it is removed.
+pub async fn kata_pod_refused(
+    cri: &mut Cri,
+    containerd: &Containerd,
+    name: &str,
+    annotation: (&str, &str),
+) -> String {
+    let mut config = cri::pod_config(name, &containerd.log_dir());
+    config
+        .annotations
+        .insert(annotation.0.into(), annotation.1.into());
+    let err = match cri.run_pod(&config, KATA_RUNTIME_HANDLER).await {
+        Ok(id) => panic!(
+            "RunPodSandbox with {}={} started pod {id}; it must be refused",
+            annotation.0, annotation.1
+        ),
+        Err(e) => e,
+    };
+    for p in cri.list_pods().await {
+        let _ = cri.stop_pod(&p.id).await;
+        let _ = cri.remove_pod(&p.id).await;
+    }
+    err.message().to_string()
+}
+
+/// RunPodSandbox of the kata-like pod `name` with extra annotations, which must be accepted.
+pub async fn run_annotated_kata_pod(
+    cri: &mut Cri,
+    containerd: &Containerd,
+    name: &str,
+    annotations: &[(&str, &str)],
+) -> (String, cri::v1::PodSandboxConfig) {
+    let mut config = cri::pod_config(name, &containerd.log_dir());
+    for (k, v) in annotations {
+        config.annotations.insert(k.to_string(), v.to_string());
+    }
+    let id = cri
+        .run_pod(&config, KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    (id, config)
 }

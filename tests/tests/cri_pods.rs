@@ -9,9 +9,12 @@
 
 use std::time::Duration;
 
-use kata_like_tests::containerd::{self, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
+use kata_like_tests::containerd::{self, BUSYBOX_IMAGE};
 use kata_like_tests::cri::{self, Cri};
 use kata_like_tests::pod;
+
+const ANNOTATION_MEMORY: &str = "io.kata-like.memory-mib";
+const ANNOTATION_DEBUG_CONSOLE: &str = "io.kata-like.debug-console";
 
 /// Generous bound for one container to finish under TCG (the test host is several times slower).
 const EXIT_LIMIT: Duration = Duration::from_secs(180);
@@ -432,22 +435,88 @@ async fn kata_two_pods_run_at_once() {
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 async fn kata_pod_refuses_hostile_annotations_and_leaves_nothing() {
     let (containerd, kata, mut cri) = pod::clean_node().await;
-    let mut pod = cri::pod_config("kata-hostile", &containerd.log_dir());
-    pod.annotations
-        .insert("io.kata-like.memory-mib".into(), "99999999".into());
-    let err = cri
-        .run_pod(&pod, KATA_RUNTIME_HANDLER)
-        .await
-        .expect_err("an out-of-range VM size is refused");
+    // The operator allows the memory annotation, so what is refused here is the value.
+    let _allowed = containerd.extend_kata_config(&format!(
+        "[annotations]\nallowed = [{ANNOTATION_MEMORY:?}]\n"
+    ));
+    let err = pod::kata_pod_refused(
+        &mut cri,
+        &containerd,
+        "kata-hostile",
+        (ANNOTATION_MEMORY, "99999999"),
+    )
+    .await;
     assert!(
-        err.message().contains("io.kata-like.memory-mib"),
-        "the error names the annotation: {err}"
+        err.contains(ANNOTATION_MEMORY) && err.contains("outside"),
+        "the error names the annotation and the reason: {err}"
     );
-    // containerd keeps the failed sandbox record (NotReady) only until removed.
-    for p in cri.list_pods().await {
-        let _ = cri.stop_pod(&p.id).await;
-        let _ = cri.remove_pod(&p.id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn vm_annotations_need_operator_consent() {
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    // The base test config allows no annotation, like a fresh install.
+    for (name, annotation) in [
+        (
+            "kata-no-consent-console",
+            (ANNOTATION_DEBUG_CONSOLE, "true"),
+        ),
+        ("kata-no-consent-memory", (ANNOTATION_MEMORY, "384")),
+    ] {
+        let err = pod::kata_pod_refused(&mut cri, &containerd, name, annotation).await;
+        assert!(
+            err.contains(annotation.0)
+                && err.contains("not allowed")
+                && err.contains("[annotations] allowed"),
+            "the error names the annotation and how the operator allows it: {err}"
+        );
+        containerd.assert_no_leftovers(&kata);
     }
+
+    // The operator allows the memory annotation up to 512 MiB.
+    let _allowed = containerd.extend_kata_config(&format!(
+        "[annotations]\nallowed = [{ANNOTATION_MEMORY:?}]\n[limits]\nmax_memory_mib = 512\n"
+    ));
+    let err = pod::kata_pod_refused(
+        &mut cri,
+        &containerd,
+        "kata-over-max",
+        (ANNOTATION_MEMORY, "513"),
+    )
+    .await;
+    assert!(
+        err.contains(ANNOTATION_MEMORY) && err.contains("outside 64..=512"),
+        "an allowed size above the maximum is refused: {err}"
+    );
+    containerd.assert_no_leftovers(&kata);
+
+    // Within the maximum the VM gets that size (the default is 128 MiB): the guest kernel's
+    // MemTotal is the VM's memory minus what the kernel keeps for itself.
+    let (pod_id, pod) = pod::run_annotated_kata_pod(
+        &mut cri,
+        &containerd,
+        "kata-consented-memory",
+        &[(ANNOTATION_MEMORY, "384")],
+    )
+    .await;
+    let c = pod::start_sleeper(&mut cri, &pod_id, &pod, "main").await;
+    let r = cri
+        .exec_sync(&c, &["cat", "/proc/meminfo"], 60)
+        .await
+        .expect("ExecSync");
+    let meminfo = text(&r.stdout);
+    let mem_total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in the guest's /proc/meminfo: {meminfo}"));
+    assert!(
+        (256 * 1024..=384 * 1024).contains(&mem_total_kib),
+        "a 384 MiB VM has MemTotal {mem_total_kib} kB"
+    );
+    cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
 
