@@ -74,8 +74,14 @@ pub async fn serve(
         Listen::Vsock(port) => {
             let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, *port);
             let listener = tokio_vsock::VsockListener::bind(addr)?;
-            // Accept errors (a peer that went away) must not end the server.
-            let incoming = listener.incoming().filter(|r| r.is_ok());
+            // Accept errors (a peer that went away) must not end the server; a peer other
+            // than the host is dropped here, before tonic reads a byte from it.
+            let gate_agent = Arc::clone(&agent);
+            let port = *port;
+            let incoming = listener.incoming().filter_map(move |accepted| {
+                let stream = accepted.ok()?;
+                accept_from_host_only(&gate_agent, port, stream).map(Ok::<_, std::io::Error>)
+            });
             spawn_power_port(Arc::clone(&agent));
             on_ready();
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
@@ -106,14 +112,69 @@ fn spawn_power_port(agent: Arc<Agent>) {
     match tokio_vsock::VsockListener::bind(addr) {
         Ok(listener) => {
             tokio::spawn(async move {
-                if listener.accept().await.is_ok() {
-                    tracing::info!("power port connection: shutting down");
-                    agent.shutdown.send_replace(Some(0));
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        // A peer that went away before the accept; don't spin on a lasting error.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    if accept_from_host_only(&agent, POWER_VSOCK_PORT, stream).is_some() {
+                        tracing::info!("power port connection from the host: shutting down");
+                        agent.shutdown.send_replace(Some(0));
+                        return;
+                    }
                 }
             });
         }
         Err(e) => tracing::warn!(error = %e, "cannot listen on the power port"),
     }
+}
+
+/// Whether a vsock peer may talk to the agent: only the host (VMADDR_CID_HOST) may. Anything
+/// else (a process in the guest through vsock loopback, CID 1 or the guest's own CID; a peer
+/// claiming the hypervisor's CID 0) could otherwise create containers or power the pod off
+/// (issue 12).
+pub fn vsock_peer_allowed(peer_cid: u32) -> bool {
+    peer_cid == tokio_vsock::VMADDR_CID_HOST
+}
+
+/// Returns the stream if its peer is the host; otherwise drops (closes) it at once and logs the
+/// peer. A peer whose address cannot be read is refused too.
+fn accept_from_host_only(
+    agent: &Agent,
+    port: u32,
+    stream: tokio_vsock::VsockStream,
+) -> Option<tokio_vsock::VsockStream> {
+    let peer = stream.peer_addr();
+    if let Ok(addr) = &peer {
+        if vsock_peer_allowed(addr.cid()) {
+            return Some(stream);
+        }
+    }
+    // try_read: the sandbox id is only for the log; never wait on the lock in the accept loop.
+    let pod_id = agent
+        .sandbox
+        .try_read()
+        .ok()
+        .and_then(|sandbox| sandbox.as_ref().map(|s| s.id.clone()))
+        .unwrap_or_default();
+    match peer {
+        Ok(addr) => tracing::warn!(
+            pod_id,
+            port,
+            peer_cid = addr.cid(),
+            peer_port = addr.port(),
+            "refused a vsock connection that is not from the host (only CID 2 may talk to the agent)"
+        ),
+        Err(error) => tracing::warn!(
+            pod_id,
+            port,
+            %error,
+            "refused a vsock connection whose peer address cannot be read"
+        ),
+    }
+    drop(stream);
+    None
 }
 
 #[cfg(test)]
@@ -129,5 +190,16 @@ mod tests {
         );
         assert!("tcp:1".parse::<Listen>().is_err());
         assert!("unix:".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn only_the_host_cid_may_connect_to_the_agent() {
+        assert!(vsock_peer_allowed(2), "the host (VMADDR_CID_HOST)");
+        for cid in [0, 1, 3, 4, 1000, u32::MAX - 1, u32::MAX] {
+            assert!(
+                !vsock_peer_allowed(cid),
+                "CID {cid} (hypervisor, loopback, a guest, any) must be refused"
+            );
+        }
     }
 }

@@ -15,6 +15,11 @@ const BUSYBOX: &str = "/bin/busybox";
 
 /// The busybox layer: /bin/busybox, a symlink per applet in /bin, and the usual empty dirs.
 pub fn busybox_layer() -> Vec<u8> {
+    busybox_layer_with(&[])
+}
+
+/// The busybox layer plus executables of our own: (path in the image, program bytes).
+pub fn busybox_layer_with(programs: &[(&str, &[u8])]) -> Vec<u8> {
     assert!(
         Path::new(BUSYBOX).exists(),
         "{BUSYBOX} is missing: install busybox-static"
@@ -72,6 +77,13 @@ pub fn busybox_layer() -> Vec<u8> {
         h.set_size(text.len() as u64);
         tar.append_data(&mut h, name, text.as_bytes())
             .expect("tar file");
+    }
+    for (path, program) in programs {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        h.set_size(program.len() as u64);
+        tar.append_data(&mut h, path, *program)
+            .expect("tar program");
     }
     tar.into_inner().expect("finish tar")
 }
@@ -142,6 +154,21 @@ pub fn busybox_image(name: &str) -> Vec<u8> {
     image_tar(
         name,
         &busybox_layer(),
+        json!({"config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["sh"],
+        }}),
+    )
+}
+
+/// busybox plus `/bin/vsock-probe` (the static VMM test init, which runs its probe when invoked
+/// under that name): tries vsock connects and prints the errno of each (issue 12's test).
+pub fn vsock_probe_image(name: &str, test_init_static: &Path) -> Vec<u8> {
+    let probe = std::fs::read(test_init_static)
+        .unwrap_or_else(|e| panic!("read {}: {e}", test_init_static.display()));
+    image_tar(
+        name,
+        &busybox_layer_with(&[("bin/vsock-probe", &probe)]),
         json!({"config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "Cmd": ["sh"],

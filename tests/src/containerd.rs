@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 pub mod images;
 
 pub const BUSYBOX_IMAGE: &str = "registry.test/kata-like/busybox:1";
+/// busybox plus `/bin/vsock-probe CID:PORT...` (see `images::vsock_probe_image`).
+pub const VSOCK_PROBE_IMAGE: &str = "registry.test/kata-like/vsock-probe:1";
 pub const PAUSE_IMAGE: &str = "registry.test/kata-like/pause:1";
 pub const KATA_RUNTIME_HANDLER: &str = "kata-like";
 pub const KATA_RUNTIME_TYPE: &str = "io.containerd.kata-like.v2";
@@ -48,10 +50,14 @@ pub struct KataArtifacts {
     pub vmm: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The static VMM test init (`vmm/guest-test-init`), `/bin/vsock-probe` in
+    /// [`VSOCK_PROBE_IMAGE`].
+    pub test_init_static: PathBuf,
 }
 
 impl KataArtifacts {
-    /// Reads `KATA_LIKE_SHIM`, `KATA_LIKE_VMM`, `KATA_LIKE_KERNEL`, `KATA_LIKE_INITRD`; panics
+    /// Reads `KATA_LIKE_SHIM`, `KATA_LIKE_VMM`, `KATA_LIKE_KERNEL`, `KATA_LIKE_INITRD`,
+    /// `KATA_LIKE_TEST_INIT_STATIC`; panics
     /// (the test fails) when one is missing.
     pub fn from_env() -> KataArtifacts {
         KataArtifacts {
@@ -59,6 +65,7 @@ impl KataArtifacts {
             vmm: crate::artifact("KATA_LIKE_VMM"),
             kernel: crate::artifact("KATA_LIKE_KERNEL"),
             initrd: crate::artifact("KATA_LIKE_INITRD"),
+            test_init_static: crate::artifact("KATA_LIKE_TEST_INIT_STATIC"),
         }
     }
 }
@@ -193,7 +200,7 @@ impl Containerd {
             baseline_shim_sockets,
         };
         containerd.wait_ready();
-        containerd.import_images();
+        containerd.import_images(kata);
         containerd
     }
 
@@ -249,12 +256,16 @@ impl Containerd {
         cmd
     }
 
-    fn import_images(&self) {
+    fn import_images(&self, kata: &KataArtifacts) {
         let dir = self.base.join("images");
         std::fs::create_dir_all(&dir).expect("images dir");
         for (name, tar) in [
             (BUSYBOX_IMAGE, images::busybox_image(BUSYBOX_IMAGE)),
             (PAUSE_IMAGE, images::pause_image(PAUSE_IMAGE)),
+            (
+                VSOCK_PROBE_IMAGE,
+                images::vsock_probe_image(VSOCK_PROBE_IMAGE, &kata.test_init_static),
+            ),
         ] {
             let file = dir.join(format!("{}.tar", name.replace(['/', ':'], "_")));
             std::fs::write(&file, tar).expect("write image tar");
@@ -452,6 +463,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}]
       runtime_type = "{KATA_RUNTIME_TYPE}"
       pod_annotations = ["io.kata-like.*"]
+      # The host's devices mean nothing in the pod's VM: a privileged container gets none of them.
+      privileged_without_host_devices = true
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}.options]
         ConfigPath = "{kata_config}"
   [plugins."io.containerd.grpc.v1.cri".cni]

@@ -21,6 +21,39 @@ pub async fn clean_node() -> (MutexGuard<'static, Containerd>, KataArtifacts, Cr
     (containerd, kata, cri)
 }
 
+/// A privileged pod config (a privileged container needs one): RunPodSandbox it with
+/// `cri.run_pod(&config, KATA_RUNTIME_HANDLER)`.
+pub fn privileged_pod_config(name: &str, containerd: &Containerd) -> cri::v1::PodSandboxConfig {
+    let mut config = cri::pod_config(name, &containerd.log_dir());
+    if let Some(context) = config
+        .linux
+        .as_mut()
+        .and_then(|linux| linux.security_context.as_mut())
+    {
+        context.privileged = true;
+    }
+    config
+}
+
+/// A privileged container of `image` running `cmd` as root (uid 0), every capability, no
+/// seccomp profile from containerd.
+pub fn privileged_root_container(
+    name: &str,
+    image: &str,
+    cmd: &[&str],
+) -> cri::v1::ContainerConfig {
+    let mut config = cri::container_config(name, image, cmd);
+    if let Some(context) = config
+        .linux
+        .as_mut()
+        .and_then(|linux| linux.security_context.as_mut())
+    {
+        context.privileged = true;
+        context.run_as_user = Some(cri::v1::Int64Value { value: 0 });
+    }
+    config
+}
+
 /// A busybox container running `cmd`, with a memory limit (bytes) in its resources.
 pub fn container_with_memory_limit(
     name: &str,

@@ -690,3 +690,77 @@ async fn vmm_runs_unprivileged() {
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
+
+/// Issue 12, item 1: only the host talks to the agent. A privileged container running as root
+/// (every capability, no seccomp profile from containerd) tries vsock connects to the loopback
+/// CID, the host, the guest's own CID and "any", on the agent's ports and a range around them.
+/// Every attempt must fail at `socket()` with EACCES: the seccomp rule the agent adds to every
+/// container (the second wall; the first is the guest kernel without vsock loopback, checked by
+/// kernel-config/check-config). The pod stays healthy afterwards.
+///
+/// The agent's own wall (it drops and logs a peer that is not the host) cannot be reached from a
+/// container at all with these two walls up, so it is covered by its unit test
+/// (agent/src/server.rs `only_the_host_cid_may_connect_to_the_agent`), not here.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn hostile_container_cannot_reach_agent() {
+    use kata_like_protocol::{AGENT_VSOCK_PORT, POWER_VSOCK_PORT};
+    // The shim's GUEST_CID (shim/src/vm/vmm_client.rs): the pod VM's own CID.
+    const GUEST_CID: u32 = 3;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let pod = pod::privileged_pod_config("kata-hostile-vsock", &containerd);
+    let pod_id = cri
+        .run_pod(&pod, containerd::KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+
+    let mut addresses = Vec::new();
+    for cid in [1, 2, 3, GUEST_CID, u32::MAX - 1, u32::MAX] {
+        for port in 1020..=1030 {
+            addresses.push(format!("{cid}:{port}"));
+        }
+    }
+    assert!(addresses.contains(&format!("{GUEST_CID}:{AGENT_VSOCK_PORT}")));
+    assert!(addresses.contains(&format!("1:{POWER_VSOCK_PORT}")));
+    let mut cmd = vec!["/bin/vsock-probe"];
+    cmd.extend(addresses.iter().map(String::as_str));
+    let probe = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &pod,
+        &pod::privileged_root_container("probe", containerd::VSOCK_PROBE_IMAGE, &cmd),
+    )
+    .await;
+    let status = cri.wait_exited(&probe, EXIT_LIMIT).await;
+    let log = cri::read_log(std::path::Path::new(&status.log_path));
+    let lines = cri::stream_lines(&log, "stdout");
+    assert_eq!(
+        status.exit_code,
+        0,
+        "the probe ran every attempt: {lines:?} {:?}",
+        cri::stream_lines(&log, "stderr")
+    );
+    let eacces = libc::EACCES;
+    for address in &addresses {
+        let line = lines
+            .iter()
+            .find(|l| l.split(' ').next() == Some(address.as_str()))
+            .unwrap_or_else(|| panic!("no attempt reported for {address}: {lines:?}"));
+        assert_eq!(
+            line,
+            &format!("{address} socket errno {eacces}"),
+            "a container must not open a vsock socket (the agent's seccomp wall): {lines:?}"
+        );
+    }
+
+    // The pod is healthy: the agent still creates and starts a container and runs an exec.
+    let sleeper = pod::start_sleeper(&mut cri, &pod_id, &pod, "after-probe").await;
+    let r = cri
+        .exec_sync(&sleeper, &["echo", "still-here"], 60)
+        .await
+        .expect("ExecSync after the probe");
+    assert_eq!(r.exit_code, 0);
+    assert_eq!(text(&r.stdout).trim(), "still-here");
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}

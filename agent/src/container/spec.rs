@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    LinuxNamespace, LinuxNamespaceType, Mount, PosixRlimitBuilder, PosixRlimitType, Process, Spec,
+    LinuxNamespace, LinuxNamespaceType, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg,
+    LinuxSeccompArgBuilder, LinuxSeccompOperator, LinuxSyscall, Mount, PosixRlimitBuilder,
+    PosixRlimitType, Process, Spec,
 };
 
 use crate::error::{invalid, Error};
@@ -277,8 +279,121 @@ pub fn adapt_spec(json: &[u8], ctx: &SpecContext) -> Result<Spec, Error> {
     if let Some(hostname) = spec.hostname() {
         check_hostname(hostname)?;
     }
+    linux.set_seccomp(Some(wall_off_vsock(linux.seccomp().clone())?));
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// The address family of vsock sockets (`AF_VSOCK`, socket(2)'s first argument).
+const AF_VSOCK: u64 = libc::AF_VSOCK as u64;
+
+/// The error `socket(AF_VSOCK, ...)` gets in a container. EACCES is socket(2)'s documented "you
+/// may not create a socket of this family" (programs report it sensibly), and it differs from
+/// the EPERM of containerd's runtime/default profile, so a refusal by this wall is recognisable.
+pub const VSOCK_SOCKET_ERRNO: u32 = libc::EACCES as u32;
+
+/// The second wall between containers and the agent (issue 12): whatever the container's
+/// seccomp profile, `socket(AF_VSOCK, ...)` fails with EACCES. A container without a profile
+/// (privileged, unconfined) gets one that allows everything else.
+///
+/// libseccomp keeps, per syscall, the rule with the fewest argument comparisons (an
+/// unconditional allow of `socket` would silently swallow a conditional deny), so every rule
+/// that lets `socket` through also gets "argument 0 != AF_VSOCK". A rule that already compares
+/// argument 0 is kept as is when it cannot admit AF_VSOCK, and refused otherwise (libcontainer
+/// splits two comparisons of one argument into separate, OR-ed rules, so none can be added).
+fn wall_off_vsock(seccomp: Option<LinuxSeccomp>) -> Result<LinuxSeccomp, Error> {
+    let mut seccomp = seccomp.unwrap_or_else(|| {
+        let mut allow_all = LinuxSeccomp::default();
+        allow_all.set_default_action(LinuxSeccompAction::ScmpActAllow);
+        allow_all
+    });
+    let mut syscalls = Vec::new();
+    for rule in seccomp.syscalls().clone().unwrap_or_default() {
+        if !rule.names().iter().any(|name| name == "socket") || denies(rule.action()) {
+            syscalls.push(rule);
+            continue;
+        }
+        // The condition is on socket's argument 0 only: the rule's other syscalls (whose
+        // argument 0 is something else, an fd...) keep the rule as it was.
+        let others: Vec<String> = rule
+            .names()
+            .iter()
+            .filter(|name| *name != "socket")
+            .cloned()
+            .collect();
+        if !others.is_empty() {
+            let mut rest = rule.clone();
+            rest.set_names(others);
+            syscalls.push(rest);
+        }
+        let mut socket_rule = rule.clone();
+        socket_rule.set_names(vec!["socket".into()]);
+        let mut args = rule.args().clone().unwrap_or_default();
+        let family_checks: Vec<&LinuxSeccompArg> = args.iter().filter(|a| a.index() == 0).collect();
+        match family_checks.as_slice() {
+            [] => {
+                args.push(family_is(LinuxSeccompOperator::ScmpCmpNe)?);
+                socket_rule.set_args(Some(args));
+            }
+            [check] if !admits(check, AF_VSOCK) => {}
+            _ => {
+                return Err(invalid(format!(
+                    "linux.seccomp: the rule {:?} ({:?}) may let socket(AF_VSOCK) through by its \
+                     argument 0 comparisons, which the agent cannot narrow: containers may not \
+                     open vsock sockets; allow socket without comparing argument 0, or only \
+                     families other than AF_VSOCK ({AF_VSOCK})",
+                    rule.names(),
+                    rule.action()
+                )))
+            }
+        }
+        syscalls.push(socket_rule);
+    }
+    let mut deny_vsock = LinuxSyscall::default();
+    deny_vsock.set_names(vec!["socket".into()]);
+    deny_vsock.set_action(LinuxSeccompAction::ScmpActErrno);
+    deny_vsock.set_errno_ret(Some(VSOCK_SOCKET_ERRNO));
+    deny_vsock.set_args(Some(vec![family_is(LinuxSeccompOperator::ScmpCmpEq)?]));
+    syscalls.push(deny_vsock);
+    seccomp.set_syscalls(Some(syscalls));
+    Ok(seccomp)
+}
+
+/// The comparison "socket's argument 0 (the address family) `op` AF_VSOCK".
+fn family_is(op: LinuxSeccompOperator) -> Result<LinuxSeccompArg, Error> {
+    LinuxSeccompArgBuilder::default()
+        .index(0usize)
+        .op(op)
+        .value(AF_VSOCK)
+        .build()
+        .map_err(|e| Error::internal(format!("building the AF_VSOCK seccomp comparison: {e}")))
+}
+
+/// Whether a seccomp action stops the syscall (then it cannot let AF_VSOCK through).
+fn denies(action: LinuxSeccompAction) -> bool {
+    matches!(
+        action,
+        LinuxSeccompAction::ScmpActErrno
+            | LinuxSeccompAction::ScmpActKill
+            | LinuxSeccompAction::ScmpActKillThread
+            | LinuxSeccompAction::ScmpActKillProcess
+            | LinuxSeccompAction::ScmpActTrap
+    )
+}
+
+/// Whether an argument comparison can be true for `value`. A masked comparison counts as true:
+/// runc and libcontainer disagree on which of value and valueTwo is the mask.
+fn admits(check: &LinuxSeccompArg, value: u64) -> bool {
+    let operand = check.value();
+    match check.op() {
+        LinuxSeccompOperator::ScmpCmpNe => value != operand,
+        LinuxSeccompOperator::ScmpCmpLt => value < operand,
+        LinuxSeccompOperator::ScmpCmpLe => value <= operand,
+        LinuxSeccompOperator::ScmpCmpEq => value == operand,
+        LinuxSeccompOperator::ScmpCmpGe => value >= operand,
+        LinuxSeccompOperator::ScmpCmpGt => value > operand,
+        LinuxSeccompOperator::ScmpCmpMaskedEq => true,
+    }
 }
 
 fn pid_ns(ctx: &SpecContext) -> LinuxNamespace {
@@ -453,6 +568,131 @@ mod tests {
         ] {
             let err = adapt_spec(json, &ctx(state.path(), &rootfs)).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        }
+    }
+
+    fn spec_with_seccomp(profile: &str) -> Vec<u8> {
+        let mut spec: serde_json::Value = serde_json::from_slice(&spec_with("")).unwrap();
+        spec["linux"]["seccomp"] = serde_json::from_str(profile).unwrap();
+        serde_json::to_vec(&spec).unwrap()
+    }
+
+    /// A seccomp rule as (action, errno, its argument 0 comparisons).
+    type SocketRule = (
+        LinuxSeccompAction,
+        Option<u32>,
+        Vec<(LinuxSeccompOperator, u64)>,
+    );
+
+    /// The seccomp rules that name `socket`.
+    fn socket_rules(spec: &Spec) -> Vec<SocketRule> {
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        seccomp
+            .syscalls()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|rule| rule.names().iter().any(|n| n == "socket"))
+            .map(|rule| {
+                let family = rule
+                    .args()
+                    .clone()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|a| a.index() == 0)
+                    .map(|a| (a.op(), a.value()))
+                    .collect();
+                (rule.action(), rule.errno_ret(), family)
+            })
+            .collect()
+    }
+
+    fn deny_vsock() -> SocketRule {
+        (
+            LinuxSeccompAction::ScmpActErrno,
+            Some(libc::EACCES as u32),
+            vec![(LinuxSeccompOperator::ScmpCmpEq, 40)],
+        )
+    }
+
+    #[test]
+    fn a_container_without_seccomp_gets_an_allow_all_profile_that_refuses_vsock_sockets() {
+        let state = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("rootfs");
+        let spec = adapt_spec(&spec_with(""), &ctx(state.path(), &rootfs)).unwrap();
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActAllow);
+        assert_eq!(socket_rules(&spec), vec![deny_vsock()]);
+        assert_eq!(
+            seccomp.syscalls().as_ref().unwrap().len(),
+            1,
+            "nothing else is denied"
+        );
+    }
+
+    #[test]
+    fn a_profile_that_allows_socket_lets_every_family_but_vsock_through() {
+        let state = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("rootfs");
+        // Like containerd's runtime/default: socket in a long unconditional allow list.
+        let profile = r#"{"defaultAction":"SCMP_ACT_ERRNO","defaultErrnoRet":1,
+            "architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["accept","socket","bind"],"action":"SCMP_ACT_ALLOW"},
+                        {"names":["socket"],"action":"SCMP_ACT_ALLOW","args":[{"index":0,"value":16,"op":"SCMP_CMP_EQ"}]},
+                        {"names":["socket"],"action":"SCMP_ACT_ERRNO","errnoRet":97}]}"#;
+        let spec = adapt_spec(&spec_with_seccomp(profile), &ctx(state.path(), &rootfs)).unwrap();
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActErrno);
+        assert_eq!(seccomp.default_errno_ret(), Some(1));
+        let not_vsock = vec![(LinuxSeccompOperator::ScmpCmpNe, 40)];
+        assert_eq!(
+            socket_rules(&spec),
+            vec![
+                (LinuxSeccompAction::ScmpActAllow, None, not_vsock),
+                (
+                    LinuxSeccompAction::ScmpActAllow,
+                    None,
+                    vec![(LinuxSeccompOperator::ScmpCmpEq, 16)]
+                ),
+                (LinuxSeccompAction::ScmpActErrno, Some(97), vec![]),
+                deny_vsock(),
+            ]
+        );
+        let others = seccomp
+            .syscalls()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|rule| rule.names().iter().any(|n| n == "accept"))
+            .unwrap();
+        assert_eq!(
+            others.names(),
+            &vec!["accept".to_string(), "bind".to_string()]
+        );
+        assert!(
+            others.args().is_none(),
+            "accept and bind keep their unconditional allow"
+        );
+    }
+
+    #[test]
+    fn a_profile_that_may_allow_vsock_by_family_comparison_is_refused() {
+        let state = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("rootfs");
+        for family_check in [
+            r#"{"index":0,"value":40,"op":"SCMP_CMP_EQ"}"#,
+            r#"{"index":0,"value":30,"op":"SCMP_CMP_GT"}"#,
+            r#"{"index":0,"value":1,"op":"SCMP_CMP_NE"},{"index":0,"value":2,"op":"SCMP_CMP_NE"}"#,
+        ] {
+            let profile = format!(
+                r#"{{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{{"names":["socket"],"action":"SCMP_ACT_ALLOW","args":[{family_check}]}}]}}"#
+            );
+            let spec = spec_with_seccomp(&profile);
+            let err = adapt_spec(&spec, &ctx(state.path(), &rootfs)).unwrap_err();
+            assert!(
+                err.to_string().contains("AF_VSOCK"),
+                "{family_check}: {err}"
+            );
         }
     }
 }
