@@ -304,8 +304,14 @@ fn vsock_carries_data_both_ways_jailed() {
     let scratch = tempfile::tempdir().unwrap();
     let jail = jail_in(scratch.path());
     let uds = jail.join("v.sock");
-    // Guest-initiated connections to host port 5000 land here (inside the jail).
+    // Guest-initiated connections to host port 5000 land here (inside the jail). The jailed
+    // VMM connects as its unprivileged uid (65534 by default): the socket must let it in.
     let host_listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    std::fs::set_permissions(
+        format!("{}_5000", uds.display()),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let vsock = format!("cid=3,uds={}", uds.display());
     let mut vm = Vm::start("vsock", &["--vsock", &vsock], |cmd, _| {
         cmd.arg("--jail-dir").arg(&jail);
@@ -374,7 +380,23 @@ fn echo_bulk(s: &UnixStream, n: usize, seed: u8) {
 /// Accepts the guest's next connection to a host port (bounded by BOOT_TIMEOUT for reads) and
 /// reads its first line: the stream and the line.
 fn accept_line(listener: &UnixListener) -> (UnixStream, String) {
-    let (conn, _) = listener.accept().unwrap();
+    // Bounded: a connection that never comes (the VMM refused by the socket's permissions, a
+    // guest that never dials) fails the test instead of hanging it until run-e2e's timeout.
+    listener.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + BOOT_TIMEOUT;
+    let conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Err(e) => panic!("no guest-initiated connection within {BOOT_TIMEOUT:?}: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line).unwrap();
