@@ -293,6 +293,21 @@ fn execute(request: RuntimeRequest) -> Result<Option<u32>, String> {
     }
 }
 
+/// Confines the pod's pid namespace init (see [`pid_namespace_holder`]).
+fn confine_pid_namespace_init() -> nix::Result<()> {
+    use nix::unistd::{chdir, chroot, setgroups, setresgid, setresuid, Gid, Uid};
+    chroot(PID_NS_INIT_ROOT)?;
+    chdir("/")?;
+    setgroups(&[])?;
+    let gid = Gid::from_raw(PID_NS_INIT_ID);
+    setresgid(gid, gid, gid)?;
+    let uid = Uid::from_raw(PID_NS_INIT_ID);
+    // Leaving uid 0 (without SECBIT_KEEP_CAPS) clears the permitted and effective sets.
+    setresuid(uid, uid, uid)?;
+    nix::sys::prctl::set_no_new_privs()?;
+    Ok(())
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
@@ -307,11 +322,30 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// The empty, read-only directory the pod's pid namespace init is confined to.
+const PID_NS_INIT_ROOT: &str = "/run/kata-like/empty";
+/// nobody/nogroup: the pod's pid namespace init needs no privilege to reap.
+const PID_NS_INIT_ID: u32 = 65534;
+
 /// Creates a new pid namespace whose init reaps orphans and otherwise sleeps. Returns its pid
 /// (in the agent's namespace); it becomes the agent's child when this helper exits.
+///
+/// The pod's containers see this init as their PID 1, so it holds nothing worth reaching: it
+/// runs as nobody with no capabilities and no_new_privs, chrooted into an empty directory with
+/// no open fds. Left as root in the agent's mount namespace, a container allowed to trace it
+/// (CAP_SYS_PTRACE) could walk `/proc/1/root` into the guest's root, the agent's and every
+/// container's files.
 fn pid_namespace_holder() -> Result<u32, String> {
     use nix::sched::{unshare, CloneFlags};
     use nix::unistd::{fork, ForkResult};
+    std::fs::create_dir_all(PID_NS_INIT_ROOT)
+        .and_then(|()| {
+            std::fs::set_permissions(
+                PID_NS_INIT_ROOT,
+                std::os::unix::fs::PermissionsExt::from_mode(0o555),
+            )
+        })
+        .map_err(|e| format!("creating {PID_NS_INIT_ROOT}: {e}"))?;
     unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
     // SAFETY: this helper is single-threaded.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
@@ -323,6 +357,11 @@ fn pid_namespace_holder() -> Result<u32, String> {
                 unsafe { libc::close(fd) };
             }
             let _ = nix::sys::prctl::set_name(c"pidns-init");
+            if let Err(e) = confine_pid_namespace_init() {
+                // Nothing to report to (stdio is closed): an unconfined init must not run.
+                let _ = e;
+                std::process::exit(1);
+            }
             let mut mask = nix::sys::signal::SigSet::empty();
             mask.add(nix::sys::signal::Signal::SIGCHLD);
             let _ = mask.thread_block();

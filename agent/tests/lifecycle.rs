@@ -470,13 +470,57 @@ async fn shared_pid_namespace_lets_containers_see_each_other() {
         })
         .await
         .unwrap();
+    agent.pid_namespace = PidNamespaceMode::Pod as i32;
     create_and_start(&mut agent, "a", &spec(&["sleep", "4242"])).await;
-    let result = run(&mut agent, "b", &spec(&["sh", "-c", "ps -o args"])).await;
+    // PID 1 of the pod's namespace is the sandbox init, confined: nobody, no capabilities,
+    // no_new_privs, chrooted into an empty directory.
+    let result = run(
+        &mut agent,
+        "b",
+        &spec(&[
+            "sh",
+            "-c",
+            "ps -o args; cat /proc/1/comm; grep -E '^(Uid|CapEff|CapPrm|NoNewPrivs)' /proc/1/status",
+        ]),
+    )
+    .await;
+    let out = result.stdout();
+    assert!(out.contains("sleep 4242"), "{out}");
+    assert!(out.contains("pidns-init"), "{out}");
+    for line in [
+        "Uid:	65534	65534	65534	65534",
+        "CapEff:	0000000000000000",
+        "CapPrm:	0000000000000000",
+        "NoNewPrivs:	1",
+    ] {
+        assert!(out.contains(line), "{line:?} in {out}");
+    }
+    // A container with a pid namespace of its own sees only itself.
+    agent.pid_namespace = PidNamespaceMode::Own as i32;
+    let own = run(&mut agent, "c", &spec(&["sh", "-c", "ps -o args"])).await;
+    assert!(!own.stdout().contains("sleep 4242"), "{}", own.stdout());
+    // TARGET joins the named container's namespace.
+    let target = agent
+        .client
+        .create_container(CreateContainerRequest {
+            container_id: "d".into(),
+            oci_spec_json: serde_json::to_vec(&spec(&["sh", "-c", "ps -o args"])).unwrap(),
+            rootfs: Some(agent.rootfs(true)),
+            stdio: stdio(false, false),
+            pid_namespace: PidNamespaceMode::Target as i32,
+            pid_namespace_target: "a".into(),
+        })
+        .await;
+    assert!(target.is_ok(), "{target:?}");
+    let out = collect_output(&agent.client, "d", "", OutputFd::Stdout);
+    start(&mut agent, "d").await;
+    assert_eq!(wait(&mut agent.client, "d", "").await, 0);
+    let out = out.await.unwrap();
     assert!(
-        result.stdout().contains("sleep 4242"),
-        "{}",
-        result.stdout()
+        String::from_utf8_lossy(&out).contains("sleep 4242"),
+        "{out:?}"
     );
+    remove(&mut agent, "d").await;
     remove(&mut agent, "a").await;
     agent.client.destroy_sandbox(Empty {}).await.unwrap();
     assert!(agent.mounts_under_state().is_empty());

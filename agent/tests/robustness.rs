@@ -171,6 +171,7 @@ async fn malformed_specs_and_hostile_mounts_are_rejected_cleanly() {
                 oci_spec_json: serde_json::to_vec(&s).unwrap(),
                 rootfs: Some(rootfs),
                 stdio: None,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -185,6 +186,7 @@ async fn malformed_specs_and_hostile_mounts_are_rejected_cleanly() {
                 oci_spec_json: bad.to_vec(),
                 rootfs: Some(agent.rootfs(true)),
                 stdio: None,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -194,6 +196,32 @@ async fn malformed_specs_and_hostile_mounts_are_rejected_cleanly() {
             "{:?}",
             String::from_utf8_lossy(bad)
         );
+    }
+    // A pid namespace the agent cannot resolve: an unknown mode, a target that is not a running
+    // container of the pod, the pod's namespace of a sandbox created without one.
+    for (mode, target, code) in [
+        (99, "", Code::InvalidArgument),
+        (PidNamespaceMode::Target as i32, "nobody", Code::NotFound),
+        (
+            PidNamespaceMode::Target as i32,
+            "../x",
+            Code::InvalidArgument,
+        ),
+        (PidNamespaceMode::Pod as i32, "", Code::FailedPrecondition),
+    ] {
+        let err = agent
+            .client
+            .create_container(CreateContainerRequest {
+                container_id: "pidns".into(),
+                oci_spec_json: serde_json::to_vec(&spec(&["true"])).unwrap(),
+                rootfs: Some(agent.rootfs(true)),
+                stdio: None,
+                pid_namespace: mode,
+                pid_namespace_target: target.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "mode {mode} target {target:?}: {err}");
     }
     // A runtime failure after the rootfs was mounted (the binary does not exist) cleans up too.
     let err = create(&mut agent, "nobin", &spec(&["/no/such/binary"]), None, true).await;

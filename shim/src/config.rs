@@ -19,6 +19,7 @@ use kata_like_vmm_contract::limits::{
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::pod_limits;
 
 /// Virtio devices of a pod VM besides its drive slots: vsock and rng.
 const NON_DRIVE_DEVICES: u32 = 2;
@@ -50,6 +51,7 @@ pub struct Config {
     pub vmm: VmmConfig,
     pub jail: JailConfig,
     pub limits: Limits,
+    pub sizing: SizingConfig,
     pub annotations: AnnotationsConfig,
     /// Per-sandbox state (sockets, pid file, console log, jail dir) lives under
     /// `<state_dir>/<16 hex digits of sha256(namespace/sandbox id)>/`.
@@ -105,6 +107,19 @@ pub struct Limits {
     pub max_memory_mib: u32,
 }
 
+/// How the pod's resource limits (containerd's `io.kubernetes.cri.sandbox-*` annotations, the sum
+/// of its containers' limits) size its VM. A pod without limits gets `[vmm] vcpus`/`memory_mib`;
+/// a pod with limits gets at least its limits plus these overheads, within `[limits]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SizingConfig {
+    /// Guest memory on top of the pod's memory limit: the guest kernel, the agent, page tables
+    /// and page cache (the pod's containers are held to their own limits by the guest's cgroups).
+    pub memory_overhead_mib: u32,
+    /// vCPUs on top of the pod's CPU limit (rounded up to whole vCPUs).
+    pub vcpus_overhead: u32,
+}
+
 /// Which `io.kata-like.*` pod annotations take effect. They change the VM (its size, its debug
 /// console), which the scheduler does not see and which a pod must not choose on its own, so none
 /// is allowed unless the operator lists it here.
@@ -121,6 +136,7 @@ impl Default for Config {
             vmm: VmmConfig::default(),
             jail: JailConfig::default(),
             limits: Limits::default(),
+            sizing: SizingConfig::default(),
             annotations: AnnotationsConfig::default(),
             state_dir: PathBuf::from("/run/kata-like"),
             rootfs_cache_dir: PathBuf::from("/run/kata-like/rootfs-cache"),
@@ -155,6 +171,15 @@ impl Default for JailConfig {
             enabled: true,
             uid: None,
             gid: None,
+        }
+    }
+}
+
+impl Default for SizingConfig {
+    fn default() -> Self {
+        SizingConfig {
+            memory_overhead_mib: 96,
+            vcpus_overhead: 0,
         }
     }
 }
@@ -266,6 +291,15 @@ impl Config {
                 self.vmm.drive_slots
             ));
         }
+        if self.sizing.memory_overhead_mib > self.limits.max_memory_mib
+            || self.sizing.vcpus_overhead > self.limits.max_vcpus
+        {
+            return bad(format!(
+                "sizing.memory_overhead_mib must be at most limits.max_memory_mib ({}) and \
+                 sizing.vcpus_overhead at most limits.max_vcpus ({})",
+                self.limits.max_memory_mib, self.limits.max_vcpus
+            ));
+        }
         if self.vmm.boot_timeout_ms == 0 || self.vmm.agent_call_timeout_ms == 0 {
             return bad("vmm.boot_timeout_ms and vmm.agent_call_timeout_ms must be > 0".into());
         }
@@ -300,12 +334,44 @@ const MAX_ANNOTATION_VALUE: usize = 64;
 /// and the debug console may be chosen by a pod, and only those the operator allowed in
 /// `[annotations] allowed`; paths (kernel, VMM, jail) never come from annotations. An unknown or
 /// not allowed annotation, or a value outside the configured limits, is refused with the reason.
+///
+/// Before those, the pod's own limits size the VM (see [`SizingConfig`]); a pod whose limits need
+/// more than `[limits]` allows is refused with both numbers.
 pub fn vm_shape(config: &Config, annotations: &HashMap<String, String>) -> Result<VmShape> {
     let mut shape = VmShape {
         vcpus: config.vmm.vcpus,
         memory_mib: config.vmm.memory_mib,
         debug_console: config.vmm.debug_console,
     };
+    let pod = pod_limits::from_annotations(annotations)?;
+    if let Some(limit) = pod.memory_mib {
+        let need = limit.saturating_add(u64::from(config.sizing.memory_overhead_mib));
+        if need > u64::from(config.limits.max_memory_mib) {
+            return Err(Error::InvalidArgument(format!(
+                "the pod's memory limit ({limit} MiB, {}) needs a {need} MiB VM with the \
+                 configured overhead of {} MiB, above the runtime's limits.max_memory_mib = {}; \
+                 lower the pod's limits or raise the maximum",
+                pod_limits::SANDBOX_MEMORY,
+                config.sizing.memory_overhead_mib,
+                config.limits.max_memory_mib
+            )));
+        }
+        // need <= max_memory_mib, a u32.
+        shape.memory_mib = shape.memory_mib.max(need as u32);
+    }
+    if let Some(limit) = pod.vcpus {
+        let need = limit.saturating_add(u64::from(config.sizing.vcpus_overhead));
+        if need > u64::from(config.limits.max_vcpus) {
+            return Err(Error::InvalidArgument(format!(
+                "the pod's CPU limit ({limit} CPUs, {} / {}) needs {need} vCPUs, above the \
+                 runtime's limits.max_vcpus = {}; lower the pod's limits or raise the maximum",
+                pod_limits::SANDBOX_CPU_QUOTA,
+                pod_limits::SANDBOX_CPU_PERIOD,
+                config.limits.max_vcpus
+            )));
+        }
+        shape.vcpus = shape.vcpus.max(need as u32);
+    }
     for (key, value) in annotations {
         if !key.starts_with(ANNOTATION_PREFIX) {
             continue;
@@ -533,6 +599,61 @@ mod tests {
         );
         let plain = vm_shape(&config, &HashMap::new()).expect("accepted");
         assert_eq!(plain.vcpus, config.vmm.vcpus);
+    }
+
+    #[test]
+    fn the_pods_limits_size_the_vm_within_the_maximum() {
+        let config = Config::default();
+        let gib = (1u64 << 30).to_string();
+        let sized = vm_shape(
+            &config,
+            &annotations(&[
+                (pod_limits::SANDBOX_MEMORY, &gib),
+                (pod_limits::SANDBOX_CPU_QUOTA, "150000"),
+                (pod_limits::SANDBOX_CPU_PERIOD, "100000"),
+            ]),
+        )
+        .expect("sized");
+        assert_eq!(sized.memory_mib, 1024 + config.sizing.memory_overhead_mib);
+        assert_eq!(sized.vcpus, 2);
+        // Small limits never shrink the VM below the configured default.
+        let small = vm_shape(
+            &config,
+            &annotations(&[(pod_limits::SANDBOX_MEMORY, "1048576")]),
+        )
+        .expect("sized");
+        assert_eq!(small.memory_mib, config.vmm.memory_mib);
+        assert_eq!(small.vcpus, config.vmm.vcpus);
+        // Above the maximum: refused with the numbers and the annotation.
+        let too_big = (u64::from(config.limits.max_memory_mib) << 20).to_string();
+        let err = vm_shape(
+            &config,
+            &annotations(&[(pod_limits::SANDBOX_MEMORY, &too_big)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("max_memory_mib") && err.contains(pod_limits::SANDBOX_MEMORY),
+            "{err}"
+        );
+        let err = vm_shape(
+            &config,
+            &annotations(&[(pod_limits::SANDBOX_CPU_QUOTA, "10000000")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_vcpus"), "{err}");
+        // An operator-allowed size annotation still has the last word.
+        let allowed = config_allowing_all();
+        let shape = vm_shape(
+            &allowed,
+            &annotations(&[
+                (pod_limits::SANDBOX_MEMORY, &gib),
+                (ANNOTATION_MEMORY_MIB, "2048"),
+            ]),
+        )
+        .expect("sized");
+        assert_eq!(shape.memory_mib, 2048);
     }
 
     #[test]

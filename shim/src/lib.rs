@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod logging;
 pub mod pod;
+pub mod pod_limits;
 pub mod shim;
 pub mod task;
 pub mod vm;

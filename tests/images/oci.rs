@@ -161,16 +161,81 @@ pub fn busybox_image(name: &str) -> Vec<u8> {
     )
 }
 
-/// busybox plus `/bin/vsock-probe` (the static VMM test init, which runs its probe when invoked
-/// under that name): tries vsock connects and prints the errno of each (issue 12's test).
+/// busybox plus the static VMM test init under two names, each a tool it runs when invoked so:
+/// `/bin/vsock-probe` tries vsock connects and prints the errno of each (issue 12's test),
+/// `/bin/memhog MIB` allocates and holds memory (issue 15's sizing test).
 pub fn vsock_probe_image(name: &str, test_init_static: &Path) -> Vec<u8> {
     let probe = std::fs::read(test_init_static)
         .unwrap_or_else(|e| panic!("read {}: {e}", test_init_static.display()));
     image_tar(
         name,
-        &busybox_layer_with(&[("bin/vsock-probe", &probe)]),
+        &busybox_layer_with(&[("bin/vsock-probe", &probe), ("bin/memhog", &probe)]),
         json!({"config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["sh"],
+        }}),
+    )
+}
+
+/// The node's iptables-nft (Debian's `xtables-nft-multi`, what a service mesh's init container
+/// runs) as `/sbin/iptables`, with the libraries and the xtables extensions it loads.
+const IPTABLES: &str = "/usr/sbin/xtables-nft-multi";
+const MULTIARCH_LIBS: &str = "usr/lib/x86_64-linux-gnu";
+const IPTABLES_LIBS: [&str; 5] = [
+    "libxtables.so.12",
+    "libmnl.so.0",
+    "libnftnl.so.11",
+    "libc.so.6",
+    "ld-linux-x86-64.so.2",
+];
+const IPTABLES_EXTENSIONS: [&str; 9] = [
+    "libxt_standard.so",
+    "libxt_tcp.so",
+    "libxt_udp.so",
+    "libxt_REDIRECT.so",
+    "libxt_TPROXY.so",
+    "libxt_owner.so",
+    "libxt_mark.so",
+    "libxt_MARK.so",
+    "libxt_socket.so",
+];
+
+/// busybox plus the node's iptables (nft backend): issue 13's NET_ADMIN test runs
+/// `iptables -t nat ... -j REDIRECT` in a pod, as Istio's init container does.
+pub fn iptables_image(name: &str) -> Vec<u8> {
+    let read = |path: &str| {
+        std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e} (install iptables)"))
+    };
+    let mut files: Vec<(String, Vec<u8>)> = vec![("sbin/iptables".into(), read(IPTABLES))];
+    for lib in IPTABLES_LIBS {
+        files.push((
+            format!("{MULTIARCH_LIBS}/{lib}"),
+            read(&format!("/lib/x86_64-linux-gnu/{lib}")),
+        ));
+    }
+    files.push((
+        "lib64/ld-linux-x86-64.so.2".into(),
+        read("/lib64/ld-linux-x86-64.so.2"),
+    ));
+    for ext in IPTABLES_EXTENSIONS {
+        files.push((
+            format!("{MULTIARCH_LIBS}/xtables/{ext}"),
+            read(&format!("/{MULTIARCH_LIBS}/xtables/{ext}")),
+        ));
+    }
+    let programs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(path, bytes)| (path.as_str(), bytes.as_slice()))
+        .collect();
+    image_tar(
+        name,
+        &busybox_layer_with(&programs),
+        json!({"config": {
+            "Env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                format!("LD_LIBRARY_PATH=/{MULTIARCH_LIBS}"),
+                format!("XTABLES_LIBDIR=/{MULTIARCH_LIBS}/xtables"),
+            ],
             "Cmd": ["sh"],
         }}),
     )

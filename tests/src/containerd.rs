@@ -23,6 +23,8 @@ pub const BUSYBOX_IMAGE: &str = "registry.test/kata-like/busybox:1";
 /// busybox plus `/bin/vsock-probe CID:PORT...` (see `images::vsock_probe_image`).
 pub const VSOCK_PROBE_IMAGE: &str = "registry.test/kata-like/vsock-probe:1";
 pub const PAUSE_IMAGE: &str = "registry.test/kata-like/pause:1";
+/// busybox plus the node's iptables-nft (see `images::iptables_image`).
+pub const IPTABLES_IMAGE: &str = "registry.test/kata-like/iptables:1";
 pub const KATA_RUNTIME_HANDLER: &str = "kata-like";
 pub const KATA_RUNTIME_TYPE: &str = "io.containerd.kata-like.v2";
 pub const SHIM_BINARY_NAME: &str = "containerd-shim-kata-like-v2";
@@ -262,6 +264,7 @@ impl Containerd {
         for (name, tar) in [
             (BUSYBOX_IMAGE, images::busybox_image(BUSYBOX_IMAGE)),
             (PAUSE_IMAGE, images::pause_image(PAUSE_IMAGE)),
+            (IPTABLES_IMAGE, images::iptables_image(IPTABLES_IMAGE)),
             (
                 VSOCK_PROBE_IMAGE,
                 images::vsock_probe_image(VSOCK_PROBE_IMAGE, &kata.test_init_static),

@@ -137,11 +137,15 @@ pub async fn kata_pod_refused(
     config
         .annotations
         .insert(annotation.0.into(), annotation.1.into());
-    let err = match cri.run_pod(&config, KATA_RUNTIME_HANDLER).await {
-        Ok(id) => panic!(
-            "RunPodSandbox with {}={} started pod {id}; it must be refused",
-            annotation.0, annotation.1
-        ),
+    pod_refused(cri, &config).await
+}
+
+/// RunPodSandbox of a kata-like pod from `config`, which must be refused: returns the
+/// refusal's message after removing the failed sandbox record containerd keeps (NotReady)
+/// until it is removed.
+pub async fn pod_refused(cri: &mut Cri, config: &cri::v1::PodSandboxConfig) -> String {
+    let err = match cri.run_pod(config, KATA_RUNTIME_HANDLER).await {
+        Ok(id) => panic!("RunPodSandbox started pod {id} from {config:?}; it must be refused"),
         Err(e) => e,
     };
     for p in cri.list_pods().await {
@@ -149,6 +153,33 @@ pub async fn kata_pod_refused(
         let _ = cri.remove_pod(&p.id).await;
     }
     err.message().to_string()
+}
+
+/// Sets the pid namespace mode (`cri::v1::NamespaceMode`) of a container's config.
+pub fn with_pid_mode(
+    mut config: cri::v1::ContainerConfig,
+    mode: cri::v1::NamespaceMode,
+) -> cri::v1::ContainerConfig {
+    if let Some(options) = config
+        .linux
+        .as_mut()
+        .and_then(|linux| linux.security_context.as_mut())
+        .and_then(|context| context.namespace_options.as_mut())
+    {
+        options.pid = mode as i32;
+    }
+    config
+}
+
+/// The namespace options of a pod's config, to change its modes.
+pub fn namespace_options(config: &mut cri::v1::PodSandboxConfig) -> &mut cri::v1::NamespaceOption {
+    config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
 }
 
 /// RunPodSandbox of the kata-like pod `name` with extra annotations, which must be accepted.

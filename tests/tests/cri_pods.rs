@@ -764,3 +764,351 @@ async fn hostile_container_cannot_reach_agent() {
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
+
+/// The stdout lines of a container that ran to its end.
+async fn output_of(cri: &mut Cri, container: &str) -> Vec<String> {
+    let status = cri.wait_exited(container, EXIT_LIMIT).await;
+    let log = cri::read_log(std::path::Path::new(&status.log_path));
+    assert_eq!(
+        status.exit_code,
+        0,
+        "{container} failed: {:?} {:?}",
+        cri::stream_lines(&log, "stdout"),
+        cri::stream_lines(&log, "stderr")
+    );
+    cri::stream_lines(&log, "stdout")
+}
+
+/// Issue 13: with NamespaceMode POD every container of the pod joins one pid namespace whose
+/// PID 1 is the sandbox init; CONTAINER gives one of its own; TARGET joins the named
+/// container's. A container whose process is not PID 1 dies of StopContainer's SIGTERM at once
+/// (143), as in a runc pod, instead of being SIGKILLed (137) after the grace period.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn containers_share_pod_pid_namespace() {
+    use cri::v1::NamespaceMode;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-pidns").await;
+    let ps = ["sh", "-c", "ps -o args; echo pid1=$(cat /proc/1/comm)"];
+
+    let sleeper = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &pod,
+        &cri::container_config("sleeper", BUSYBOX_IMAGE, &["sleep", "4242"]),
+    )
+    .await;
+    let viewer = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &pod,
+        &cri::container_config("viewer", BUSYBOX_IMAGE, &ps),
+    )
+    .await;
+    let lines = output_of(&mut cri, &viewer).await;
+    assert!(
+        lines.iter().any(|l| l == "sleep 4242"),
+        "POD mode: the second container sees the first: {lines:?}"
+    );
+    assert!(
+        lines.contains(&"pid1=pidns-init".to_string()),
+        "POD mode: PID 1 is the sandbox init: {lines:?}"
+    );
+
+    let isolated = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &pod,
+        &pod::with_pid_mode(
+            cri::container_config("isolated", BUSYBOX_IMAGE, &["sleep", "4343"]),
+            NamespaceMode::Container,
+        ),
+    )
+    .await;
+    let alone = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &pod,
+        &pod::with_pid_mode(
+            cri::container_config("alone", BUSYBOX_IMAGE, &ps),
+            NamespaceMode::Container,
+        ),
+    )
+    .await;
+    let lines = output_of(&mut cri, &alone).await;
+    assert!(
+        !lines.iter().any(|l| l.starts_with("sleep")),
+        "CONTAINER mode sees no other container: {lines:?}"
+    );
+    assert!(lines.contains(&"pid1=sh".to_string()), "{lines:?}");
+
+    let mut debug = pod::with_pid_mode(
+        cri::container_config("debug", BUSYBOX_IMAGE, &ps),
+        NamespaceMode::Target,
+    );
+    if let Some(options) = debug
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|c| c.namespace_options.as_mut())
+    {
+        options.target_id = isolated.clone();
+    }
+    let debug = pod::start_container(&mut cri, &pod_id, &pod, &debug).await;
+    let lines = output_of(&mut cri, &debug).await;
+    assert!(
+        lines.iter().any(|l| l == "sleep 4343") && !lines.iter().any(|l| l == "sleep 4242"),
+        "TARGET mode sees the target's processes only: {lines:?}"
+    );
+
+    // StopContainer right after StartContainer: SIGTERM ends a process that is not PID 1.
+    let quick = pod::start_sleeper(&mut cri, &pod_id, &pod, "quick").await;
+    cri.stop_container(&quick, 60).await.expect("StopContainer");
+    let status = cri.container_status(&quick).await;
+    assert_eq!(status.state, cri::CONTAINER_EXITED);
+    assert_eq!(status.exit_code, 143, "killed by SIGTERM, not SIGKILL");
+
+    let _ = sleeper;
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+/// Issue 13: the pod's sysctls (containerd writes them into the sandbox's spec only) are
+/// applied in the guest before any container starts; a sysctl that is not the pod's to set is
+/// refused with its name.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn pod_sysctls_applied() {
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let mut config = cri::pod_config("kata-sysctls", &containerd.log_dir());
+    let sysctls = [("net.core.somaxconn", "1234"), ("kernel.shmmni", "1000")];
+    if let Some(linux) = config.linux.as_mut() {
+        linux.sysctls = sysctls
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+    let pod_id = cri
+        .run_pod(&config, containerd::KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let reader = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &config,
+        &cri::container_config(
+            "reader",
+            BUSYBOX_IMAGE,
+            &[
+                "cat",
+                "/proc/sys/net/core/somaxconn",
+                "/proc/sys/kernel/shmmni",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(output_of(&mut cri, &reader).await, ["1234", "1000"]);
+    cri.teardown_pod(&pod_id).await;
+
+    let mut unsafe_config = cri::pod_config("kata-bad-sysctl", &containerd.log_dir());
+    if let Some(linux) = unsafe_config.linux.as_mut() {
+        linux.sysctls = [("vm.overcommit_memory".to_string(), "1".to_string())].into();
+    }
+    let refusal = pod::pod_refused(&mut cri, &unsafe_config).await;
+    assert!(
+        refusal.contains("vm.overcommit_memory"),
+        "the refusal names the sysctl: {refusal}"
+    );
+    containerd.assert_no_leftovers(&kata);
+}
+
+/// Issue 13: a pod that asks for the node's network or pid namespace is refused with a clear
+/// error (a VM cannot give it the node's), leaving nothing; host IPC gets the pod-wide stand-in
+/// (the guest's IPC namespace, a guest /dev/shm) and runs.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn host_network_refused_clearly() {
+    use cri::v1::NamespaceMode;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    for (name, what) in [("kata-hostnet", "hostNetwork"), ("kata-hostpid", "hostPID")] {
+        let mut config = cri::pod_config(name, &containerd.log_dir());
+        let options = pod::namespace_options(&mut config);
+        if what == "hostNetwork" {
+            options.network = NamespaceMode::Node as i32;
+        } else {
+            options.pid = NamespaceMode::Node as i32;
+        }
+        let refusal = pod::pod_refused(&mut cri, &config).await;
+        assert!(
+            refusal.contains(what) && refusal.contains("kata-like"),
+            "{what}: {refusal}"
+        );
+        containerd.assert_no_leftovers(&kata);
+    }
+
+    let mut config = cri::pod_config("kata-hostipc", &containerd.log_dir());
+    pod::namespace_options(&mut config).ipc = NamespaceMode::Node as i32;
+    let pod_id = cri
+        .run_pod(&config, containerd::KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("hostIPC RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let mut container = cri::container_config(
+        "shm",
+        BUSYBOX_IMAGE,
+        &["sh", "-c", "echo x > /dev/shm/probe && cat /dev/shm/probe"],
+    );
+    if let Some(options) = container
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|c| c.namespace_options.as_mut())
+    {
+        options.ipc = NamespaceMode::Node as i32;
+    }
+    let c = pod::start_container(&mut cri, &pod_id, &config, &container).await;
+    assert_eq!(output_of(&mut cri, &c).await, ["x"]);
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+/// Issue 13: what a service mesh's init container does works in a kata-like pod: with
+/// NET_ADMIN, iptables (nft backend) installs a nat REDIRECT with an owner match and a mangle
+/// TPROXY rule in the pod's network, and the redirect takes effect.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn iptables_redirect_in_pod() {
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-iptables").await;
+    // (busybox's own `wget -T` crashes: `timeout` bounds each fetch.)
+    let script = "set -e
+mkdir -p /tmp/www && echo redirected > /tmp/www/index.html
+httpd -p 127.0.0.1:8080 -h /tmp/www
+if timeout 10 wget -q -O- http://127.0.0.1:80/; then echo 'port 80 answered before the rule'; exit 3; fi
+iptables -t nat -A OUTPUT -p tcp -d 127.0.0.1 --dport 80 -m owner ! --uid-owner 1337 -j REDIRECT --to-ports 8080
+iptables -t mangle -A PREROUTING -p tcp --dport 9999 -j TPROXY --on-port 15006 --tproxy-mark 0x1/0x1
+timeout 20 wget -q -O- http://127.0.0.1:80/
+iptables -t nat -S OUTPUT";
+    let mut config = cri::container_config(
+        "mesh-init",
+        containerd::IPTABLES_IMAGE,
+        &["sh", "-c", script],
+    );
+    if let Some(context) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        context.capabilities = Some(cri::v1::Capability {
+            add_capabilities: vec!["NET_ADMIN".into(), "NET_RAW".into()],
+            ..Default::default()
+        });
+    }
+    let c = pod::start_container(&mut cri, &pod_id, &pod, &config).await;
+    let lines = output_of(&mut cri, &c).await;
+    assert!(
+        lines.contains(&"redirected".to_string()),
+        "port 80 reaches the server on 8080 through the REDIRECT: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("REDIRECT") && l.contains("--to-ports 8080")),
+        "{lines:?}"
+    );
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
+/// Issue 15: the pod's limits (containerd's `io.kubernetes.cri.sandbox-*` annotations) size its
+/// VM: a container with a 1 GiB limit in a pod with a 1 GiB limit allocates 800 MiB and keeps
+/// running (the default VM has 128 MiB), while a container that exceeds its own limit is
+/// OOM-killed by the guest's cgroup, as under runc.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn vm_sized_from_pod_limits() {
+    const GIB: i64 = 1 << 30;
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let mut config = cri::pod_config("kata-sized", &containerd.log_dir());
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: GIB + (64 << 20),
+            ..Default::default()
+        });
+    }
+    let pod_id = cri
+        .run_pod(&config, containerd::KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+
+    // The guest's memory and the container's limit go to the log first: they explain a failure.
+    let mut big = cri::container_config(
+        "big",
+        containerd::VSOCK_PROBE_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "grep -E 'MemTotal|MemFree' /proc/meminfo; cat /sys/fs/cgroup/memory.max; exec /bin/memhog 800",
+        ],
+    );
+    let mut small = cri::container_config(
+        "small",
+        containerd::VSOCK_PROBE_IMAGE,
+        &["/bin/memhog", "200"],
+    );
+    for (c, limit) in [(&mut big, GIB), (&mut small, 64 << 20)] {
+        if let Some(linux) = c.linux.as_mut() {
+            linux.resources = Some(cri::v1::LinuxContainerResources {
+                memory_limit_in_bytes: limit,
+                ..Default::default()
+            });
+        }
+    }
+    let big = pod::start_container(&mut cri, &pod_id, &config, &big).await;
+    let status = cri.container_status(&big).await;
+    let deadline = std::time::Instant::now() + EXIT_LIMIT;
+    loop {
+        let status = cri.container_status(&big).await;
+        let log = cri::read_log(std::path::Path::new(&status.log_path));
+        if cri::stream_lines(&log, "stdout").contains(&"allocated 800 MiB".to_string()) {
+            break;
+        }
+        assert_eq!(
+            status.state,
+            cri::CONTAINER_RUNNING,
+            "the 800 MiB container ended before it allocated: {status:?} {:?} {:?}",
+            cri::stream_lines(&log, "stdout"),
+            cri::stream_lines(&log, "stderr")
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no allocation reported"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = cri.container_status(&big).await;
+    assert_eq!(
+        after.state,
+        cri::CONTAINER_RUNNING,
+        "keeps running with its 800 MiB: {after:?} (log {})",
+        status.log_path
+    );
+
+    let small = pod::start_container(&mut cri, &pod_id, &config, &small).await;
+    let status = cri.wait_exited(&small, EXIT_LIMIT).await;
+    assert_eq!(status.exit_code, 137, "{status:?}");
+    // The OOM event (guest cgroup -> agent -> shim -> containerd) marks the container.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut reason = status.reason.clone();
+    while reason != "OOMKilled" && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reason = cri.container_status(&small).await.reason;
+    }
+    assert_eq!(reason, "OOMKilled", "{status:?}");
+    assert_eq!(
+        cri.container_status(&big).await.state,
+        cri::CONTAINER_RUNNING,
+        "the neighbour's OOM kill leaves the big container alone"
+    );
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}

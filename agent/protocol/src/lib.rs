@@ -69,6 +69,8 @@ mod tests {
                 terminal: true,
                 stdin: false,
             }),
+            pid_namespace: PidNamespaceMode::Target as i32,
+            pid_namespace_target: "c0".into(),
         };
         let bytes = req.encode_to_vec();
         let back = CreateContainerRequest::decode(bytes.as_slice()).expect("decodes");

@@ -199,6 +199,7 @@ async fn run_agent(
                     upper_size_bytes: 0,
                 }),
                 stdio: None,
+                ..Default::default()
             })
             .await
             .expect("create");

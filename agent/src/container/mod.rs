@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kata_like_protocol::{CreateContainerRequest, ExecProcessRequest, OomEvent, OutputFd};
+use kata_like_protocol::{
+    CreateContainerRequest, ExecProcessRequest, OomEvent, OutputFd, PidNamespaceMode,
+};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tokio::sync::broadcast;
@@ -182,6 +184,42 @@ impl Containers {
         }
     }
 
+    /// The pid namespace a new container joins, as the shim resolved the CRI's mode: `None` for
+    /// a new one of its own.
+    fn pid_namespace(
+        &self,
+        req: &CreateContainerRequest,
+        sandbox: &SandboxContext<'_>,
+    ) -> Result<Option<PathBuf>, Error> {
+        match PidNamespaceMode::try_from(req.pid_namespace) {
+            Ok(PidNamespaceMode::Own) => Ok(None),
+            Ok(PidNamespaceMode::Pod) => sandbox.pid_ns.clone().map(Some).ok_or_else(|| {
+                Error::failed_precondition(
+                    "the container asks for the pod's pid namespace, but the sandbox was \
+                     created without one (CreateSandbox shared_pid_namespace)",
+                )
+            }),
+            Ok(PidNamespaceMode::Target) => {
+                let target = &req.pid_namespace_target;
+                check_id("pid namespace target", target)?;
+                let running = self
+                    .container(target)?
+                    .init()
+                    .filter(|init| init.exited().is_none())
+                    .ok_or_else(|| {
+                        Error::failed_precondition(format!(
+                            "pid namespace target {target} has no running init process"
+                        ))
+                    })?;
+                Ok(Some(PathBuf::from(format!("/proc/{}/ns/pid", running.pid))))
+            }
+            Err(_) => Err(invalid(format!(
+                "pid_namespace {} is not a known mode",
+                req.pid_namespace
+            ))),
+        }
+    }
+
     async fn create_inner(
         &self,
         sandbox: &SandboxContext<'_>,
@@ -200,13 +238,14 @@ impl Containers {
         };
         // Validate the spec before touching anything (rootfs path is known in advance).
         let rootfs_path = container.dir.join("rootfs");
+        let pid_ns = self.pid_namespace(req, sandbox)?;
         let ctx = SpecContext {
             container_id: &container.id,
             sandbox_id: sandbox.id,
             rootfs: &rootfs_path,
             state_dir: &self.state_dir,
             terminal: stdio_req.terminal,
-            sandbox_pid_ns: sandbox.pid_ns.clone(),
+            pid_ns,
             sandbox_hostname: Some(sandbox.hostname.to_string()).filter(|h| !h.is_empty()),
             // On a read-only rootfs a missing mount point cannot be created: inject the
             // sandbox files only where the image has them.

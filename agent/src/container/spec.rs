@@ -34,8 +34,9 @@ pub struct SpecContext<'a> {
     /// Root under which bind-mount sources must lie (storages, copied files).
     pub state_dir: &'a Path,
     pub terminal: bool,
-    /// Path of the sandbox's shared pid namespace, if it has one.
-    pub sandbox_pid_ns: Option<PathBuf>,
+    /// The pid namespace the container joins (the pod's shared one, or a target container's):
+    /// `None` for a new one of its own.
+    pub pid_ns: Option<PathBuf>,
     pub sandbox_hostname: Option<String>,
     /// Sandbox files bind-mounted into containers that do not mount these paths themselves:
     /// (destination, source).
@@ -238,29 +239,20 @@ pub fn adapt_spec(json: &[u8], ctx: &SpecContext) -> Result<Spec, Error> {
     ));
 
     // Namespaces: host paths are meaningless in the guest. The pod's network, IPC and UTS
-    // namespaces are the guest's own, so "join the pod's" becomes "stay in the agent's"; a pid
-    // namespace joins the sandbox's shared one if it has one.
-    let mut namespaces = Vec::new();
+    // namespaces are the guest's own, so "join the pod's" becomes "stay in the agent's". The pid
+    // namespace is the one the shim resolved (ctx.pid_ns), whatever the spec says, and always
+    // present: a container never shares the agent's pid namespace, where it would see (and,
+    // privileged, signal or trace) the agent and every other container's processes.
+    let mut namespaces = vec![pid_ns(ctx)];
     for ns in linux.namespaces().clone().unwrap_or_default() {
         let typ = ns.typ();
         match (typ, ns.path()) {
-            (_, None) if typ == LinuxNamespaceType::Pid && ctx.sandbox_pid_ns.is_some() => {
-                namespaces.push(pid_ns(ctx));
-            }
+            (LinuxNamespaceType::Pid, _) => {}
             (_, None) => namespaces.push(ns),
             (
                 LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts,
                 Some(_),
             ) => {}
-            (LinuxNamespaceType::Pid, Some(_)) => {
-                if ctx.sandbox_pid_ns.is_some() {
-                    namespaces.push(pid_ns(ctx));
-                } else {
-                    let mut fresh = LinuxNamespace::default();
-                    fresh.set_typ(LinuxNamespaceType::Pid);
-                    namespaces.push(fresh);
-                }
-            }
             (other, Some(path)) => {
                 return Err(invalid(format!(
                     "joining the {other:?} namespace at {} is not allowed in the guest",
@@ -399,7 +391,7 @@ fn admits(check: &LinuxSeccompArg, value: u64) -> bool {
 fn pid_ns(ctx: &SpecContext) -> LinuxNamespace {
     let mut ns = LinuxNamespace::default();
     ns.set_typ(LinuxNamespaceType::Pid);
-    ns.set_path(ctx.sandbox_pid_ns.clone());
+    ns.set_path(ctx.pid_ns.clone());
     ns
 }
 
@@ -415,7 +407,7 @@ mod tests {
             rootfs,
             state_dir: state,
             terminal: false,
-            sandbox_pid_ns: None,
+            pid_ns: None,
             sandbox_hostname: Some("pod".into()),
             sandbox_files: vec![],
         }
@@ -441,9 +433,51 @@ mod tests {
             Some(Path::new("/kata-like/sb/c1"))
         );
         let namespaces = linux.namespaces().as_ref().unwrap();
-        assert_eq!(namespaces.len(), 1, "the host netns path is dropped");
-        assert_eq!(namespaces[0].typ(), LinuxNamespaceType::Uts);
+        let types: Vec<_> = namespaces.iter().map(|ns| ns.typ()).collect();
+        assert_eq!(
+            types,
+            [LinuxNamespaceType::Pid, LinuxNamespaceType::Uts],
+            "the host netns path is dropped; a pid namespace is always there"
+        );
         assert_eq!(spec.hostname().as_deref(), Some("pod"));
+    }
+
+    #[test]
+    fn the_pid_namespace_is_the_resolved_one_never_the_specs_host_path() {
+        let state = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("rootfs");
+        let with_pid = |pid: &str| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"args":["/bin/true"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                   "root":{{"path":"/r"}},"linux":{{"namespaces":[{pid}]}}}}"#
+            )
+            .into_bytes()
+        };
+        let pid_entries = |spec: &Spec| -> Vec<Option<PathBuf>> {
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter(|ns| ns.typ() == LinuxNamespaceType::Pid)
+                .map(|ns| ns.path().clone())
+                .collect()
+        };
+        let host_path = r#"{"type":"pid","path":"/proc/4242/ns/pid"}"#;
+        // Own: a fresh namespace, whatever host path containerd wrote, and also when the spec has
+        // no pid namespace at all (the agent's own must never be shared).
+        let own = ctx(state.path(), &rootfs);
+        for entry in [host_path, r#"{"type":"pid"}"#, r#"{"type":"uts"}"#] {
+            let spec = adapt_spec(&with_pid(entry), &own).unwrap();
+            assert_eq!(pid_entries(&spec), [None], "{entry}");
+        }
+        // Pod or target: the resolved guest path replaces the host's.
+        let mut joined = ctx(state.path(), &rootfs);
+        joined.pid_ns = Some(PathBuf::from("/proc/7/ns/pid"));
+        let spec = adapt_spec(&with_pid(host_path), &joined).unwrap();
+        assert_eq!(pid_entries(&spec), [Some(PathBuf::from("/proc/7/ns/pid"))]);
     }
 
     #[test]

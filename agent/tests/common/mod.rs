@@ -115,6 +115,8 @@ pub struct TestAgent {
     pub socket: PathBuf,
     child: Option<Child>,
     pub client: Client,
+    /// The pid namespace mode [`create`] asks for (a `PidNamespaceMode`).
+    pub pid_namespace: i32,
 }
 
 pub async fn connect(socket: &Path) -> Result<Client, tonic::transport::Error> {
@@ -186,6 +188,7 @@ impl TestAgent {
             socket,
             child: Some(child),
             client,
+            pid_namespace: PidNamespaceMode::Own as i32,
         }
     }
 
@@ -334,6 +337,8 @@ pub async fn create(
             oci_spec_json: serde_json::to_vec(spec).unwrap(),
             rootfs: Some(rootfs),
             stdio: stdio_,
+            pid_namespace: agent.pid_namespace,
+            pid_namespace_target: String::new(),
         })
         .await
         .map(|r| r.into_inner().pid)

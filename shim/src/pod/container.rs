@@ -9,12 +9,15 @@ use std::sync::Arc;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use kata_like_protocol as pb;
 
+use super::namespaces::{self, PidNamespace, TaskOwner};
 use super::process::{now, ExitInfo, Process, Status, StdioPaths};
 use super::rootfs::{self, ImageBuilder, RootfsMount};
 use super::spec::{self, Bundle, Role};
 use super::{lock, Pod, STATE_DIR_FILE};
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
+use crate::pod_limits;
+use crate::vm::agent_client::PodIdentity;
 use crate::vm::vm::Vm;
 
 /// How long RemoveContainer lets left-over processes live before SIGKILL.
@@ -112,15 +115,24 @@ impl Pod {
                         new.id
                     )));
                 }
+                let identity = if role == Role::Sandbox {
+                    namespaces::check_sandbox(&bundle.spec)?;
+                    PodIdentity {
+                        hostname: bundle.hostname(),
+                        sysctls: namespaces::sandbox_sysctls(&bundle.spec)?,
+                        shared_pid_namespace: true,
+                    }
+                } else {
+                    // A standalone container applies its own spec's sysctls, in its own pid
+                    // namespace.
+                    PodIdentity {
+                        hostname: bundle.hostname(),
+                        ..Default::default()
+                    }
+                };
                 let shape = config::vm_shape(&config, &bundle.annotations)?;
-                let vm = Vm::start(
-                    &config,
-                    &shape,
-                    &self.inner.namespace,
-                    &new.id,
-                    &bundle.hostname(),
-                )
-                .await?;
+                let vm =
+                    Vm::start(&config, &shape, &self.inner.namespace, &new.id, &identity).await?;
                 let state_file = Path::new(&new.bundle).join(STATE_DIR_FILE);
                 if let Err(e) =
                     std::fs::write(&state_file, vm.state_dir.as_os_str().as_encoded_bytes())
@@ -182,6 +194,7 @@ impl Pod {
     ) -> Result<()> {
         let vm = self.vm()?;
         vm.check_alive()?;
+        pod_limits::check_container_fits(&bundle.spec, vm.memory_mib)?;
         let attached = self
             .attach_storages(config, &vm, new, bundle, container)
             .await;
@@ -237,6 +250,12 @@ impl Pod {
             rootfs_ms = started.elapsed().as_millis() as u64,
             "rootfs attached"
         );
+        let pid_namespace = match &container.role {
+            Role::App { .. } => {
+                namespaces::pid_namespace(&bundle.spec, |pid| self.task_owner(pid))?
+            }
+            Role::Sandbox | Role::Standalone => PidNamespace::Own,
+        };
         let guest = spec::guest_spec(&bundle.spec)?;
         for dir in &guest.dirs {
             let (mount_point, fresh) = vm.attach_tmpfs(&dir.storage_id).await?;
@@ -255,7 +274,14 @@ impl Pod {
             .unwrap_or(false);
         let oci_spec_json = serde_json::to_vec(&guest.spec)
             .map_err(|e| Error::Other(format!("encode spec: {e}")))?;
+        let (pid_mode, pid_namespace_target) = match pid_namespace {
+            PidNamespace::Own => (pb::PidNamespaceMode::Own, String::new()),
+            PidNamespace::Pod => (pb::PidNamespaceMode::Pod, String::new()),
+            PidNamespace::Target(id) => (pb::PidNamespaceMode::Target, id),
+        };
         Ok(pb::CreateContainerRequest {
+            pid_namespace: pid_mode as i32,
+            pid_namespace_target,
             container_id: new.id.clone(),
             oci_spec_json,
             rootfs: Some(pb::Rootfs {
@@ -268,6 +294,25 @@ impl Pod {
                 stdin: !new.stdio.stdin.is_empty(),
             }),
         })
+    }
+
+    /// Whose task `pid` is, as containerd sees task pids: the sandbox's is the VMM's, a guest
+    /// container's its guest pid. Should a guest pid equal the VMM's, the sandbox wins (POD is
+    /// by far the more common mode; TARGET is for ephemeral debug containers).
+    fn task_owner(&self, pid: u32) -> Option<TaskOwner> {
+        let containers = lock(&self.inner.containers);
+        let mut owner = None;
+        for (id, c) in containers.iter() {
+            if c.init.pid() != pid {
+                continue;
+            }
+            match c.role {
+                Role::Sandbox => return Some(TaskOwner::Sandbox),
+                Role::App { .. } => owner = Some(TaskOwner::Container(id.clone())),
+                Role::Standalone => {}
+            }
+        }
+        owner
     }
 
     async fn release_storages(&self, vm: &Vm, container: &mut Container) {

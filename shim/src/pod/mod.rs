@@ -4,6 +4,7 @@
 //! sandbox (pause) container creates the VM and does not run in it: its "process" is the VM,
 //! its pid the VMM's, its exit the VM's end. Application containers run in the guest through
 //! the agent. A container without CRI annotations (`ctr run`) gets a VM of its own and runs in it.
+//! `namespaces.rs` maps the CRI's namespace modes (pod, container, target, node) onto the VM.
 //!
 //! `container.rs` creates and deletes containers with their storages, `process_io.rs` starts,
 //! signals and waits for processes and wires their stdio, `watch.rs` follows the VM's death and
@@ -12,6 +13,7 @@
 //! an [`EventSink`] it hands in.
 
 pub mod container;
+pub mod namespaces;
 pub mod process;
 pub mod process_io;
 pub mod rootfs;

@@ -258,11 +258,8 @@ fn rewrite_mount(
             "bind mount source {source:?} must be absolute without \"..\""
         )));
     }
-    if source.starts_with("/dev/") {
-        // Device nodes exist in the guest too.
-        return Ok(());
-    }
-    let read_only = options.iter().any(|o| o == "ro");
+    // The pod's /dev/shm (the sandbox's, or the node's /dev/shm itself for a hostIPC pod, whose
+    // stand-in is the pod's own IPC namespace: see namespaces.rs) is a tmpfs of the guest.
     if destination == "/dev/shm" {
         *m = json!({
             "destination": "/dev/shm",
@@ -272,6 +269,11 @@ fn rewrite_mount(
         });
         return Ok(());
     }
+    if source.starts_with("/dev/") {
+        // Device nodes exist in the guest too.
+        return Ok(());
+    }
+    let read_only = options.iter().any(|o| o == "ro");
     let meta = std::fs::metadata(source_path)
         .map_err(|e| Error::InvalidArgument(format!("bind mount source {source}: {e}")))?;
     let guest_source = if meta.is_file() {

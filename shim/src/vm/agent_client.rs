@@ -23,6 +23,16 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
 
+/// What makes the guest this pod, set through the agent's CreateSandbox once it is up.
+#[derive(Clone, Debug, Default)]
+pub struct PodIdentity {
+    pub hostname: String,
+    /// The pod's namespaced sysctls, applied guest-wide (the guest is the pod).
+    pub sysctls: std::collections::HashMap<String, String>,
+    /// Whether the pod has a shared pid namespace for its containers to join (CRI POD mode).
+    pub shared_pid_namespace: bool,
+}
+
 /// Longest line the VMM may answer the CONNECT with.
 const MAX_HANDSHAKE_LINE: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -247,10 +257,12 @@ impl Agent {
         .map(drop)
     }
 
-    pub async fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<()> {
+    pub async fn create_sandbox(&self, sandbox_id: &str, identity: &PodIdentity) -> Result<()> {
         let msg = pb::CreateSandboxRequest {
             sandbox_id: sandbox_id.to_string(),
-            hostname: hostname.to_string(),
+            hostname: identity.hostname.clone(),
+            sysctls: identity.sysctls.clone(),
+            shared_pid_namespace: identity.shared_pid_namespace,
             ..Default::default()
         };
         self.call(Rpc::CreateSandbox, msg, |mut c, r| async move {

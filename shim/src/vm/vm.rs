@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
-use crate::vm::agent_client::Agent;
+use crate::vm::agent_client::{Agent, PodIdentity};
 use crate::vm::storage::{storage_mount_point, LayerImage};
 use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
 
@@ -84,6 +84,8 @@ pub struct Vm {
     pub sandbox_id: String,
     pub state_dir: PathBuf,
     pub pid: u32,
+    /// The VM's guest memory, as booted.
+    pub memory_mib: u32,
     pub api: VmmApi,
     pub agent: Agent,
     paths: VmmPaths,
@@ -110,14 +112,14 @@ impl Vm {
         shape: &VmShape,
         namespace: &str,
         sandbox_id: &str,
-        hostname: &str,
+        identity: &PodIdentity,
     ) -> Result<Arc<Vm>> {
         let state_dir = state_dir_for(config, namespace, sandbox_id)?;
         // A state dir left by a shim that died is cleaned before reuse.
         cleanup_state_dir(&state_dir)?;
         std::fs::create_dir_all(&state_dir)
             .map_err(Error::io(format!("create {}", state_dir.display())))?;
-        match Vm::boot(config, shape, &state_dir, sandbox_id, hostname).await {
+        match Vm::boot(config, shape, &state_dir, sandbox_id, identity).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 let tail = console_tail(&state_dir.join("console.log"));
@@ -140,7 +142,7 @@ impl Vm {
         shape: &VmShape,
         state_dir: &Path,
         sandbox_id: &str,
-        hostname: &str,
+        identity: &PodIdentity,
     ) -> Result<Arc<Vm>> {
         for (what, path) in [("VMM", &config.vmm.path), ("kernel", &config.vmm.kernel)] {
             if !path.exists() {
@@ -193,6 +195,7 @@ impl Vm {
             sandbox_id: sandbox_id.to_string(),
             state_dir: state_dir.to_path_buf(),
             pid,
+            memory_mib: shape.memory_mib,
             api: VmmApi::new(&paths.api_sock),
             agent,
             paths,
@@ -239,7 +242,7 @@ impl Vm {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
             vm.agent.set_time(now).await?;
-            vm.agent.create_sandbox(sandbox_id, hostname).await?;
+            vm.agent.create_sandbox(sandbox_id, identity).await?;
             Ok::<(), Error>(())
         };
         if let Err(e) = setup.await {
@@ -659,7 +662,7 @@ mod tests {
             memory_mib: 128,
             debug_console: false,
         };
-        Vm::start(config, &shape, "default", "pod1", "")
+        Vm::start(config, &shape, "default", "pod1", &PodIdentity::default())
             .await
             .unwrap_err()
             .to_string()

@@ -538,13 +538,29 @@ fn vsock_probe(addresses: &[String]) -> i32 {
     0
 }
 
+/// `memhog MIB` (the program invoked under that name, e.g. /bin/memhog in a test image):
+/// allocates MIB MiB and writes every byte, prints `allocated MIB MiB`, then holds the memory
+/// until killed; exits 2 on a malformed argument. Issue 15's sizing test runs it in a container
+/// with a memory limit: it must either keep running or be OOM-killed by its own limit.
+fn memhog(args: &[String]) -> i32 {
+    let Some(mib) = args.first().and_then(|a| a.parse::<usize>().ok()) else {
+        eprintln!("memhog: usage: memhog MIB");
+        return 2;
+    };
+    let chunks: Vec<Vec<u8>> = (0..mib).map(|_| vec![1u8; 1 << 20]).collect();
+    println!("allocated {mib} MiB");
+    loop {
+        std::hint::black_box(&chunks);
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args
-        .first()
-        .is_some_and(|argv0| argv0.rsplit('/').next() == Some("vsock-probe"))
-    {
-        std::process::exit(vsock_probe(&args[1..]));
+    match args.first().and_then(|argv0| argv0.rsplit('/').next()) {
+        Some("vsock-probe") => std::process::exit(vsock_probe(&args[1..])),
+        Some("memhog") => std::process::exit(memhog(&args[1..])),
+        _ => {}
     }
     // The boot benchmark's marker: the first thing /init does. The kernel hands unknown
     // `key=value` command-line parameters to init as environment variables, so this needs no
