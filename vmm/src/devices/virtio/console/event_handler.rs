@@ -66,8 +66,8 @@ mod tests {
         let rx = TestQueue::new(&mem, 0x1_0000, 8);
         let tx = TestQueue::new(&mem, 0x2_0000, 8);
         let log = tempfile::tempfile().expect("tempfile");
-        let out = ConsoleOutput::new(ConsoleSink::File(log.try_clone().expect("clone")))
-            .expect("sink");
+        let out =
+            ConsoleOutput::new(ConsoleSink::File(log.try_clone().expect("clone"))).expect("sink");
         let mut dev = Console::new(out);
         let irq = activate(&mut dev, &mem, &[&rx, &tx]);
         Fixture {
@@ -101,8 +101,7 @@ mod tests {
         f.put(0x10_1000, b"wor");
         f.put(0x10_2000, b"ld\n");
         f.tx.add_chain(&[TestDesc::read(0x10_0000, 6)]);
-        f.tx
-            .add_chain(&[TestDesc::read(0x10_1000, 3), TestDesc::read(0x10_2000, 3)]);
+        f.tx.add_chain(&[TestDesc::read(0x10_1000, 3), TestDesc::read(0x10_2000, 3)]);
         f.dev.process_queue(TRANSMIT_QUEUE);
         assert_eq!(f.logged(), "hello world\n");
         assert_eq!(f.tx.used_idx(), 2);
@@ -120,14 +119,12 @@ mod tests {
         f.put(0x10_0000, b"secret");
         f.put(0x10_1000, b"ok\n");
         // A device-writable buffer in a transmit chain (with valid bytes before it).
-        f.tx
-            .add_chain(&[TestDesc::read(0x10_0000, 6), TestDesc::write(0x10_1000, 3)]);
+        f.tx.add_chain(&[TestDesc::read(0x10_0000, 6), TestDesc::write(0x10_1000, 3)]);
         // Outside guest memory (16 MiB), and straddling its end.
         f.tx.add_chain(&[TestDesc::read(0x1_0000_0000, 16)]);
         f.tx.add_chain(&[TestDesc::read((16 << 20) - 2, 16)]);
         // Longer than the device accepts, in one descriptor and summed over several.
-        f.tx
-            .add_chain(&[TestDesc::read(0x10_0000, MAX_CHAIN_BYTES as u32 + 1)]);
+        f.tx.add_chain(&[TestDesc::read(0x10_0000, MAX_CHAIN_BYTES as u32 + 1)]);
         f.tx.add_chain(&[
             TestDesc::read(0x10_0000, u32::MAX),
             TestDesc::read(0x10_0000, u32::MAX),
@@ -146,8 +143,7 @@ mod tests {
     fn a_chain_of_exactly_the_limit_is_accepted() {
         let mut f = fixture();
         f.put(0x10_0000, &vec![b'a'; MAX_CHAIN_BYTES]);
-        f.tx
-            .add_chain(&[TestDesc::read(0x10_0000, MAX_CHAIN_BYTES as u32)]);
+        f.tx.add_chain(&[TestDesc::read(0x10_0000, MAX_CHAIN_BYTES as u32)]);
         f.dev.process_queue(TRANSMIT_QUEUE);
         assert_eq!(f.logged().len(), MAX_CHAIN_BYTES);
         assert_eq!(f.dev.metrics.invalid_chains, 0);
@@ -158,7 +154,11 @@ mod tests {
         let mut f = fixture();
         f.rx.add_chain(&[TestDesc::write(0x10_0000, 64)]);
         f.dev.process_queue(RECEIVE_QUEUE);
-        assert_eq!(f.rx.used_idx(), 0, "no input: receive buffers are never used");
+        assert_eq!(
+            f.rx.used_idx(),
+            0,
+            "no input: receive buffers are never used"
+        );
         // A queue index the device does not have is ignored.
         f.dev.process_queue(7);
         f.tx.set_avail_idx(100);
