@@ -21,8 +21,8 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::pod_limits;
 
-/// Virtio devices of a pod VM besides its drive slots: vsock and rng.
-const NON_DRIVE_DEVICES: u32 = 2;
+/// Virtio devices of a pod VM besides its drive slots: vsock, rng and console.
+const NON_DRIVE_DEVICES: u32 = 3;
 /// Most drive slots: the VMM's device limit minus the other devices.
 const MAX_DRIVE_SLOTS: u32 = MAX_VIRTIO_DEVICES as u32 - NON_DRIVE_DEVICES;
 
@@ -53,6 +53,7 @@ pub struct Config {
     pub limits: Limits,
     pub sizing: SizingConfig,
     pub annotations: AnnotationsConfig,
+    pub console_log: ConsoleLogConfig,
     /// Per-sandbox state (sockets, pid file, console log, jail dir) lives under
     /// `<state_dir>/<16 hex digits of sha256(namespace/sandbox id)>/`.
     pub state_dir: PathBuf,
@@ -99,6 +100,35 @@ pub struct JailConfig {
     pub gid: Option<u32>,
 }
 
+/// The host-side guest console log, `<pod state dir>/console.log`: the shim writes it from a
+/// pipe the VMM writes the console into, and rotates it so that a guest flooding its console
+/// keeps at most `max_bytes * (1 + files)` bytes on the host, the newest ones.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleLogConfig {
+    /// Largest size of `console.log` and of each rotated file.
+    pub max_bytes: u64,
+    /// Rotated files kept (`console.log.1` newest ... `console.log.N`); 0 keeps only the
+    /// current file, which then starts over when full.
+    pub files: u32,
+}
+
+/// Smallest `console_log.max_bytes`: the failure reports quote the console's last 4 KiB.
+pub const MIN_CONSOLE_LOG_BYTES: u64 = 4096;
+/// Largest `console_log.max_bytes` (1 GiB): the log lives under /run, in memory.
+pub const MAX_CONSOLE_LOG_BYTES: u64 = 1 << 30;
+/// Most rotated console log files.
+pub const MAX_CONSOLE_LOG_FILES: u32 = 16;
+
+impl Default for ConsoleLogConfig {
+    fn default() -> Self {
+        ConsoleLogConfig {
+            max_bytes: 1024 * 1024,
+            files: 2,
+        }
+    }
+}
+
 /// Upper bounds for values a pod may ask for through annotations.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -138,6 +168,7 @@ impl Default for Config {
             limits: Limits::default(),
             sizing: SizingConfig::default(),
             annotations: AnnotationsConfig::default(),
+            console_log: ConsoleLogConfig::default(),
             state_dir: PathBuf::from("/run/kata-like"),
             rootfs_cache_dir: PathBuf::from("/run/kata-like/rootfs-cache"),
             rootfs_cache_entries: 64,
@@ -153,7 +184,7 @@ impl Default for VmmConfig {
             path: PathBuf::from("/usr/local/bin/kata-like-vmm"),
             kernel: PathBuf::from("/usr/share/kata-like/vmlinux"),
             initrd: Some(PathBuf::from("/usr/share/kata-like/initramfs.cpio")),
-            kernel_params: "console=ttyS0 panic=-1 reboot=t quiet".into(),
+            kernel_params: "console=hvc0 panic=-1 reboot=t quiet".into(),
             vcpus: 1,
             memory_mib: 128,
             drive_slots: 8,
@@ -287,7 +318,7 @@ impl Config {
         if self.vmm.drive_slots == 0 || self.vmm.drive_slots > MAX_DRIVE_SLOTS {
             return bad(format!(
                 "vmm.drive_slots must be 1..={MAX_DRIVE_SLOTS} (the VMM's {MAX_VIRTIO_DEVICES} \
-                 virtio devices minus vsock and rng), got {}",
+                 virtio devices minus vsock, rng and console), got {}",
                 self.vmm.drive_slots
             ));
         }
@@ -298,6 +329,19 @@ impl Config {
                 "sizing.memory_overhead_mib must be at most limits.max_memory_mib ({}) and \
                  sizing.vcpus_overhead at most limits.max_vcpus ({})",
                 self.limits.max_memory_mib, self.limits.max_vcpus
+            ));
+        }
+        if !(MIN_CONSOLE_LOG_BYTES..=MAX_CONSOLE_LOG_BYTES).contains(&self.console_log.max_bytes) {
+            return bad(format!(
+                "console_log.max_bytes must be {MIN_CONSOLE_LOG_BYTES}..={MAX_CONSOLE_LOG_BYTES}, \
+                 got {}",
+                self.console_log.max_bytes
+            ));
+        }
+        if self.console_log.files > MAX_CONSOLE_LOG_FILES {
+            return bad(format!(
+                "console_log.files must be 0..={MAX_CONSOLE_LOG_FILES}, got {}",
+                self.console_log.files
             ));
         }
         if self.vmm.boot_timeout_ms == 0 || self.vmm.agent_call_timeout_ms == 0 {
@@ -533,6 +577,28 @@ mod tests {
             .to_string();
         assert!(err.contains("memory_mib"), "{err}");
         assert!(Config::parse("this is not toml").is_err());
+    }
+
+    #[test]
+    fn console_log_cap_defaults_and_bounds() {
+        let config = Config::parse("").expect("defaults");
+        assert_eq!(config.console_log.max_bytes, 1024 * 1024);
+        assert_eq!(config.console_log.files, 2);
+        let config = Config::parse("[console_log]\nmax_bytes = 4096\nfiles = 0\n").expect("ok");
+        assert_eq!(config.console_log.max_bytes, 4096);
+        assert_eq!(config.console_log.files, 0);
+        for (text, key) in [
+            ("[console_log]\nmax_bytes = 100\n", "console_log.max_bytes"),
+            (
+                "[console_log]\nmax_bytes = 2147483648\n",
+                "console_log.max_bytes",
+            ),
+            ("[console_log]\nfiles = 17\n", "console_log.files"),
+            ("[console_log]\nrotate = 1\n", "rotate"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

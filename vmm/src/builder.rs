@@ -15,9 +15,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::*;
 use crate::arch::{boot, mptable};
 use crate::devices::bus::Bus;
-use crate::devices::legacy::serial::{ConsoleSink, ConsoleWriter, SerialDevice};
+use crate::devices::console_sink::{ConsoleCounters, ConsoleOutput, ConsoleSink};
+use crate::devices::legacy::serial::{ConsoleWriter, SerialDevice};
 use crate::devices::virtio::block::device::Backing;
 use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::console::Console;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
@@ -179,7 +181,7 @@ pub fn build_vmm(r: &VmConfig, o: OpenedResources) -> Result<Vmm, BuildError> {
         pio: parts.pio,
         mmio: parts.mmio,
         serial: parts.serial,
-        console_bytes: parts.console_bytes,
+        console: parts.console,
         transports: parts.transports,
         devices: parts.devices,
         vcpus: parts.vcpus,
@@ -194,7 +196,7 @@ struct Parts {
     pio: Bus,
     mmio: Bus,
     serial: Arc<Mutex<SerialDevice>>,
-    console_bytes: Arc<std::sync::atomic::AtomicU64>,
+    console: Arc<ConsoleCounters>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     devices: Vec<DeviceInfo>,
     vcpus: Vec<Vcpu>,
@@ -239,9 +241,13 @@ fn assemble(
     vm.fd()
         .register_irqfd(&serial_irq, SERIAL_IRQ)
         .map_err(|e| BuildError::Kvm("serial irqfd", e))?;
-    let console = ConsoleWriter::new(o.console);
-    let console_bytes = console.bytes.clone();
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    // One sink for both consoles: the guest prints on either (ttyS0 early or in tests, hvc0
+    // in pod VMs).
+    let console = ConsoleOutput::new(o.console).map_err(BuildError::Device)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        ConsoleWriter::new(console.clone()),
+    )));
     pio.insert(u64::from(COM1_BASE), 8, serial.clone())?;
 
     let mut devices: Vec<(Box<dyn VirtioDevice>, DeviceInfo)> = Vec::new();
@@ -293,6 +299,16 @@ fn assemble(
             Box::new(Rng::new()),
             DeviceInfo {
                 kind: "rng",
+                id: None,
+            },
+        ));
+    }
+
+    if r.virtio_console {
+        devices.push((
+            Box::new(Console::new(console.clone())),
+            DeviceInfo {
+                kind: "console",
                 id: None,
             },
         ));
@@ -362,7 +378,7 @@ fn assemble(
         pio,
         mmio,
         serial,
-        console_bytes,
+        console: console.counters.clone(),
         transports,
         devices: infos,
         vcpus,

@@ -2,13 +2,13 @@
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 
 use crate::api::ApiContext;
 use crate::devices::bus::{lock, Bus};
+use crate::devices::console_sink::ConsoleCounters;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
@@ -52,7 +52,7 @@ pub struct Vmm {
     pub pio: Bus,
     pub mmio: Bus,
     pub serial: Arc<Mutex<SerialDevice>>,
-    pub console_bytes: Arc<AtomicU64>,
+    pub console: Arc<ConsoleCounters>,
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub devices: Vec<DeviceInfo>,
     pub vcpus: Vec<Vcpu>,
@@ -133,7 +133,7 @@ impl Vmm {
                 transports: self.transports.clone(),
                 devices: self.devices.clone(),
                 vcpu_threads: vcpu_threads.clone(),
-                console_bytes: self.console_bytes.clone(),
+                console: self.console.clone(),
             });
             let spawned = thread_builder("api").spawn(move || {
                 if let Err(e) = enter_thread(ThreadKind::Api, seccomp_settings) {

@@ -31,6 +31,7 @@ impl Pod {
         tokio::spawn(async move {
             let exit = vm.wait_exit().await;
             if !vm.is_stopping() {
+                vm.console_flushed().await;
                 tracing::error!(
                     sandbox_id = %vm.sandbox_id,
                     status = exit.status,

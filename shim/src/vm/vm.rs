@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
 use crate::vm::agent_client::{Agent, PodIdentity};
+use crate::vm::console_log::{self, RotatingLog};
 use crate::vm::storage::{storage_mount_point, LayerImage};
 use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
 
@@ -30,6 +31,9 @@ pub struct VmExit {
 
 /// Bytes of the console log kept in the shim's log when the VM dies.
 const CONSOLE_TAIL_BYTES: u64 = 4096;
+/// How long the console drain may take to read what a VMM that ended left in the pipe (a
+/// guard: it reads at most a pipe's worth).
+const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a graceful stop may take before the VMM is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -94,6 +98,8 @@ pub struct Vm {
     storages: tokio::sync::Mutex<Storages>,
     /// Set once a stop was asked for: the VM's end is then expected, not a failure.
     stopping: Mutex<bool>,
+    /// The task copying the console pipe into the rotated console log; ends with the VMM.
+    console_drain: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -122,8 +128,8 @@ impl Vm {
         match Vm::boot(config, shape, &state_dir, sandbox_id, identity).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
-                let tail = console_tail(&state_dir.join("console.log"));
-                let vmm_log = console_tail(&state_dir.join("vmm.log"));
+                let tail = console_log::tail(&state_dir.join("console.log"), CONSOLE_TAIL_BYTES);
+                let vmm_log = console_log::tail(&state_dir.join("vmm.log"), CONSOLE_TAIL_BYTES);
                 if let Err(ce) = cleanup_state_dir(&state_dir) {
                     tracing::error!(sandbox_id, error = %ce, "cleanup after a failed boot");
                 }
@@ -162,7 +168,18 @@ impl Vm {
         }
         let paths = VmmPaths::new(state_dir);
         let started = std::time::Instant::now();
-        let mut child = vmm::spawn(config, shape, &paths)?;
+        let console = RotatingLog::create(
+            &paths.console_log,
+            config.console_log.max_bytes,
+            config.console_log.files,
+        )
+        .map_err(Error::io(format!("create {}", paths.console_log.display())))?;
+        let (mut child, console_pipe) = vmm::spawn(config, shape, &paths)?;
+        let console_drain = tokio::spawn(console_log::drain(
+            console_pipe,
+            console,
+            sandbox_id.to_string(),
+        ));
         let pid = child.id().unwrap_or(0);
         let (exit_tx, exit_rx) = watch::channel(None);
         let sid = sandbox_id.to_string();
@@ -203,6 +220,7 @@ impl Vm {
             exited: exit_rx,
             storages: tokio::sync::Mutex::new(Storages::default()),
             stopping: Mutex::new(false),
+            console_drain: Mutex::new(Some(console_drain)),
         });
         let watch = vm.exited.clone();
         let health = vm
@@ -227,6 +245,7 @@ impl Vm {
                 };
                 vm.kill();
                 vm.wait_exit().await;
+                vm.console_flushed().await;
                 return Err(e);
             }
         };
@@ -248,6 +267,7 @@ impl Vm {
         if let Err(e) = setup.await {
             vm.kill();
             vm.wait_exit().await;
+            vm.console_flushed().await;
             return Err(e);
         }
         Ok(vm)
@@ -337,9 +357,29 @@ impl Vm {
         }
     }
 
+    /// Once the VMM has ended: waits (bounded) until the console drain has copied what the
+    /// VMM left in the pipe, so that the console log and its tail are complete.
+    pub async fn console_flushed(&self) {
+        let drain = self
+            .console_drain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(drain) = drain {
+            if tokio::time::timeout(CONSOLE_FLUSH_TIMEOUT, drain)
+                .await
+                .is_err()
+            {
+                tracing::warn!(sandbox_id = %self.sandbox_id, "the guest console pipe stayed open after the VMM ended");
+            }
+        }
+    }
+
     /// Stops the VM if needed and removes the state dir.
     pub async fn destroy(&self) -> VmExit {
         let exit = self.stop(true).await;
+        // The drain writes into the state dir until the pipe ends.
+        self.console_flushed().await;
         if let Err(e) = cleanup_state_dir(&self.state_dir) {
             tracing::error!(sandbox_id = %self.sandbox_id, error = %e, "removing the state dir failed");
         }
@@ -348,7 +388,7 @@ impl Vm {
 
     /// The last bytes of the guest console, for error messages and the shim log.
     pub fn console_tail(&self) -> String {
-        console_tail(&self.paths.console_log)
+        console_log::tail(&self.paths.console_log, CONSOLE_TAIL_BYTES)
     }
 
     /// Puts a layer image into a free drive slot and has the agent mount it; a layer already
@@ -523,18 +563,6 @@ impl Vm {
         }
         Ok(offset)
     }
-}
-
-fn console_tail(path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)));
-    let mut buf = Vec::new();
-    let _ = f.take(CONSOLE_TAIL_BYTES).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// One line from the VMM's metrics: how much the guest printed, and how far each virtio device

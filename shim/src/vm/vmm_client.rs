@@ -3,7 +3,7 @@
 //! responses and metrics are the contract crate's types (`kata_like_vmm_contract`).
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio::net::UnixStream;
 
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
+use crate::vm::console_log;
 
 /// Guest context id of the pod VM (any value >= 3; each VM has its own vsock device).
 pub const GUEST_CID: u32 = 3;
@@ -64,8 +65,14 @@ pub fn slot_id(index: u32) -> String {
     format!("slot{index}")
 }
 
-/// The VMM configuration of one pod VM.
-pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths) -> VmConfig {
+/// The VMM configuration of one pod VM; `console_fd` is the write end of the console pipe the
+/// VMM inherits (see `console_log`).
+pub fn vm_config(
+    config: &Config,
+    shape: &VmShape,
+    paths: &VmmPaths,
+    console_fd: RawFd,
+) -> VmConfig {
     let mut cmdline = config.vmm.kernel_params.clone();
     if shape.debug_console {
         // Verbose kernel output to the console log; "quiet" from the base line is overridden.
@@ -80,7 +87,10 @@ pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths) -> VmConfig
         memory_mib: u64::from(shape.memory_mib),
         hugepages: config.vmm.hugepages,
     };
-    vm.console = ConsoleConfig::Path(paths.console_log.clone());
+    // The guest's console is hvc0 (`console=hvc0` in the default kernel_params): one VM exit
+    // per buffer, where the 8250 (also there, same sink) costs one per byte.
+    vm.console = ConsoleConfig::Fd(console_fd);
+    vm.virtio_console = true;
     vm.drives = (0..config.vmm.drive_slots)
         .map(|i| DriveConfig {
             id: slot_id(i),
@@ -113,8 +123,13 @@ pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths) -> VmConfig
 }
 
 /// The `kata-like-vmm run` argument list for one pod VM.
-pub fn command_args(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Vec<String> {
-    run_args(&vm_config(config, shape, paths))
+pub fn command_args(
+    config: &Config,
+    shape: &VmShape,
+    paths: &VmmPaths,
+    console_fd: RawFd,
+) -> Vec<String> {
+    run_args(&vm_config(config, shape, paths, console_fd))
 }
 
 fn run_args(vm: &VmConfig) -> Vec<String> {
@@ -124,9 +139,17 @@ fn run_args(vm: &VmConfig) -> Vec<String> {
 }
 
 /// Starts the VMM. Its stdout/stderr go to `vmm.log`; it is killed if the shim dies (the
-/// parent-death signal), and `delete` finds it through `vmm.pid` otherwise.
-pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio::process::Child> {
-    let vm = vm_config(config, shape, paths);
+/// parent-death signal), and `delete` finds it through `vmm.pid` otherwise. Returns the VMM and
+/// the read end of its console pipe, which the caller drains (`console_log::drain`).
+pub fn spawn(
+    config: &Config,
+    shape: &VmShape,
+    paths: &VmmPaths,
+) -> Result<(tokio::process::Child, OwnedFd)> {
+    let (console_read, console_write) =
+        console_log::console_pipe().map_err(Error::io("create the guest console pipe"))?;
+    let console_fd = console_write.as_raw_fd();
+    let vm = vm_config(config, shape, paths, console_fd);
     // The VMM would refuse it too, but only after starting, with the reason in its log.
     vm.validate()
         .map_err(|e| Error::InvalidConfig(format!("pod VM: {e}")))?;
@@ -146,10 +169,15 @@ pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio
         .stdout(log)
         .stderr(log2)
         .kill_on_drop(false);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no shared state.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and fcntl(F_SETFD) are async-signal-safe and touch
+    // no shared state; the fcntl makes the console pipe's write end (close-on-exec in the
+    // shim) inheritable in this child only.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(console_fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -159,11 +187,13 @@ pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio
         "start the VMM {}",
         config.vmm.path.display()
     )))?;
+    // Only the VMM holds the write end now: the drain sees end-of-file once the VMM is gone.
+    drop(console_write);
     if let Some(pid) = child.id() {
         std::fs::write(&paths.pid_file, pid.to_string())
             .map_err(Error::io(format!("write {}", paths.pid_file.display())))?;
     }
-    Ok(child)
+    Ok((child, console_read))
 }
 
 /// Kills a VMM recorded in a state dir by an earlier shim (after a crash), making sure the pid
@@ -379,7 +409,10 @@ mod tests {
             debug_console: false,
         };
         let paths = VmmPaths::new(Path::new("/run/kata-like/default/pod1"));
-        let args = command_args(&config, &shape, &paths).join(" ");
+        let args = command_args(&config, &shape, &paths, 7).join(" ");
+        assert!(args.contains("--console fd:7"), "{args}");
+        assert!(args.contains("--rng --virtio-console"), "{args}");
+        assert!(args.contains("console=hvc0"), "{args}");
         assert!(args.starts_with("run --kernel /usr/share/kata-like/vmlinux --initrd "));
         assert!(args.contains("--vcpus 2 --memory-mib 256"));
         assert!(args.contains("--drive id=slot0,empty,ro --drive id=slot1,empty,ro --vsock"));
@@ -388,7 +421,7 @@ mod tests {
         assert!(args.contains("--jail-dir /run/kata-like/default/pod1/jail --uid 100 --gid 101"));
         assert!(!args.contains("--no-jail"));
         config.jail.enabled = false;
-        let args = command_args(&config, &shape, &paths).join(" ");
+        let args = command_args(&config, &shape, &paths, 7).join(" ");
         assert!(args.contains("--no-jail") && !args.contains("--jail-dir"));
     }
 

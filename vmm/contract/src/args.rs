@@ -124,6 +124,7 @@ impl VmConfig {
                 }
                 "--vsock" => c.vsock = Some(parse_vsock(&value("--vsock")?)?),
                 "--rng" => c.rng = true,
+                "--virtio-console" => c.virtio_console = true,
                 "--api-sock" => c.api_sock = Some(PathBuf::from(value("--api-sock")?)),
                 "--jail-dir" => c.jail.jail_dir = Some(PathBuf::from(value("--jail-dir")?)),
                 "--uid" => c.jail.uid = Some(parse_num("--uid", &value("--uid")?)?),
@@ -200,6 +201,9 @@ impl VmConfig {
         if self.rng {
             args.push("--rng".into());
         }
+        if self.virtio_console {
+            args.push("--virtio-console".into());
+        }
         if let Some(p) = &self.api_sock {
             args.extend(["--api-sock".into(), path_arg(p)]);
         }
@@ -257,6 +261,7 @@ mod tests {
         "--vsock",
         "cid=3,uds=/jail/v.sock",
         "--rng",
+        "--virtio-console",
         "--api-sock",
         "/jail/api.sock",
         "--jail-dir",
@@ -286,6 +291,7 @@ mod tests {
             NetBackend::Tap("tap0".into())
         );
         assert_eq!(r.vsock.as_ref().unwrap().cid, 3);
+        assert!(r.virtio_console);
         assert!(r.jail.enabled);
         assert_eq!(r.inherited_fds(), vec![5]);
     }

@@ -25,6 +25,8 @@ pub struct VmConfig {
     pub net: Option<NetConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    /// A virtio-console device (the guest's hvc0) writing to the same sink as the 8250.
+    pub virtio_console: bool,
     pub api_sock: Option<PathBuf>,
     pub jail: JailConfig,
     pub log_level: Option<String>,
@@ -60,7 +62,7 @@ pub struct BootConfig {
     pub cmdline: String,
 }
 
-/// Where the 8250 UART's output goes.
+/// Where the guest console's output goes (the 8250 UART's and virtio-console's alike).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsoleConfig {
     Path(PathBuf),
@@ -203,6 +205,7 @@ impl VmConfig {
             + usize::from(self.net.is_some())
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
+            + usize::from(self.virtio_console)
     }
 
     /// Checks every rule of the contract; the VMM refuses a configuration that fails it.

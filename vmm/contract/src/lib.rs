@@ -22,5 +22,6 @@ pub use config::{
     NetBackend, NetConfig, SeccompViolation, VmConfig, VsockConfig, DEFAULT_MAC,
 };
 pub use metrics::{
-    BlockMetrics, DeviceCounters, DeviceMetrics, NetMetrics, RngMetrics, VmMetrics, VsockMetrics,
+    BlockMetrics, ConsoleMetrics, DeviceCounters, DeviceMetrics, NetMetrics, RngMetrics, VmMetrics,
+    VsockMetrics,
 };

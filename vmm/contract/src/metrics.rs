@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 pub struct VmMetrics {
     pub vcpus: usize,
     pub paused: bool,
-    /// Bytes the guest wrote to its serial console.
+    /// Bytes the guest wrote to its consoles (8250 and virtio-console).
     pub console_bytes: u64,
+    /// Console bytes the host sink did not take at once (a full pipe: the shim fell behind)
+    /// and that were dropped, so that the guest never waits for the host.
+    pub console_dropped_bytes: u64,
     pub devices: Vec<DeviceMetrics>,
 }
 
@@ -44,6 +47,7 @@ pub enum DeviceCounters {
         counters: VsockMetrics,
     },
     Rng(RngMetrics),
+    Console(ConsoleMetrics),
     /// A device type this reader does not know.
     #[serde(other)]
     Other,
@@ -57,6 +61,7 @@ impl DeviceCounters {
             DeviceCounters::Net(_) => "net",
             DeviceCounters::Vsock { .. } => "vsock",
             DeviceCounters::Rng(_) => "rng",
+            DeviceCounters::Console(_) => "console",
             DeviceCounters::Other => "other",
         }
     }
@@ -112,6 +117,17 @@ pub struct RngMetrics {
     pub requests: u64,
     pub bytes: u64,
     pub invalid_requests: u64,
+}
+
+/// virtio-console counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConsoleMetrics {
+    /// Transmit chains written to the console sink.
+    pub tx_chains: u64,
+    pub tx_bytes: u64,
+    /// Transmit chains refused (device-writable or out-of-range buffer, over 64 KiB).
+    pub invalid_chains: u64,
 }
 
 #[cfg(test)]

@@ -7,11 +7,12 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::devices::bus::lock;
+use crate::devices::console_sink::ConsoleCounters;
 use crate::devices::virtio::block::device::Backing;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -32,7 +33,7 @@ pub struct ApiContext {
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub devices: Vec<DeviceInfo>,
     pub vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
-    pub console_bytes: Arc<AtomicU64>,
+    pub console: Arc<ConsoleCounters>,
 }
 
 impl ApiContext {
@@ -188,7 +189,8 @@ impl ApiContext {
         VmMetrics {
             vcpus: lock(&self.vcpu_threads).len(),
             paused: self.control.is_paused(),
-            console_bytes: self.console_bytes.load(Ordering::Relaxed),
+            console_bytes: self.console.bytes.load(Ordering::Relaxed),
+            console_dropped_bytes: self.console.dropped_bytes.load(Ordering::Relaxed),
             devices,
         }
     }

@@ -1,6 +1,7 @@
 //! Devices the guest sees.
 
 pub mod bus;
+pub mod console_sink;
 pub mod legacy;
 pub mod virtio;
 

@@ -1,15 +1,15 @@
-//! COM1 (ttyS0): a 16550A from vm-superio, its interrupt an irqfd on IRQ 4, its output a
-//! line-buffered sink (the guest console log).
+//! COM1 (ttyS0): a 16550A from vm-superio, its interrupt an irqfd on IRQ 4, its output
+//! line-buffered into the console sink it shares with virtio-console (the guest console log).
+//! Every byte is a VM exit: the pod VM's console is hvc0, this port serves tests and guests
+//! booted with `console=ttyS0`.
 
-use std::fs::File;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::devices::console_sink::ConsoleOutput;
 
 /// Interrupt line backed by an eventfd (registered as an irqfd).
 pub struct EventFdTrigger(pub EventFd);
@@ -21,29 +21,21 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Where console output goes.
-pub enum ConsoleSink {
-    File(File),
-    Stdout,
-    Null,
-}
-
-/// Buffers console bytes and writes whole lines: the UART flushes after every byte, and a
-/// syscall per byte would dominate boot time. `sync` pushes out what is left at exit.
+/// Buffers console bytes and hands whole lines to the console sink: the UART flushes after
+/// every byte, and a syscall per byte would dominate boot time. `sync` pushes out what is left
+/// at exit.
 pub struct ConsoleWriter {
-    sink: ConsoleSink,
+    out: ConsoleOutput,
     line: Vec<u8>,
-    pub bytes: Arc<AtomicU64>,
 }
 
 const CONSOLE_LINE_MAX: usize = 1024;
 
 impl ConsoleWriter {
-    pub fn new(sink: ConsoleSink) -> Self {
+    pub fn new(out: ConsoleOutput) -> Self {
         ConsoleWriter {
-            sink,
+            out,
             line: Vec::with_capacity(CONSOLE_LINE_MAX),
-            bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -51,22 +43,13 @@ impl ConsoleWriter {
         if self.line.is_empty() {
             return;
         }
-        // Console loss is not fatal to the VM; errors are dropped on purpose.
-        let _ = match &mut self.sink {
-            ConsoleSink::File(f) => f.write_all(&self.line),
-            ConsoleSink::Stdout => io::stdout().write_all(&self.line),
-            ConsoleSink::Null => Ok(()),
-        };
+        self.out.write(&self.line);
         self.line.clear();
     }
 }
 
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if matches!(self.sink, ConsoleSink::Null) {
-            return Ok(buf.len());
-        }
         self.line.extend_from_slice(buf);
         if buf.contains(&b'\n') || self.line.len() >= CONSOLE_LINE_MAX {
             self.sync();
@@ -123,6 +106,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::console_sink::ConsoleSink;
     use std::io::{Read, Seek};
 
     #[test]
@@ -132,7 +116,7 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = SerialDevice::new(
             irq.try_clone().unwrap(),
-            ConsoleWriter::new(ConsoleSink::File(file)),
+            ConsoleWriter::new(ConsoleOutput::new(ConsoleSink::File(file)).unwrap()),
         );
         for b in b"hello\nwor" {
             dev.write(0, &[*b]);
@@ -154,7 +138,7 @@ mod tests {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev = SerialDevice::new(
             irq.try_clone().unwrap(),
-            ConsoleWriter::new(ConsoleSink::Null),
+            ConsoleWriter::new(ConsoleOutput::new(ConsoleSink::Null).unwrap()),
         );
         // IER bit 1: transmitter holding register empty interrupt.
         dev.write(1, &[0x02]);

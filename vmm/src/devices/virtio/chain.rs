@@ -63,3 +63,46 @@ pub fn scatter<M: GuestMemoryBackend>(
     }
     Ok(written)
 }
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GatherError {
+    #[error("a descriptor the device must read is device-writable")]
+    DeviceWritable,
+    #[error("descriptor outside guest memory")]
+    OutOfRange,
+    #[error("chain longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// Copies a device-readable chain into `out` (cleared first): every descriptor must be
+/// device-readable and inside guest memory, and the chain at most `max_len` bytes. Nothing is
+/// copied before the whole chain is checked, so a refused chain costs no copying.
+pub fn gather<M: GuestMemoryBackend>(
+    descs: &[Descriptor],
+    mem: &M,
+    max_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), GatherError> {
+    out.clear();
+    let mut total = 0usize;
+    for d in descs {
+        if d.is_write_only() {
+            return Err(GatherError::DeviceWritable);
+        }
+        if !mem.check_range(d.addr(), d.len() as usize) {
+            return Err(GatherError::OutOfRange);
+        }
+        total = total.saturating_add(d.len() as usize);
+        if total > max_len {
+            return Err(GatherError::TooLong(max_len));
+        }
+    }
+    out.reserve(total);
+    for d in descs {
+        let start = out.len();
+        out.resize(start + d.len() as usize, 0);
+        mem.read_slice(&mut out[start..], d.addr())
+            .map_err(|_| GatherError::OutOfRange)?;
+    }
+    Ok(())
+}

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod console;
 pub mod device_state;
 pub mod events;
 pub mod irq;
@@ -21,6 +22,7 @@ pub use irq::{IrqTrigger, INT_CONFIG, INT_VRING};
 
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
