@@ -1109,6 +1109,10 @@ async fn vm_sized_from_pod_limits() {
         cri::CONTAINER_RUNNING,
         "the neighbour's OOM kill leaves the big container alone"
     );
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}
+
 /// Issue 12: a guest that floods its console must not grow the host-side console log without
 /// bound under /run. A container writes 100 MiB to the guest console (hvc0, through a
 /// /dev/console node it makes); the pod's console log (`console.log` and its rotated files in the
