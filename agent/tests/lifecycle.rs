@@ -637,14 +637,7 @@ async fn exec_as_container(
 ) -> (i32, String, String) {
     let mut process = container_spec["process"].clone();
     process["args"] = serde_json::json!(args);
-    agent
-        .client
-        .exec_process(ExecProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            oci_process_json: serde_json::to_vec(&process).unwrap(),
-            stdio: stdio(false, false),
-        })
+    exec_process(agent, id, exec_id, &process, stdio(false, false))
         .await
         .expect("exec");
     let out = collect_output(&agent.client, id, exec_id, OutputFd::Stdout);
