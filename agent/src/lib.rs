@@ -8,7 +8,7 @@
 //! - `sandbox`, `container/` (the container table and lifecycle, spec validation), `storage`,
 //!   `network` (rtnetlink), `files` (CopyFile);
 //! - `process/` (processes and their stdio), `cgroups` (stats, OOM, freeze), `runtime`
-//!   (libcontainer helper), `reaper` (child exits), `init` (PID 1 duties);
+//!   (libcontainer helper; `exec_confinement` gives its execs the container's confinement), `reaper` (child exits), `init` (PID 1 duties);
 //! - `validate` (ids, hostnames, guest paths), `fd` (fds on the tokio reactor) and `error` (the
 //!   domain error type), used by all.
 
@@ -16,6 +16,7 @@ pub mod agent;
 pub mod cgroups;
 pub mod container;
 pub mod error;
+pub mod exec_confinement;
 pub mod fd;
 pub mod files;
 pub mod init;

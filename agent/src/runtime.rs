@@ -267,7 +267,9 @@ fn execute(request: RuntimeRequest) -> Result<Option<u32>, String> {
             process,
             console_socket,
         } => {
+            let executor = confine_exec(&root.join(&id), &process)?;
             let pid = container_builder(id, root, console_socket)?
+                .with_executor(executor)
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
@@ -306,6 +308,30 @@ fn confine_pid_namespace_init() -> nix::Result<()> {
     setresuid(uid, uid, uid)?;
     nix::sys::prctl::set_no_new_privs()?;
     Ok(())
+}
+
+/// Rewrites the exec's process file for libcontainer and returns the executor that gives the
+/// process its container's confinement (see `exec_confinement`).
+fn confine_exec(
+    state: &Path,
+    process_path: &Path,
+) -> Result<crate::exec_confinement::ConfiningExecutor, String> {
+    use crate::exec_confinement::{ConfiningExecutor, ExecConfinement};
+    use libcontainer::container::Container;
+
+    let container = Container::load(state.to_path_buf()).map_err(|e| error_chain(&e))?;
+    let config = container.bundle().join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&config)
+        .map_err(|e| format!("reading the container's {}: {e}", config.display()))?;
+    let process: oci_spec::runtime::Process = std::fs::read(process_path)
+        .map_err(|e| e.to_string())
+        .and_then(|json| serde_json::from_slice(&json).map_err(|e| e.to_string()))
+        .map_err(|e| format!("reading the exec's {}: {e}", process_path.display()))?;
+    let (process, confinement) = ExecConfinement::split(&spec, process)?;
+    let json = serde_json::to_vec(&process).map_err(|e| format!("encoding the process: {e}"))?;
+    std::fs::write(process_path, json)
+        .map_err(|e| format!("writing {}: {e}", process_path.display()))?;
+    Ok(ConfiningExecutor::new(confinement))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -665,3 +665,85 @@ async fn signal_all_kills_every_process_and_waiters_all_get_the_status() {
     remove(&mut agent, "c1").await;
     assert!(agent.mounts_under_state().is_empty());
 }
+
+/// The status lines that make up a process's confinement.
+const CONFINEMENT_LINES: &str =
+    "^(Uid|Gid|Groups|Seccomp|Seccomp_filters|NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb):";
+
+/// Runs `args` as an exec whose process is the container's own (as containerd copies it) in
+/// container `id`; returns (exit status, stdout, stderr).
+async fn exec_as_container(
+    agent: &mut TestAgent,
+    id: &str,
+    exec_id: &str,
+    container_spec: &serde_json::Value,
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut process = container_spec["process"].clone();
+    process["args"] = serde_json::json!(args);
+    exec_process(agent, id, exec_id, &process, stdio(false, false))
+        .await
+        .expect("exec");
+    let out = collect_output(&agent.client, id, exec_id, OutputFd::Stdout);
+    let err = collect_output(&agent.client, id, exec_id, OutputFd::Stderr);
+    let status = wait(&mut agent.client, id, exec_id).await;
+    let out = String::from_utf8(out.await.unwrap()).unwrap();
+    let err = String::from_utf8(err.await.unwrap()).unwrap();
+    (status, out, err)
+}
+
+/// An exec'd process gets its container's seccomp filter, capabilities (five sets),
+/// no_new_privs, user and groups: with and without no_new_privs (the filter goes in before or
+/// after the capability drop), as a user other than root.
+#[tokio::test]
+async fn exec_gets_the_containers_seccomp_capabilities_no_new_privs_and_user() {
+    let mut agent = TestAgent::start().await;
+    agent.sandbox("sb-exec-confined").await;
+    for (id, no_new_privileges) in [("nnp", Some(true)), ("no-nnp", None)] {
+        let mut s = spec(&["sleep", "1000"]);
+        s["process"]["user"] =
+            serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [2000]});
+        s["process"]["capabilities"] = serde_json::json!({
+            "bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_BIND_SERVICE"],
+            "effective": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
+            "permitted": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
+            "inheritable": ["CAP_KILL", "CAP_NET_BIND_SERVICE"],
+            "ambient": ["CAP_NET_BIND_SERVICE"]
+        });
+        match no_new_privileges {
+            Some(nnp) => s["process"]["noNewPrivileges"] = nnp.into(),
+            None => {
+                s["process"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("noNewPrivileges");
+            }
+        }
+        s["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["chmod", "fchmodat", "fchmodat2"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+        create_and_start(&mut agent, id, &s).await;
+        let script = format!(
+            "grep -E '{CONFINEMENT_LINES}' /proc/1/status; echo --; \
+             grep -E '{CONFINEMENT_LINES}' /proc/self/status; echo --; \
+             touch /dev/shm/mine && chmod 600 /dev/shm/mine && echo chmod-allowed"
+        );
+        let (status, out, err) =
+            exec_as_container(&mut agent, id, "probe", &s, &["sh", "-c", &script]).await;
+        let parts: Vec<&str> = out.split("--\n").collect();
+        assert_eq!(parts.len(), 3, "{id}: {out} {err}");
+        let (init, exec) = (parts[0], parts[1]);
+        assert!(
+            init.contains("Seccomp:\t2"),
+            "{id}: the init is filtered: {init}"
+        );
+        assert!(init.contains("Uid:\t1000"), "{id}: {init}");
+        assert_eq!(exec, init, "{id}: the exec's confinement is the init's");
+        assert_ne!(status, 0, "{id}: chmod is denied in the exec: {out} {err}");
+        assert!(!out.contains("chmod-allowed"), "{id}: {out}");
+        assert!(err.contains("Operation not permitted"), "{id}: {err}");
+        remove(&mut agent, id).await;
+    }
+}

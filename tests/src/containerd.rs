@@ -466,8 +466,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}]
       runtime_type = "{KATA_RUNTIME_TYPE}"
       pod_annotations = ["io.kata-like.*"]
-      # The host's devices mean nothing in the pod's VM: a privileged container gets none of them.
-      privileged_without_host_devices = true
+      # An operator's default (false): containerd gives a privileged container the node's
+      # devices and the agent replaces them with the pod VM's own (agent/src/container/devices.rs).
+      privileged_without_host_devices = false
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{KATA_RUNTIME_HANDLER}.options]
         ConfigPath = "{kata_config}"
   [plugins."io.containerd.grpc.v1.cri".cni]

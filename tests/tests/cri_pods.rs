@@ -1261,3 +1261,233 @@ async fn console_log_is_capped() {
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
 }
+
+/// The /proc/<pid>/status lines that make up a process's confinement.
+const CONFINEMENT_LINES: &str =
+    "^(Uid|Gid|Groups|Seccomp|Seccomp_filters|NoNewPrivs|CapInh|CapPrm|CapEff|CapBnd|CapAmb):";
+
+/// Issue 12 item 2: a process started by exec gets exactly the container's confinement. The
+/// container runs with a localhost seccomp profile (containerd reads it on the node) that lets
+/// everything through but chmod, which fails with EOPNOTSUPP; containerd gives it no
+/// no_new_privs, so the agent must install the filter before it drops the capabilities.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn exec_keeps_container_seccomp() {
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let profile = containerd.base.join("no-chmod-seccomp.json");
+    let eopnotsupp = libc::EOPNOTSUPP;
+    std::fs::write(
+        &profile,
+        format!(
+            r#"{{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64"],
+                "syscalls":[{{"names":["chmod","fchmod","fchmodat","fchmodat2"],
+                              "action":"SCMP_ACT_ERRNO","errnoRet":{eopnotsupp}}}]}}"#
+        ),
+    )
+    .expect("writing the seccomp profile");
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-exec-seccomp").await;
+    let mut config = cri::container_config(
+        "confined",
+        containerd::VSOCK_PROBE_IMAGE,
+        &["sh", "-c", "echo $$ > /tmp/init-pid; exec sleep 3600"],
+    );
+    if let Some(context) = config
+        .linux
+        .as_mut()
+        .and_then(|linux| linux.security_context.as_mut())
+    {
+        context.seccomp = Some(cri::v1::SecurityProfile {
+            profile_type: cri::v1::security_profile::ProfileType::Localhost as i32,
+            localhost_ref: profile.display().to_string(),
+        });
+    }
+    let c = pod::start_container(&mut cri, &pod_id, &pod, &config).await;
+
+    let script = format!(
+        "while [ ! -s /tmp/init-pid ]; do sleep 0.1; done; \
+         grep -E '{CONFINEMENT_LINES}' /proc/$(cat /tmp/init-pid)/status; echo --; \
+         grep -E '{CONFINEMENT_LINES}' /proc/self/status"
+    );
+    let r = cri
+        .exec_sync(&c, &["sh", "-c", &script], 60)
+        .await
+        .expect("ExecSync of the status probe");
+    let out = text(&r.stdout);
+    assert_eq!(r.exit_code, 0, "{out} {}", text(&r.stderr));
+    let (init, exec) = out.split_once("--\n").expect("two status excerpts");
+    assert!(init.contains("Seccomp:\t2"), "the init is filtered: {init}");
+    assert!(init.contains("Seccomp_filters:\t1"), "{init}");
+    assert!(init.contains("NoNewPrivs:\t0"), "{init}");
+    assert_eq!(exec, init, "the exec's confinement is the init's");
+
+    // The profile's denial holds in the exec.
+    let r = cri
+        .exec_sync(&c, &["chmod", "600", "/tmp/init-pid"], 60)
+        .await
+        .expect("ExecSync of chmod");
+    let stderr = text(&r.stderr);
+    assert_ne!(r.exit_code, 0, "chmod is denied in the exec: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains("not supported"),
+        "chmod fails with the profile's EOPNOTSUPP: {stderr}"
+    );
+
+    // And so does the agent's AF_VSOCK wall, which lives in the container's filter.
+    let r = cri
+        .exec_sync(&c, &["/bin/vsock-probe", "2:1024", "3:1024"], 60)
+        .await
+        .expect("ExecSync of the vsock probe");
+    let lines = text(&r.stdout);
+    let eacces = libc::EACCES;
+    for address in ["2:1024", "3:1024"] {
+        assert!(
+            lines.contains(&format!("{address} socket errno {eacces}")),
+            "an exec'd process must not open a vsock socket: {lines} {}",
+            text(&r.stderr)
+        );
+    }
+    cri.teardown_pod(&pod_id).await;
+    let _ = std::fs::remove_file(&profile);
+    containerd.assert_no_leftovers(&kata);
+}
+
+/// Issue 12 item 3: `readOnlyRootFilesystem: true` works as with runc: the container starts
+/// (its mount points, such as its volume's, are made before / becomes read-only), writes to /
+/// fail with EROFS and its emptyDir volume stays writable.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn read_only_root_filesystem() {
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    // What kubelet bind-mounts for an emptyDir: a fresh directory of the node.
+    let empty_dir = containerd
+        .base
+        .join(format!("emptydir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&empty_dir);
+    std::fs::create_dir_all(&empty_dir).expect("creating the emptyDir");
+    let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-ro-root").await;
+    let mut config = cri::container_config("ro", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    config.mounts = vec![cri::v1::Mount {
+        container_path: "/scratch/data".into(),
+        host_path: empty_dir.display().to_string(),
+        ..Default::default()
+    }];
+    if let Some(context) = config
+        .linux
+        .as_mut()
+        .and_then(|linux| linux.security_context.as_mut())
+    {
+        context.readonly_rootfs = true;
+    }
+    let c = cri
+        .create_container(&pod_id, &config, &pod)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", containerd.log_tail()));
+    cri.start_container(&c)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", containerd.log_tail()));
+
+    let r = cri
+        .exec_sync(&c, &["touch", "/x"], 60)
+        .await
+        .expect("ExecSync of touch /x");
+    assert_ne!(r.exit_code, 0, "/ is read-only");
+    assert!(
+        text(&r.stderr).contains("Read-only file system"),
+        "touch /x fails with EROFS: {}",
+        text(&r.stderr)
+    );
+    let r = cri
+        .exec_sync(
+            &c,
+            &[
+                "sh",
+                "-c",
+                "echo written > /scratch/data/f && cat /scratch/data/f",
+            ],
+            60,
+        )
+        .await
+        .expect("ExecSync of the volume write");
+    assert_eq!(r.exit_code, 0, "{}", text(&r.stderr));
+    assert_eq!(
+        text(&r.stdout).trim(),
+        "written",
+        "the emptyDir is writable"
+    );
+    cri.teardown_pod(&pod_id).await;
+    let _ = std::fs::remove_dir_all(&empty_dir);
+    containerd.assert_no_leftovers(&kata);
+}
+
+/// Issue 12 item 4: the test containerd gives a privileged container the node's devices (an
+/// operator's default, `privileged_without_host_devices = false`); in the pod VM it sees the
+/// guest's own devices instead: every device node in its /dev is one the guest kernel has
+/// (listed in the guest's /sys/dev), none of the node's (such as its /dev/kvm), and its device
+/// cgroup lets it use them (it reads a guest drive).
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn privileged_container_sees_guest_devices_only() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "the node has /dev/kvm, a device the pod VM does not have"
+    );
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let pod = pod::privileged_pod_config("kata-privileged-devices", &containerd);
+    let pod_id = cri
+        .run_pod(&pod, containerd::KATA_RUNTIME_HANDLER)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
+    let config = pod::privileged_root_container("privileged", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    let c = cri
+        .create_container(&pod_id, &config, &pod)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", containerd.log_tail()));
+    cri.start_container(&c)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", containerd.log_tail()));
+
+    let script = r#"
+        for f in /dev/* /dev/*/* /dev/*/*/*; do
+            case "$f" in /dev/pts/*) continue;; esac
+            [ -L "$f" ] && continue
+            if [ -b "$f" ]; then kind=block; elif [ -c "$f" ]; then kind=char; else continue; fi
+            set -- $(stat -c '%t %T' "$f")
+            number=$((0x$1)):$((0x$2))
+            if [ -e "/sys/dev/$kind/$number" ]; then
+                echo "guest $kind $f"
+            else
+                echo "foreign $kind $f $number"
+            fi
+        done
+        for f in /dev/vd*; do
+            [ -b "$f" ] && echo "read $f $(head -c 512 "$f" | wc -c)" && break
+        done
+        [ -e /dev/kvm ] && echo "node /dev/kvm"
+        true
+    "#;
+    let r = cri
+        .exec_sync(&c, &["sh", "-c", script], 60)
+        .await
+        .expect("ExecSync of the device listing");
+    let out = text(&r.stdout);
+    assert_eq!(r.exit_code, 0, "{out} {}", text(&r.stderr));
+    let foreign: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("foreign") || l.starts_with("node"))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "devices of the node in a pod VM's container: {foreign:?}\n{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("guest block /dev/vd")),
+        "the guest's drives are the privileged container's devices: {out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("read /dev/vd") && l.ends_with(" 512")),
+        "its device cgroup lets it read a guest drive: {out}"
+    );
+    cri.teardown_pod(&pod_id).await;
+    containerd.assert_no_leftovers(&kata);
+}

@@ -2,6 +2,7 @@
 //! pause/resume, update, list, stats). Forking work goes through the runtime helper
 //! (`runtime.rs`); cgroup work through `cgroups.rs`.
 
+pub mod devices;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -262,6 +263,7 @@ impl Containers {
                 })
                 .cloned()
                 .collect(),
+            guest_dev: Path::new("/dev"),
         };
         let spec = adapt_spec(&req.oci_spec_json, &ctx)?;
         let hooks = spec.hooks().as_ref();

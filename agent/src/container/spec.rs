@@ -41,6 +41,8 @@ pub struct SpecContext<'a> {
     /// Sandbox files bind-mounted into containers that do not mount these paths themselves:
     /// (destination, source).
     pub sandbox_files: Vec<(PathBuf, PathBuf)>,
+    /// The guest's /dev, whose devices replace the node's in a privileged container.
+    pub guest_dev: &'a Path,
 }
 
 fn check_options(what: &str, options: &[String]) -> Result<(), Error> {
@@ -271,6 +273,7 @@ pub fn adapt_spec(json: &[u8], ctx: &SpecContext) -> Result<Spec, Error> {
     if let Some(hostname) = spec.hostname() {
         check_hostname(hostname)?;
     }
+    super::devices::adapt_devices(&mut linux, ctx.guest_dev)?;
     linux.set_seccomp(Some(wall_off_vsock(linux.seccomp().clone())?));
     spec.set_linux(Some(linux));
     Ok(spec)
@@ -410,6 +413,7 @@ mod tests {
             pid_ns: None,
             sandbox_hostname: Some("pod".into()),
             sandbox_files: vec![],
+            guest_dev: Path::new("/dev"),
         }
     }
 
@@ -548,6 +552,31 @@ mod tests {
             rules,
             ["false:a *:* rwm", "true:c 1:3 rwm", "false:b 254:* r"]
         );
+    }
+
+    #[test]
+    fn a_spec_that_allows_every_device_gets_the_guests_devices_not_the_nodes() {
+        let state = tempfile::tempdir().unwrap();
+        let rootfs = state.path().join("rootfs");
+        let json = String::from_utf8(spec_with("")).unwrap().replace(
+            r#""cgroupsPath":"/host/path""#,
+            r#""cgroupsPath":"/host/path","resources":{"devices":[{"allow":true,"access":"rwm"}]},
+               "devices":[{"path":"/dev/kvm-of-the-node","type":"c","major":10,"minor":232}]"#,
+        );
+        let spec = adapt_spec(json.as_bytes(), &ctx(state.path(), &rootfs)).unwrap();
+        let devices = spec.linux().as_ref().unwrap().devices().clone().unwrap();
+        assert!(devices.iter().any(|d| d.path() == Path::new("/dev/null")));
+        assert!(devices
+            .iter()
+            .all(|d| d.path() != Path::new("/dev/kvm-of-the-node")));
+
+        let refused = json.replace(
+            r#"{"allow":true,"access":"rwm"}"#,
+            r#"{"allow":false,"access":"rwm"}"#,
+        );
+        let err = adapt_spec(refused.as_bytes(), &ctx(state.path(), &rootfs)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("/dev/kvm-of-the-node"), "{err}");
     }
 
     #[test]

@@ -472,13 +472,23 @@ pub async fn exec(
     args: &[&str],
     stdio_: Option<Stdio>,
 ) -> Result<u32, tonic::Status> {
-    let process = spec(args)["process"].clone();
+    exec_process(agent, id, exec_id, &spec(args)["process"], stdio_).await
+}
+
+/// ExecProcess of the OCI `process` as `exec_id` in container `id`; its pid.
+pub async fn exec_process(
+    agent: &mut TestAgent,
+    id: &str,
+    exec_id: &str,
+    process: &Value,
+    stdio_: Option<Stdio>,
+) -> Result<u32, tonic::Status> {
     agent
         .client
         .exec_process(ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
-            oci_process_json: serde_json::to_vec(&process).unwrap(),
+            oci_process_json: serde_json::to_vec(process).unwrap(),
             stdio: stdio_,
         })
         .await

@@ -267,11 +267,6 @@ impl Pod {
         for file in &guest.files {
             vm.copy_file(&file.host, &file.guest).await?;
         }
-        let read_only_root = bundle
-            .spec
-            .pointer("/root/readonly")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false);
         let oci_spec_json = serde_json::to_vec(&guest.spec)
             .map_err(|e| Error::Other(format!("encode spec: {e}")))?;
         let (pid_mode, pid_namespace_target) = match pid_namespace {
@@ -286,7 +281,12 @@ impl Pod {
             oci_spec_json,
             rootfs: Some(pb::Rootfs {
                 lower_dirs,
-                writable: !read_only_root,
+                // Always writable, also for `root.readonly` (readOnlyRootFilesystem): as with
+                // runc on containerd's writable snapshot, the runtime first creates the mount
+                // points (volumes, /etc/hosts, /dev/termination-log) in the rootfs and then
+                // remounts the container's / read-only from the spec's `root.readonly`, which
+                // the agent passes on. A read-only overlay would leave no place for them.
+                writable: true,
                 upper_size_bytes: 0,
             }),
             stdio: Some(pb::Stdio {
