@@ -69,75 +69,38 @@ async fn port_forward_reaches_localhost_server() {
     .await;
     wait_listening(&mut cri, &server, &format!("127.0.0.1:{SERVER_PORT}")).await;
 
-    let url = cri
-        .runtime
-        .port_forward(cri::v1::PortForwardRequest {
-            pod_sandbox_id: pod_id.clone(),
-            port: vec![i32::from(SERVER_PORT)],
-        })
-        .await
-        .expect("CRI PortForward")
-        .into_inner()
-        .url;
-    // One session with STREAMS ports: containerd opens one connection per port, concurrently.
-    let query = format!(
-        "?{}",
-        vec![format!("port={SERVER_PORT}"); STREAMS].join("&")
-    );
-    let socket = ChannelSocket::connect(&containerd.netns_path(), &url, &query).await;
+    // STREAMS port-forward sessions at once (a URL is good for one session), each one
+    // connection through the forward, each with a payload of its own.
     let payloads: Vec<Vec<u8>> = (0..STREAMS)
         .map(|i| payload(96 * 1024 + i * 4099, i as u8))
         .collect();
-
-    let channels = tokio::time::timeout(EXCHANGE_LIMIT, async {
-        let (mut sink, mut source) = socket.split();
-        // Each stream sends an HTTP POST of its payload; the chunks of all streams interleave.
-        let requests: Vec<Vec<u8>> = payloads
-            .iter()
-            .map(|p| {
-                let mut r = format!(
-                    "POST /cgi-bin/echo HTTP/1.0\r\nContent-Length: {}\r\n\r\n",
-                    p.len()
-                )
-                .into_bytes();
-                r.extend_from_slice(p);
-                r
+    let mut urls = Vec::new();
+    for _ in 0..STREAMS {
+        let url = cri
+            .runtime
+            .port_forward(cri::v1::PortForwardRequest {
+                pod_sandbox_id: pod_id.clone(),
+                port: vec![i32::from(SERVER_PORT)],
             })
-            .collect();
-        let writer = tokio::spawn(async move {
-            let longest = requests.iter().map(Vec::len).max().unwrap_or(0);
-            for offset in (0..longest).step_by(8192) {
-                for (i, r) in requests.iter().enumerate() {
-                    if offset < r.len() {
-                        let end = (offset + 8192).min(r.len());
-                        let data_channel = (2 * i) as u8;
-                        sink.send(channel_message(data_channel, &r[offset..end]))
-                            .await
-                            .expect("send to the port-forward stream");
-                    }
-                }
-            }
-            sink
-        });
-        // Everything each channel carried, until containerd closes the session (every stream's
-        // connection ended: the server answered and closed).
-        let mut channels: HashMap<u8, Vec<u8>> = HashMap::new();
-        while let Some(message) = source.next().await {
-            match message {
-                Ok(Message::Binary(data)) => {
-                    if let Some((&channel, rest)) = data.split_first() {
-                        channels.entry(channel).or_default().extend_from_slice(rest);
-                    }
-                }
-                Ok(Message::Close(_)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        let _ = writer.await.expect("writer");
-        channels
-    })
-    .await
-    .expect("the port-forward session did not end");
+            .await
+            .expect("CRI PortForward")
+            .into_inner()
+            .url;
+        urls.push(url);
+    }
+    let netns = containerd.netns_path();
+    let sessions = urls
+        .iter()
+        .zip(&payloads)
+        .map(|(url, p)| forward_session(&netns, url, p));
+    let results = tokio::time::timeout(EXCHANGE_LIMIT, futures::future::join_all(sessions))
+        .await
+        .expect("the port-forward sessions did not end");
+    let channels: HashMap<u8, Vec<u8>> = results
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, (data, errors))| [((2 * i) as u8, data), ((2 * i + 1) as u8, errors)])
+        .collect();
 
     for (i, sent) in payloads.iter().enumerate() {
         let data = channels.get(&((2 * i) as u8)).cloned().unwrap_or_default();
@@ -178,6 +141,44 @@ async fn port_forward_reaches_localhost_server() {
 
     cri.teardown_pod(&pod_id).await;
     containerd.assert_no_leftovers(&kata);
+}
+
+/// One port-forward session to SERVER_PORT: POSTs `payload` to the echo CGI and reads until
+/// containerd closes the session; returns what the data and error channels carried.
+async fn forward_session(netns: &std::path::Path, url: &str, payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let socket = ChannelSocket::connect(netns, url, &format!("?port={SERVER_PORT}")).await;
+    let (mut sink, mut source) = socket.split();
+    let mut request = format!(
+        "POST /cgi-bin/echo HTTP/1.0\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(payload);
+    let writer = async move {
+        for chunk in request.chunks(8192) {
+            sink.send(channel_message(0, chunk))
+                .await
+                .expect("send to the port-forward stream");
+        }
+        sink
+    };
+    let reader = async move {
+        let (mut data, mut errors) = (Vec::new(), Vec::new());
+        while let Some(message) = source.next().await {
+            match message {
+                Ok(Message::Binary(frame)) => match frame.split_first() {
+                    Some((0, rest)) => data.extend_from_slice(rest),
+                    Some((1, rest)) => errors.extend_from_slice(rest),
+                    _ => {}
+                },
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        (data, errors)
+    };
+    let (_sink, result) = futures::join!(writer, reader);
+    result
 }
 
 /// Reads until `out` (stdout, where a tty's output goes) has a `ROWS COLUMNS` line past
