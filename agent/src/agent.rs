@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::container::{Containers, SandboxContext};
 use crate::error::Error;
+use crate::port_forward::PortForwards;
 use crate::reaper::Reaper;
 use crate::sandbox::{Sandbox, SandboxEnv};
 use crate::storage::Storage;
@@ -41,6 +42,8 @@ pub struct Agent {
     pub started: Instant,
     /// Set to `Some(exit status)` when the agent should stop (Shutdown RPC, power port).
     pub shutdown: watch::Sender<Option<u8>>,
+    /// Open PortForward connections (bounded).
+    pub port_forwards: PortForwards,
 }
 
 /// Guest CLOCK_BOOTTIME in milliseconds.
@@ -71,6 +74,7 @@ impl Agent {
             oom_events,
             started: Instant::now(),
             shutdown,
+            port_forwards: PortForwards::default(),
         }))
     }
 

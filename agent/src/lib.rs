@@ -6,7 +6,7 @@
 //!   to `tonic::Status`; the only modules that know tonic);
 //! - `agent` (the agent's state and the operations that span sandbox, containers and storages);
 //! - `sandbox`, `container/` (the container table and lifecycle, spec validation), `storage`,
-//!   `network` (rtnetlink), `files` (CopyFile);
+//!   `network` (rtnetlink), `files` (CopyFile), `port_forward` (PortForward's guest end);
 //! - `process/` (processes and their stdio), `cgroups` (stats, OOM, freeze), `runtime`
 //!   (libcontainer helper; `exec_confinement` gives its execs the container's confinement), `reaper` (child exits), `init` (PID 1 duties);
 //! - `validate` (ids, hostnames, guest paths), `fd` (fds on the tokio reactor) and `error` (the
@@ -21,6 +21,7 @@ pub mod fd;
 pub mod files;
 pub mod init;
 pub mod network;
+pub mod port_forward;
 pub mod process;
 pub mod reaper;
 pub mod rpc;

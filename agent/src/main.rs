@@ -145,6 +145,14 @@ async fn run(args: Args, pid1: bool) -> Result<u8, String> {
             agent.shutdown.send_replace(Some(0));
         });
     }
+    if pid1 {
+        // The pod's loopback is up from boot, NIC or not: servers on 127.0.0.1 (and the
+        // port-forward to them, port_forward.rs) work as in a runc pod.
+        let loopback_only = kata_like_protocol::SetupNetworkRequest::default();
+        if let Err(e) = kata_like_agent::network::setup(&loopback_only).await {
+            tracing::warn!(error = %e, "cannot bring the loopback interface up");
+        }
+    }
     let listen = args.listen.clone();
     let status = serve(Arc::clone(&agent), listen.clone(), || {
         // One line the VMM's console readers and the tests wait for.

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kata_like_protocol::agent_server::Agent as AgentService;
+use kata_like_protocol::relay::Chunk;
 use kata_like_protocol::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::{uptime_ms, Agent};
 use crate::error::{Error, ErrorKind};
@@ -258,11 +259,51 @@ impl AgentService for Service {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    type PortForwardStream = futures::stream::Map<
+        ReceiverStream<Chunk>,
+        fn(Chunk) -> Result<PortForwardResponse, Status>,
+    >;
+
+    async fn port_forward(
+        &self,
+        request: Request<Streaming<PortForwardRequest>>,
+    ) -> Reply<Self::PortForwardStream> {
+        let mut from_host = request.into_inner();
+        let first = from_host.message().await?.ok_or_else(|| {
+            Status::invalid_argument(
+                "PortForward: the call ended before its first request named a port",
+            )
+        })?;
+        let connection = self.agent.port_forwards.open(first.port).await?;
+        // The first request's bytes, then every later request's; a failed stream (the host
+        // reset the call) ends the relay.
+        let to_guest =
+            futures::stream::iter((!first.data.is_empty()).then(|| Ok(Chunk::Data(first.data))))
+                .chain(from_host.map(|message| message.map(|m| Chunk::Data(m.data))))
+                .boxed();
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(connection.relay(to_guest, tx));
+        Ok(Response::new(
+            ReceiverStream::new(rx).map(port_forward_response as fn(_) -> _),
+        ))
+    }
+
     async fn shutdown(&self, _: Request<Empty>) -> Reply<Empty> {
         tracing::info!("shutdown requested");
         self.agent.shutdown.send_replace(Some(0));
         Ok(Response::new(Empty {}))
     }
+}
+
+/// One step from the guest's server as a PortForward response.
+fn port_forward_response(chunk: Chunk) -> Result<PortForwardResponse, Status> {
+    Ok(match chunk {
+        Chunk::Data(data) => PortForwardResponse { data, eof: false },
+        Chunk::Eof => PortForwardResponse {
+            data: Vec::new(),
+            eof: true,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -118,6 +118,22 @@ impl Containerd {
             .args(["-a", "overlay", "bridge", "veth", "tun"])
             .stderr(Stdio::null())
             .status();
+        // The shim's port-forward rule (nat OUTPUT DNAT, shim/src/pod/port_forward.rs) through
+        // iptables-nft or legacy iptables; each name alone, as some are built in elsewhere.
+        for module in [
+            "nf_tables",
+            "nft_compat",
+            "nft_chain_nat",
+            "nf_nat",
+            "xt_nat",
+            "xt_tcpudp",
+            "iptable_nat",
+        ] {
+            let _ = Command::new("modprobe")
+                .arg(module)
+                .stderr(Stdio::null())
+                .status();
+        }
         let base = PathBuf::from(format!("/tmp/kata-like-e2e-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         for d in [
@@ -302,6 +318,11 @@ impl Containerd {
     }
 
     /// Directory for pod log dirs.
+    /// The network namespace containerd (its streaming server, every shim) runs in.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+
     pub fn log_dir(&self) -> PathBuf {
         self.base.join("logs")
     }

@@ -40,3 +40,5 @@ pub mod containerd;
 pub mod cri;
 /// Pod fixtures: a clean node, kata-like pods and their containers, built and started.
 pub mod pod;
+/// A WebSocket client of containerd's CRI streaming server (exec, attach, port-forward).
+pub mod streaming;

@@ -13,10 +13,14 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod relay;
+
 /// vsock port the agent's gRPC server listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// vsock port where any connection asks the agent to power the guest off cleanly.
 pub const POWER_VSOCK_PORT: u32 = 1025;
+/// Most `PortForward` calls (forwarded TCP connections) the agent serves at once.
+pub const MAX_PORT_FORWARDS: usize = 64;
 /// Version number of this protocol, reported by `Health`.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest gRPC message either side accepts (CopyFile chunks and stdin writes stay below it).

@@ -143,6 +143,9 @@ impl Pod {
                 *lock(&self.inner.vm) = Some(vm.clone());
                 self.watch_vm(vm.clone());
                 self.watch_oom(vm.clone());
+                if role == Role::Sandbox {
+                    start_port_forward(&vm, &bundle);
+                }
                 Some(vm)
             }
             VmPlan::Join { sandbox_id } => {
@@ -471,5 +474,23 @@ impl Pod {
             resources.ok_or_else(|| Error::InvalidArgument("update without resources".into()))?;
         let json = spec::guest_resources(resources)?;
         vm.agent.update_container(id, json).await
+    }
+}
+
+/// Port forwarding for a CRI pod (see port_forward.rs). A pod whose forwarding cannot be set up
+/// still runs (its port-forward then fails as before, with this warning in the shim's log):
+/// the node's netfilter is not a reason to refuse a pod.
+fn start_port_forward(vm: &Arc<Vm>, bundle: &Bundle) {
+    let started = super::port_forward::network_namespace_path(&bundle.spec).and_then(|netns| {
+        match netns {
+            Some(netns) => super::port_forward::start(vm.clone(), &netns),
+            None => {
+                tracing::info!(sandbox_id = %vm.sandbox_id, "no network namespace of its own: no port-forward");
+                Ok(())
+            }
+        }
+    });
+    if let Err(error) = started {
+        tracing::warn!(sandbox_id = %vm.sandbox_id, %error, "port-forward is not available for this pod");
     }
 }

@@ -8,12 +8,14 @@
 //!
 //! `container.rs` creates and deletes containers with their storages, `process_io.rs` starts,
 //! signals and waits for processes and wires their stdio, `watch.rs` follows the VM's death and
-//! the guest's OOM kills, `volumes.rs` makes host directories visible in the guest. The task
-//! service above translates containerd's API into the operations here; events go out through
-//! an [`EventSink`] it hands in.
+//! the guest's OOM kills, `volumes.rs` makes host directories visible in the guest,
+//! `port_forward.rs` carries CRI port-forward connections from the pod's namespace to the guest.
+//! The task service above translates containerd's API into the operations here; events go out
+//! through an [`EventSink`] it hands in.
 
 pub mod container;
 pub mod namespaces;
+pub mod port_forward;
 pub mod process;
 pub mod process_io;
 pub mod rootfs;

@@ -12,10 +12,12 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
 use kata_like_protocol as pb;
 use kata_like_protocol::agent_client::AgentClient;
+use kata_like_protocol::relay::Chunk;
 use kata_like_protocol::{HealthRequest, HealthResponse, AGENT_VSOCK_PORT, MAX_MESSAGE_BYTES};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -113,6 +115,7 @@ enum Rpc {
     CloseStdin,
     ResizeTty,
     OomEvents,
+    PortForward,
 }
 
 impl Rpc {
@@ -139,6 +142,7 @@ impl Rpc {
             Rpc::CloseStdin => "CloseStdin",
             Rpc::ResizeTty => "ResizeTty",
             Rpc::OomEvents => "OomEvents",
+            Rpc::PortForward => "PortForward",
         }
     }
 
@@ -149,7 +153,11 @@ impl Rpc {
     fn has_deadline(self) -> bool {
         !matches!(
             self,
-            Rpc::WaitProcess | Rpc::ProcessOutput | Rpc::WriteStdin | Rpc::OomEvents
+            Rpc::WaitProcess
+                | Rpc::ProcessOutput
+                | Rpc::WriteStdin
+                | Rpc::OomEvents
+                | Rpc::PortForward
         )
     }
 
@@ -515,6 +523,54 @@ impl Agent {
         })
         .await
         .map(OomEvents)
+    }
+
+    /// Opens one forwarded connection to `127.0.0.1:port` in the guest: `to_guest` carries the
+    /// host's bytes (its [`Chunk::Eof`] or end is the host's half-close); the returned stream
+    /// the guest server's, ending with [`Chunk::Eof`]. A call that ends without that EOF (the
+    /// agent's relay failed) yields an error last, so the caller drops its connection instead of
+    /// taking it for a clean close.
+    pub async fn port_forward(
+        &self,
+        port: u16,
+        to_guest: tokio::sync::mpsc::Receiver<Chunk>,
+    ) -> Result<BoxStream<'static, Result<Chunk>>> {
+        let first = pb::PortForwardRequest {
+            port: u32::from(port),
+            data: Vec::new(),
+        };
+        let rest = futures::stream::unfold(to_guest, |mut to_guest| async move {
+            match to_guest.recv().await {
+                Some(Chunk::Data(data)) => {
+                    Some((pb::PortForwardRequest { port: 0, data }, to_guest))
+                }
+                Some(Chunk::Eof) | None => None,
+            }
+        });
+        let requests = futures::stream::once(std::future::ready(first)).chain(rest);
+        let replies = self
+            .call(Rpc::PortForward, requests, |mut c, r| async move {
+                c.port_forward(r).await
+            })
+            .await?;
+        let unclosed = futures::stream::once(std::future::ready(Err(Error::Agent(format!(
+            "PortForward to guest port {port}: the agent ended the call without closing the \
+             connection (its side failed; see the agent's log on the VM console)"
+        )))));
+        Ok(replies
+            .map(|reply| {
+                reply
+                    .map(|r| {
+                        if r.eof {
+                            Chunk::Eof
+                        } else {
+                            Chunk::Data(r.data)
+                        }
+                    })
+                    .map_err(|s| Rpc::PortForward.error(s))
+            })
+            .chain(unclosed)
+            .boxed())
     }
 
     /// Polls `Health` until the agent answers or `deadline` passes, giving up early when
