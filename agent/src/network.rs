@@ -199,6 +199,15 @@ pub async fn setup(req: &SetupNetworkRequest) -> Result<(), Error> {
 
 async fn apply(handle: &mut Handle, req: &SetupNetworkRequest) -> Result<(), Error> {
     let existing = links(handle).await?;
+    // Loopback first, whatever else the pod has: a runc pod's containers always have it
+    // (localhost sidecars, readiness probes through 127.0.0.1).
+    if let Some(lo) = existing
+        .iter()
+        .find(|l| link_name(l).as_deref() == Some("lo"))
+    {
+        let up = LinkUnspec::new_with_index(lo.header.index).up().build();
+        set_link(handle, up, "setting lo up").await?;
+    }
     for iface in &req.interfaces {
         let mac = parse_mac(&iface.mac)?;
         let link = existing

@@ -15,6 +15,7 @@ use super::spec::{self, Bundle, Role};
 use super::{lock, Pod, STATE_DIR_FILE};
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
+use crate::vm::network;
 use crate::vm::vm::Vm;
 
 /// How long RemoveContainer lets left-over processes live before SIGKILL.
@@ -113,12 +114,14 @@ impl Pod {
                     )));
                 }
                 let shape = config::vm_shape(&config, &bundle.annotations)?;
+                let netns = network::netns_of_spec(&bundle.spec)?;
                 let vm = Vm::start(
                     &config,
                     &shape,
                     &self.inner.namespace,
                     &new.id,
                     &bundle.hostname(),
+                    netns.as_deref(),
                 )
                 .await?;
                 let state_file = Path::new(&new.bundle).join(STATE_DIR_FILE);

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use kata_like_vmm_contract::limits::MAX_LINE;
 use kata_like_vmm_contract::{
-    parse_response, ConsoleConfig, DriveConfig, JailConfig, MachineConfig, Request, Response,
-    VmConfig, VmMetrics, VsockConfig,
+    parse_response, ConsoleConfig, DriveConfig, JailConfig, MachineConfig, NetBackend, NetConfig,
+    Request, Response, VmConfig, VmMetrics, VsockConfig,
 };
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -18,6 +18,7 @@ use tokio::net::UnixStream;
 
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
+use crate::vm::network::Nic;
 
 /// Guest context id of the pod VM (any value >= 3; each VM has its own vsock device).
 pub const GUEST_CID: u32 = 3;
@@ -64,8 +65,8 @@ pub fn slot_id(index: u32) -> String {
     format!("slot{index}")
 }
 
-/// The VMM configuration of one pod VM.
-pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths) -> VmConfig {
+/// The VMM configuration of one pod VM, with one NIC per TAP (inherited by its fd number).
+pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths, nics: &[Nic]) -> VmConfig {
     let mut cmdline = config.vmm.kernel_params.clone();
     if shape.debug_console {
         // Verbose kernel output to the console log; "quiet" from the base line is overridden.
@@ -86,6 +87,13 @@ pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths) -> VmConfig
             id: slot_id(i),
             path: None,
             read_only: true,
+        })
+        .collect();
+    vm.net = nics
+        .iter()
+        .map(|nic| NetConfig {
+            backend: NetBackend::Fd(nic.tap.as_raw_fd()),
+            mac: nic.mac,
         })
         .collect();
     vm.vsock = Some(VsockConfig {
@@ -113,8 +121,13 @@ pub fn vm_config(config: &Config, shape: &VmShape, paths: &VmmPaths) -> VmConfig
 }
 
 /// The `kata-like-vmm run` argument list for one pod VM.
-pub fn command_args(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Vec<String> {
-    run_args(&vm_config(config, shape, paths))
+pub fn command_args(
+    config: &Config,
+    shape: &VmShape,
+    paths: &VmmPaths,
+    nics: &[Nic],
+) -> Vec<String> {
+    run_args(&vm_config(config, shape, paths, nics))
 }
 
 fn run_args(vm: &VmConfig) -> Vec<String> {
@@ -124,9 +137,16 @@ fn run_args(vm: &VmConfig) -> Vec<String> {
 }
 
 /// Starts the VMM. Its stdout/stderr go to `vmm.log`; it is killed if the shim dies (the
-/// parent-death signal), and `delete` finds it through `vmm.pid` otherwise.
-pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio::process::Child> {
-    let vm = vm_config(config, shape, paths);
+/// parent-death signal), and `delete` finds it through `vmm.pid` otherwise. The TAP fds of
+/// `nics` are inherited by the VMM under the same numbers (the caller closes its copies).
+pub fn spawn(
+    config: &Config,
+    shape: &VmShape,
+    paths: &VmmPaths,
+    nics: &[Nic],
+) -> Result<tokio::process::Child> {
+    let vm = vm_config(config, shape, paths, nics);
+    let tap_fds: Vec<i32> = nics.iter().map(|nic| nic.tap.as_raw_fd()).collect();
     // The VMM would refuse it too, but only after starting, with the reason in its log.
     vm.validate()
         .map_err(|e| Error::InvalidConfig(format!("pod VM: {e}")))?;
@@ -146,11 +166,19 @@ pub fn spawn(config: &Config, shape: &VmShape, paths: &VmmPaths) -> Result<tokio
         .stdout(log)
         .stderr(log2)
         .kill_on_drop(false);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no shared state.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and fcntl(F_SETFD) are async-signal-safe and touch no
+    // shared state; the fds are the TAPs `nics` keeps open until the spawn returns.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The TAPs are close-on-exec in the shim (no other child may get them); only the
+            // VMM inherits them, at the numbers its --net fd= names.
+            for &fd in &tap_fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -379,7 +407,7 @@ mod tests {
             debug_console: false,
         };
         let paths = VmmPaths::new(Path::new("/run/kata-like/default/pod1"));
-        let args = command_args(&config, &shape, &paths).join(" ");
+        let args = command_args(&config, &shape, &paths, &[]).join(" ");
         assert!(args.starts_with("run --kernel /usr/share/kata-like/vmlinux --initrd "));
         assert!(args.contains("--vcpus 2 --memory-mib 256"));
         assert!(args.contains("--drive id=slot0,empty,ro --drive id=slot1,empty,ro --vsock"));
@@ -388,7 +416,7 @@ mod tests {
         assert!(args.contains("--jail-dir /run/kata-like/default/pod1/jail --uid 100 --gid 101"));
         assert!(!args.contains("--no-jail"));
         config.jail.enabled = false;
-        let args = command_args(&config, &shape, &paths).join(" ");
+        let args = command_args(&config, &shape, &paths, &[]).join(" ");
         assert!(args.contains("--no-jail") && !args.contains("--jail-dir"));
     }
 
