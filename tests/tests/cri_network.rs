@@ -9,81 +9,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use kata_like_tests::containerd::{Containerd, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
+use kata_like_tests::containerd::{self, Containerd, KATA_RUNTIME_HANDLER};
 use kata_like_tests::cri::{self, Cri};
-use kata_like_tests::pod;
+use kata_like_tests::pod::{
+    self, fetch_from_container, fetch_from_host, pod_ip, web_server, WEB_PORT as PORT,
+};
 
-const PORT: u16 = 8080;
 const HOST_PORT: i32 = 18080;
-/// How many times a fetch is tried while the server in the pod starts (each try has its own
-/// 5 s network timeout; a server that never answers fails the test after all of them).
-const FETCH_ATTEMPTS: usize = 60;
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A busybox httpd on PORT serving `marker` at `/`.
-fn web_server(name: &str, marker: &str) -> cri::v1::ContainerConfig {
-    let script = format!(
-        "mkdir -p /www && echo {marker} > /www/index.html && exec httpd -f -p {PORT} -h /www"
-    );
-    cri::container_config(name, BUSYBOX_IMAGE, &["sh", "-c", &script])
-}
-
-/// The pod's IP as containerd (its CNI result) reports it.
-async fn pod_ip(cri: &mut Cri, pod_id: &str) -> String {
-    let ip = cri
-        .pod_status(pod_id)
-        .await
-        .network
-        .map(|n| n.ip)
-        .unwrap_or_default();
-    assert!(ip.starts_with("10.234.0."), "pod IP {ip:?}");
-    ip
-}
-
-/// Fetches `url` with busybox wget from the node's network namespace, trying again while the
-/// server is not up yet; the body, or the last error.
-fn fetch_from_host(containerd: &Containerd, url: &str) -> Result<String, String> {
-    let mut last = String::new();
-    for _ in 0..FETCH_ATTEMPTS {
-        let out = containerd
-            .host_net_command("busybox")
-            .args(["wget", "-q", "-T", "5", "-O", "-", url])
-            .output()
-            .map_err(|e| format!("busybox wget: {e}"))?;
-        if out.status.success() {
-            return Ok(text(&out.stdout));
-        }
-        last = text(&out.stderr);
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    Err(format!(
-        "{url} did not answer in {FETCH_ATTEMPTS} tries: {last}"
-    ))
-}
-
-/// Fetches `url` from inside a container, trying again while the server starts.
-async fn fetch_from_container(cri: &mut Cri, container: &str, url: &str) -> Result<String, String> {
-    let mut last = String::new();
-    for _ in 0..FETCH_ATTEMPTS {
-        match cri
-            .exec_sync(container, &["wget", "-q", "-T", "5", "-O", "-", url], 30)
-            .await
-        {
-            Ok(r) if r.exit_code == 0 => return Ok(text(&r.stdout)),
-            Ok(r) => last = format!("exit {}: {}", r.exit_code, text(&r.stderr)),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(format!(
-        "{url} did not answer {container} in {FETCH_ATTEMPTS} tries: {last}"
-    ))
-}
 
 /// The kata-like pod's network namespace, from what its shim recorded in its state dir.
 fn kata_pod_netns(containerd: &Containerd) -> PathBuf {
@@ -98,6 +31,45 @@ fn kata_pod_netns(containerd: &Containerd) -> PathBuf {
         "no kata-like pod recorded a connected network in {}",
         containerd.kata_state_dir.display()
     )
+}
+
+/// What the guest and the pod's namespace say about the network, for a failure's message.
+async fn network_report(cri: &mut Cri, container: &str, containerd: &Containerd) -> String {
+    let mut report = String::new();
+    for cmd in [
+        &["ip", "addr"][..],
+        &["ip", "route"],
+        &["ip", "neigh"],
+        &["cat", "/proc/net/dev"],
+    ] {
+        let out = match cri.exec_sync(container, cmd, 30).await {
+            Ok(r) => text(&r.stdout) + &text(&r.stderr),
+            Err(e) => e.to_string(),
+        };
+        report.push_str(&format!("guest {cmd:?}:\n{out}\n"));
+    }
+    for netns in containerd::pod_network_namespaces() {
+        for (program, args) in [
+            ("ip", &["-s", "link"][..]),
+            ("tc", &["-s", "filter", "show", "dev", "eth0", "ingress"]),
+            ("tc", &["-s", "filter", "show", "dev", "tap0_kl", "ingress"]),
+        ] {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .arg(program)
+                .args(args)
+                .output()
+                .map(|o| text(&o.stdout) + &text(&o.stderr))
+                .unwrap_or_else(|e| e.to_string());
+            report.push_str(&format!("{} {program} {args:?}:\n{out}\n", netns.display()));
+        }
+    }
+    report.push_str(&format!("containerd log:\n{}", containerd.log_tail()));
+    report
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn in_netns(netns: &Path, program: &str, args: &[&str]) -> String {
@@ -122,10 +94,18 @@ async fn pod_ip_serves_host() {
     let (containerd, kata, mut cri) = pod::clean_node().await;
     let (pod_id, pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-web").await;
     let ip = pod_ip(&mut cri, &pod_id).await;
-    let c = pod::start_container(&mut cri, &pod_id, &pod, &web_server("web", "kata-web-ok")).await;
+    let c = pod::start_container(
+        &mut cri,
+        &pod_id,
+        &pod,
+        &web_server("web", "kata-web-ok", ""),
+    )
+    .await;
 
-    let body = fetch_from_host(&containerd, &format!("http://{ip}:{PORT}/"))
-        .unwrap_or_else(|e| panic!("{e}\ncontainerd log:\n{}", containerd.log_tail()));
+    let body = match fetch_from_host(&containerd, &format!("http://{ip}:{PORT}/")) {
+        Ok(body) => body,
+        Err(e) => panic!("{e}\n{}", network_report(&mut cri, &c, &containerd).await),
+    };
     assert_eq!(body.trim(), "kata-web-ok");
 
     // Inside, the container sees the pod's interface with the CNI address and the veth's MAC,
@@ -164,12 +144,22 @@ async fn pods_reach_each_other() {
         .await
         .expect("RunPodSandbox (runc)");
     let runc_ip = pod_ip(&mut cri, &runc_id).await;
-    let runc_c =
-        pod::start_container(&mut cri, &runc_id, &runc_pod, &web_server("web", "runc-ok")).await;
+    let runc_c = pod::start_container(
+        &mut cri,
+        &runc_id,
+        &runc_pod,
+        &web_server("web", "runc-ok", ""),
+    )
+    .await;
     let (kata_id, kata_pod) = pod::run_kata_pod(&mut cri, &containerd, "kata-peer").await;
     let kata_ip = pod_ip(&mut cri, &kata_id).await;
-    let kata_c =
-        pod::start_container(&mut cri, &kata_id, &kata_pod, &web_server("web", "kata-ok")).await;
+    let kata_c = pod::start_container(
+        &mut cri,
+        &kata_id,
+        &kata_pod,
+        &web_server("web", "kata-ok", ""),
+    )
+    .await;
 
     let from_kata = fetch_from_container(&mut cri, &kata_c, &format!("http://{runc_ip}:{PORT}/"))
         .await
@@ -204,7 +194,7 @@ async fn host_port_maps() {
         &mut cri,
         &pod_id,
         &config,
-        &web_server("web", "kata-hostport-ok"),
+        &web_server("web", "kata-hostport-ok", ""),
     )
     .await;
 
