@@ -420,6 +420,36 @@ mod tests {
         assert!(args.contains("--no-jail") && !args.contains("--jail-dir"));
     }
 
+    #[test]
+    fn each_nic_is_a_net_device_on_its_inherited_tap_fd_with_its_mac() {
+        let config = Config::default();
+        let shape = VmShape {
+            vcpus: 1,
+            memory_mib: 128,
+            debug_console: false,
+        };
+        let paths = VmmPaths::new(Path::new("/run/kata-like/default/pod1"));
+        let nics: Vec<Nic> = [[0x6a, 0, 0, 0, 0, 1], [0x6a, 0, 0, 0, 0, 2]]
+            .into_iter()
+            .map(|mac| Nic {
+                tap: std::fs::File::open("/dev/null").expect("open"),
+                mac,
+            })
+            .collect();
+        let vm = vm_config(&config, &shape, &paths, &nics);
+        assert_eq!(vm.validate(), Ok(()));
+        let fds: Vec<i32> = nics.iter().map(|n| n.tap.as_raw_fd()).collect();
+        assert_eq!(vm.inherited_fds(), fds);
+        let args = command_args(&config, &shape, &paths, &nics).join(" ");
+        assert!(
+            args.contains(&format!(
+                "--net fd={},mac=6a:00:00:00:00:01 --net fd={},mac=6a:00:00:00:00:02",
+                fds[0], fds[1]
+            )),
+            "{args}"
+        );
+    }
+
     /// A stand-in for the VMM's API server that answers each request line with a canned line
     /// and reports what it received (including an fd's contents).
     fn serve_once(listener: UnixListener, answer: &'static str) -> std::thread::JoinHandle<String> {

@@ -12,14 +12,25 @@ use std::os::unix::io::AsRawFd;
 use crate::limits::MAX_TAP_NAME_LEN;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
+pub const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
+/// `struct ifreq` as the TUN ioctls read and fill it (name and flags).
 #[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
+pub struct IfReq {
+    pub name: [u8; libc::IFNAMSIZ],
+    pub flags: libc::c_short,
     _pad: [u8; 22],
+}
+
+impl IfReq {
+    pub fn new(flags: libc::c_short) -> IfReq {
+        IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        }
+    }
 }
 
 /// Opens (or creates, in the calling thread's network namespace) TAP `name`, without packet
@@ -42,11 +53,7 @@ pub fn open_tap(name: &str) -> io::Result<File> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI,
-        _pad: [0; 22],
-    };
+    let mut req = IfReq::new(IFF_TAP | IFF_NO_PI);
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads a struct ifreq, which `IfReq` lays out, from memory we own.
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {

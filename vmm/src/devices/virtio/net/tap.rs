@@ -6,15 +6,9 @@ use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
+use kata_like_vmm_contract::tap::{IfReq, IFF_TAP};
 
 pub struct Tap {
     file: File,
@@ -39,11 +33,7 @@ impl Tap {
         }
         // SAFETY: the caller hands us ownership of an open fd.
         let file = unsafe { File::from_raw_fd(fd) };
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
+        let mut req = IfReq::new(0);
         // SAFETY: TUNGETIFF fills a struct ifreq.
         if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
             return Err(io::Error::new(
