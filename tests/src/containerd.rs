@@ -104,6 +104,8 @@ impl Containerd {
             "/usr/lib/cni/bridge",
             "/usr/lib/cni/host-local",
             "/usr/lib/cni/loopback",
+            "/usr/lib/cni/portmap",
+            "/usr/sbin/iptables",
             "/bin/busybox",
         ] {
             require_tool(tool);
@@ -186,7 +188,8 @@ impl Containerd {
                 r#"{{"cniVersion": "0.4.0", "name": "kata-like-test", "plugins": [
   {{"type": "bridge", "bridge": "kltest0", "isGateway": true, "ipMasq": false,
     "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{CNI_SUBNET}"}}]],
-              "routes": [{{"dst": "0.0.0.0/0"}}]}}}}
+              "routes": [{{"dst": "0.0.0.0/0"}}]}}}},
+  {{"type": "portmap", "capabilities": {{"portMappings": true}}}}
 ]}}"#
             ),
         )
@@ -317,6 +320,19 @@ impl Containerd {
         }
     }
 
+    /// `program` run in containerd's network namespace: the node's "host" network, where the
+    /// CNI bridge and hostPorts are.
+    pub fn host_net_command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns, program]);
+        cmd
+    }
+
+    /// The node's address on the CNI bridge (the bridge plugin's gateway, `.1` of the subnet).
+    pub fn bridge_ip(&self) -> String {
+        CNI_SUBNET.replace(".0/24", ".1")
+    }
+
     /// Directory for pod log dirs.
     /// The network namespace containerd (its streaming server, every shim) runs in.
     pub fn netns_path(&self) -> PathBuf {
@@ -371,6 +387,15 @@ impl Containerd {
         for net in net_devices(netns_pid) {
             if net.starts_with("tap") || net.starts_with("kl") && net != "kltest0" {
                 found.push(format!("net device {net}"));
+            }
+        }
+        // TAPs the shim connected to a pod's interfaces (tap<N>_kl) in any pod network
+        // namespace still there.
+        for netns in pod_network_namespaces() {
+            for net in net_devices_in(&netns) {
+                if net.ends_with("_kl") {
+                    found.push(format!("net device {net} in {}", netns.display()));
+                }
             }
         }
         for s in shim_sockets() {
@@ -582,8 +607,41 @@ fn net_devices(pid: Option<u32>) -> Vec<String> {
         Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
         Err(_) => return Vec::new(),
     };
+    link_names(&out)
+}
+
+/// The named network namespaces CNI made for pods (`/var/run/netns/cni-*`).
+pub fn pod_network_namespaces() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/var/run/netns")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("cni-"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// The links of the network namespace bound at `netns` (none if it cannot be entered).
+pub fn net_devices_in(netns: &Path) -> Vec<String> {
+    let out = match Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ip", "-o", "link", "show"])
+        .output()
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(_) => return Vec::new(),
+    };
+    link_names(&out)
+}
+
+fn link_names(ip_o_link: &str) -> Vec<String> {
     // "2: name@peer: <...>" -> name
-    out.lines()
+    ip_o_link
+        .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_string())
         .collect()

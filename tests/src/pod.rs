@@ -3,6 +3,7 @@
 //! call these instead of repeating the RunPodSandbox, CreateContainer, StartContainer sequence.
 
 use std::sync::MutexGuard;
+use std::time::Duration;
 
 use crate::containerd::{self, Containerd, KataArtifacts, BUSYBOX_IMAGE, KATA_RUNTIME_HANDLER};
 use crate::cri::{self, Cri};
@@ -198,4 +199,84 @@ pub async fn run_annotated_kata_pod(
         .await
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log_tail()));
     (id, config)
+}
+
+/// The port of [`web_server`].
+pub const WEB_PORT: u16 = 8080;
+/// How many times a fetch is tried while the server in the pod starts (each try bounded by
+/// `timeout 5`; a server that never answers fails the test after all of them).
+const FETCH_ATTEMPTS: usize = 60;
+
+/// A busybox httpd on [`WEB_PORT`] serving `marker` at `/` (and whatever `setup`, a shell
+/// command run first, puts in /www).
+pub fn web_server(name: &str, marker: &str, setup: &str) -> cri::v1::ContainerConfig {
+    let script = format!(
+        "mkdir -p /www && echo {marker} > /www/index.html && {setup} exec httpd -f -p {WEB_PORT} -h /www"
+    );
+    cri::container_config(name, BUSYBOX_IMAGE, &["sh", "-c", &script])
+}
+
+/// The pod's IP as containerd (its CNI result) reports it.
+pub async fn pod_ip(cri: &mut Cri, pod_id: &str) -> String {
+    let ip = cri
+        .pod_status(pod_id)
+        .await
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(ip.starts_with("10.234.0."), "pod IP {ip:?}");
+    ip
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Fetches `url` with busybox wget from the node's network namespace, trying again while the
+/// server is not up yet; the body, or the last error. (Debian's busybox wget crashes with its
+/// own `-T`, so `timeout` bounds each try.)
+pub fn fetch_from_host(containerd: &Containerd, url: &str) -> Result<String, String> {
+    let mut last = String::new();
+    for _ in 0..FETCH_ATTEMPTS {
+        let out = containerd
+            .host_net_command("timeout")
+            .args(["5", "busybox", "wget", "-q", "-O", "-", url])
+            .output()
+            .map_err(|e| format!("busybox wget: {e}"))?;
+        if out.status.success() {
+            return Ok(text(&out.stdout));
+        }
+        last = format!("{}: {}", out.status, text(&out.stderr));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!(
+        "{url} did not answer in {FETCH_ATTEMPTS} tries: {last}"
+    ))
+}
+
+/// Fetches `url` from inside a container, trying again while the server starts.
+pub async fn fetch_from_container(
+    cri: &mut Cri,
+    container: &str,
+    url: &str,
+) -> Result<String, String> {
+    let mut last = String::new();
+    for _ in 0..FETCH_ATTEMPTS {
+        match cri
+            .exec_sync(
+                container,
+                &["timeout", "5", "wget", "-q", "-O", "-", url],
+                30,
+            )
+            .await
+        {
+            Ok(r) if r.exit_code == 0 => return Ok(text(&r.stdout)),
+            Ok(r) => last = format!("exit {}: {}", r.exit_code, text(&r.stderr)),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!(
+        "{url} did not answer {container} in {FETCH_ATTEMPTS} tries: {last}"
+    ))
 }

@@ -276,3 +276,96 @@ async fn cri_pod_start_benchmark() {
     }
     containerd.assert_no_leftovers(&kata);
 }
+
+/// Host-to-pod network figures of one pod: (HTTP GET throughput in MiB/s of a
+/// `NET_BENCH_MIB` file, median over `NET_BENCH_RUNS`; ping round trip in ms, average of
+/// `NET_BENCH_PINGS`).
+async fn pod_network_figures(
+    cri: &mut Cri,
+    containerd: &containerd::Containerd,
+    handler: &str,
+    name: &str,
+) -> (f64, f64) {
+    let pod = cri::pod_config(name, &containerd.log_dir());
+    let pod_id = cri
+        .run_pod(&pod, handler)
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}"));
+    let ip = pod::pod_ip(cri, &pod_id).await;
+    let setup = format!("dd if=/dev/zero of=/www/big bs=1M count={NET_BENCH_MIB} 2>/dev/null &&");
+    pod::start_container(cri, &pod_id, &pod, &pod::web_server("web", "ready", &setup)).await;
+    let base = format!("http://{ip}:{}/", pod::WEB_PORT);
+    let ready = pod::fetch_from_host(containerd, &base)
+        .unwrap_or_else(|e| panic!("{handler} pod: {e}\n{}", containerd.log_tail()));
+    assert_eq!(ready.trim(), "ready");
+    let mut rates = Vec::new();
+    for _ in 0..NET_BENCH_RUNS {
+        let start = Instant::now();
+        let out = containerd
+            .host_net_command("busybox")
+            .args(["wget", "-q", "-O", "/dev/null", &format!("{base}big")])
+            .output()
+            .expect("busybox wget");
+        assert!(out.status.success(), "{handler}: GET big: {out:?}");
+        rates.push(NET_BENCH_MIB as f64 / start.elapsed().as_secs_f64());
+    }
+    let ping = containerd
+        .host_net_command("busybox")
+        .args([
+            "ping",
+            "-q",
+            "-c",
+            &NET_BENCH_PINGS.to_string(),
+            "-i",
+            "0.2",
+            &ip,
+        ])
+        .output()
+        .expect("busybox ping");
+    let ping_text = String::from_utf8_lossy(&ping.stdout).into_owned();
+    assert!(ping.status.success(), "{handler}: ping {ip}: {ping_text}");
+    // "round-trip min/avg/max = 0.101/0.143/0.201 ms"
+    let avg = ping_text
+        .lines()
+        .find_map(|l| l.split(" = ").nth(1))
+        .and_then(|v| v.split('/').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no round trip in {ping_text:?}"));
+    cri.teardown_pod(&pod_id).await;
+    (median(rates), avg)
+}
+
+const NET_BENCH_MIB: u64 = 16;
+const NET_BENCH_RUNS: usize = 3;
+const NET_BENCH_PINGS: usize = 10;
+
+/// Host-to-pod TCP throughput (the node fetching a file from a web server in the pod) and
+/// ping round trip, kata-like against a runc pod in the same containerd and run; prints the
+/// figures and their ratios, asserts only that both pods answered.
+#[tokio::test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+async fn cri_network_benchmark() {
+    let (containerd, kata, mut cri) = pod::clean_node().await;
+    let (runc_rate, runc_rtt) =
+        pod_network_figures(&mut cri, &containerd, "runc", "net-bench-runc").await;
+    let (kata_rate, kata_rtt) = pod_network_figures(
+        &mut cri,
+        &containerd,
+        KATA_RUNTIME_HANDLER,
+        "net-bench-kata",
+    )
+    .await;
+    report!(
+        "host-to-pod network ({NET_BENCH_MIB} MiB HTTP GET, median of {NET_BENCH_RUNS}; \
+         ping average of {NET_BENCH_PINGS})"
+    );
+    report!(
+        "  throughput MiB/s: runc {runc_rate:.1}, kata-like {kata_rate:.1}, kata-like/runc {:.3}",
+        kata_rate / runc_rate
+    );
+    report!(
+        "  round trip ms:    runc {runc_rtt:.3}, kata-like {kata_rtt:.3}, kata-like/runc {:.2}",
+        kata_rtt / runc_rtt
+    );
+    containerd.assert_no_leftovers(&kata);
+}

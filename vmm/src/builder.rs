@@ -63,7 +63,8 @@ pub struct OpenedResources {
     pub kernel: File,
     pub initrd: Option<File>,
     pub drives: Vec<(DriveConfig, Option<File>)>,
-    pub tap: Option<Tap>,
+    /// One TAP per `--net`, in order.
+    pub taps: Vec<Tap>,
     pub vsock_listener: Option<UnixListener>,
     pub api_listener: Option<UnixListener>,
     pub console: ConsoleSink,
@@ -107,11 +108,15 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
             .transpose()?;
         drives.push((d.clone(), file));
     }
-    let tap = match r.net.as_ref().map(|n| &n.backend) {
-        Some(NetBackend::Fd(fd)) => Some(Tap::from_fd(*fd).map_err(BuildError::Tap)?),
-        Some(NetBackend::Tap(name)) => Some(Tap::open_named(name).map_err(BuildError::Tap)?),
-        None => None,
-    };
+    let taps = r
+        .net
+        .iter()
+        .map(|n| match &n.backend {
+            NetBackend::Fd(fd) => Tap::from_fd(*fd),
+            NetBackend::Tap(name) => Tap::open_named(name),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(BuildError::Tap)?;
     let vsock_listener = r.vsock.as_ref().map(|v| bind_unix(&v.uds)).transpose()?;
     let api_listener = r.api_sock.as_deref().map(bind_unix).transpose()?;
     let console = match &r.console {
@@ -133,7 +138,7 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
         kernel,
         initrd,
         drives,
-        tap,
+        taps,
         vsock_listener,
         api_listener,
         console,
@@ -269,7 +274,7 @@ fn assemble(
         );
         devices.push((Box::new(block), info));
     }
-    if let (Some(tap), Some(net)) = (o.tap, r.net.as_ref()) {
+    for (tap, net) in o.taps.into_iter().zip(&r.net) {
         devices.push((
             Box::new(Net::new(tap, net.mac)),
             DeviceInfo {

@@ -18,6 +18,7 @@ use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::pod_limits;
 use crate::vm::agent_client::PodIdentity;
+use crate::vm::network;
 use crate::vm::vm::Vm;
 
 /// How long RemoveContainer lets left-over processes live before SIGKILL.
@@ -131,8 +132,16 @@ impl Pod {
                     }
                 };
                 let shape = config::vm_shape(&config, &bundle.annotations)?;
-                let vm =
-                    Vm::start(&config, &shape, &self.inner.namespace, &new.id, &identity).await?;
+                let netns = network::netns_of_spec(&bundle.spec)?;
+                let vm = Vm::start(
+                    &config,
+                    &shape,
+                    &self.inner.namespace,
+                    &new.id,
+                    &identity,
+                    netns.as_deref(),
+                )
+                .await?;
                 let state_file = Path::new(&new.bundle).join(STATE_DIR_FILE);
                 if let Err(e) =
                     std::fs::write(&state_file, vm.state_dir.as_os_str().as_encoded_bytes())

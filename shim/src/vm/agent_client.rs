@@ -96,6 +96,7 @@ async fn read_handshake_line(stream: &mut UnixStream) -> std::io::Result<String>
 enum Rpc {
     SetTime,
     CreateSandbox,
+    SetupNetwork,
     CopyFile,
     AddStorage,
     RemoveStorage,
@@ -123,6 +124,7 @@ impl Rpc {
         match self {
             Rpc::SetTime => "SetTime",
             Rpc::CreateSandbox => "CreateSandbox",
+            Rpc::SetupNetwork => "SetupNetwork",
             Rpc::CopyFile => "CopyFile",
             Rpc::AddStorage => "AddStorage",
             Rpc::RemoveStorage => "RemoveStorage",
@@ -281,6 +283,15 @@ impl Agent {
     }
 
     /// Writes one chunk of a file in the guest.
+    /// The pod's interfaces, routes and neighbours (and `lo`, which the agent always brings up).
+    pub async fn setup_network(&self, request: pb::SetupNetworkRequest) -> Result<()> {
+        self.call(Rpc::SetupNetwork, request, |mut c, r| async move {
+            c.setup_network(r).await
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn copy_file(&self, chunk: pb::CopyFileRequest) -> Result<()> {
         self.call(Rpc::CopyFile, chunk, |mut c, r| async move {
             c.copy_file(r).await

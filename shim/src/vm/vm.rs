@@ -2,8 +2,9 @@
 //! them, and its end (clean stop, death, or cleanup after a crashed shim).
 //!
 //! State dir `<state_dir>/<hash of namespace and sandbox id>/`: `vmm.pid`, `jail/` (with `api.sock` and
-//! `vsock.sock`), `console.log`, `vmm.log`, scratch images. `delete` and a restarted shim use it
-//! to kill a VMM left behind and remove everything.
+//! `vsock.sock`), `console.log`, `vmm.log`, `network.json` (what was connected in the pod's
+//! network namespace), scratch images. `delete` and a restarted shim use it to kill a VMM left
+//! behind, undo the network connection and remove everything.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
 use crate::vm::agent_client::{Agent, PodIdentity};
 use crate::vm::console_log::{self, RotatingLog};
+use crate::vm::network::{self, PodNetwork};
 use crate::vm::storage::{storage_mount_point, LayerImage};
 use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
 
@@ -54,7 +56,9 @@ pub fn state_dir_name(namespace: &str, sandbox_id: &str) -> Result<String> {
     Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Kills whatever an earlier shim left in a state dir and removes it.
+/// Kills whatever an earlier shim left in a state dir, undoes its network connection and
+/// removes it. The VMM goes first: its end closes the TAPs. A network that could not be undone
+/// keeps the state dir (and its record) for the next attempt.
 pub fn cleanup_state_dir(state_dir: &Path) -> Result<()> {
     if !state_dir.exists() {
         return Ok(());
@@ -63,6 +67,7 @@ pub fn cleanup_state_dir(state_dir: &Path) -> Result<()> {
     if let Some(pid) = vmm::kill_recorded(&paths)? {
         tracing::warn!(pid, state_dir = %state_dir.display(), "killed a VMM left behind");
     }
+    network::disconnect_recorded(state_dir)?;
     std::fs::remove_dir_all(state_dir)
         .map_err(Error::io(format!("remove {}", state_dir.display())))?;
     Ok(())
@@ -113,19 +118,21 @@ impl std::fmt::Debug for Vm {
 
 impl Vm {
     /// Boots the pod VM and waits for its agent; on any failure nothing is left running.
+    /// `netns`: the pod's network namespace, whose interfaces become the VM's NICs.
     pub async fn start(
         config: &Config,
         shape: &VmShape,
         namespace: &str,
         sandbox_id: &str,
         identity: &PodIdentity,
+        netns: Option<&Path>,
     ) -> Result<Arc<Vm>> {
         let state_dir = state_dir_for(config, namespace, sandbox_id)?;
         // A state dir left by a shim that died is cleaned before reuse.
         cleanup_state_dir(&state_dir)?;
         std::fs::create_dir_all(&state_dir)
             .map_err(Error::io(format!("create {}", state_dir.display())))?;
-        match Vm::boot(config, shape, &state_dir, sandbox_id, identity).await {
+        match Vm::boot(config, shape, &state_dir, sandbox_id, identity, netns).await {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 let tail = console_log::tail(&state_dir.join("console.log"), CONSOLE_TAIL_BYTES);
@@ -149,6 +156,7 @@ impl Vm {
         state_dir: &Path,
         sandbox_id: &str,
         identity: &PodIdentity,
+        netns: Option<&Path>,
     ) -> Result<Arc<Vm>> {
         for (what, path) in [("VMM", &config.vmm.path), ("kernel", &config.vmm.kernel)] {
             if !path.exists() {
@@ -168,13 +176,34 @@ impl Vm {
         }
         let paths = VmmPaths::new(state_dir);
         let started = std::time::Instant::now();
+        let network = match netns {
+            Some(netns) => {
+                let (netns, sid) = (netns.to_path_buf(), sandbox_id.to_string());
+                let network =
+                    tokio::task::spawn_blocking(move || PodNetwork::connect(&netns, &sid))
+                        .await
+                        .map_err(|e| Error::Other(format!("connecting the pod network: {e}")))??;
+                // Recorded before anything else can fail: the failure path's state dir cleanup
+                // undoes it.
+                network::save_record(state_dir, &network.record)?;
+                Some(network)
+            }
+            None => None,
+        };
+        let (nics, setup) = match network {
+            Some(n) => (n.nics, n.setup),
+            None => (Vec::new(), pb::SetupNetworkRequest::default()),
+        };
         let console = RotatingLog::create(
             &paths.console_log,
             config.console_log.max_bytes,
             config.console_log.files,
         )
         .map_err(Error::io(format!("create {}", paths.console_log.display())))?;
-        let (mut child, console_pipe) = vmm::spawn(config, shape, &paths)?;
+        let spawned = vmm::spawn(config, shape, &paths, &nics);
+        // The VMM holds the TAPs now; with the shim's copies closed, they end with it.
+        drop(nics);
+        let (mut child, console_pipe) = spawned?;
         let console_drain = tokio::spawn(console_log::drain(
             console_pipe,
             console,
@@ -261,6 +290,8 @@ impl Vm {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
             vm.agent.set_time(now).await?;
+            // Always: with no interface it still brings the guest's `lo` up.
+            vm.agent.setup_network(setup).await?;
             vm.agent.create_sandbox(sandbox_id, identity).await?;
             Ok::<(), Error>(())
         };
@@ -690,10 +721,17 @@ mod tests {
             memory_mib: 128,
             debug_console: false,
         };
-        Vm::start(config, &shape, "default", "pod1", &PodIdentity::default())
-            .await
-            .unwrap_err()
-            .to_string()
+        Vm::start(
+            config,
+            &shape,
+            "default",
+            "pod1",
+            &PodIdentity::default(),
+            None,
+        )
+        .await
+        .unwrap_err()
+        .to_string()
     }
 
     /// The VMM built beside this test binary (target/<profile>/): test.sh builds every binary

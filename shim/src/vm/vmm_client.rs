@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use kata_like_vmm_contract::limits::MAX_LINE;
 use kata_like_vmm_contract::{
-    parse_response, ConsoleConfig, DriveConfig, JailConfig, MachineConfig, Request, Response,
-    VmConfig, VmMetrics, VsockConfig,
+    parse_response, ConsoleConfig, DriveConfig, JailConfig, MachineConfig, NetBackend, NetConfig,
+    Request, Response, VmConfig, VmMetrics, VsockConfig,
 };
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -19,6 +19,7 @@ use tokio::net::UnixStream;
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
 use crate::vm::console_log;
+use crate::vm::network::Nic;
 
 /// Guest context id of the pod VM (any value >= 3; each VM has its own vsock device).
 pub const GUEST_CID: u32 = 3;
@@ -65,13 +66,14 @@ pub fn slot_id(index: u32) -> String {
     format!("slot{index}")
 }
 
-/// The VMM configuration of one pod VM; `console_fd` is the write end of the console pipe the
-/// VMM inherits (see `console_log`).
+/// The VMM configuration of one pod VM: `console_fd` is the write end of the console pipe the
+/// VMM inherits (see `console_log`), and one NIC per TAP (inherited by its fd number).
 pub fn vm_config(
     config: &Config,
     shape: &VmShape,
     paths: &VmmPaths,
     console_fd: RawFd,
+    nics: &[Nic],
 ) -> VmConfig {
     let mut cmdline = config.vmm.kernel_params.clone();
     if shape.debug_console {
@@ -96,6 +98,13 @@ pub fn vm_config(
             id: slot_id(i),
             path: None,
             read_only: true,
+        })
+        .collect();
+    vm.net = nics
+        .iter()
+        .map(|nic| NetConfig {
+            backend: NetBackend::Fd(nic.tap.as_raw_fd()),
+            mac: nic.mac,
         })
         .collect();
     vm.vsock = Some(VsockConfig {
@@ -128,8 +137,9 @@ pub fn command_args(
     shape: &VmShape,
     paths: &VmmPaths,
     console_fd: RawFd,
+    nics: &[Nic],
 ) -> Vec<String> {
-    run_args(&vm_config(config, shape, paths, console_fd))
+    run_args(&vm_config(config, shape, paths, console_fd, nics))
 }
 
 fn run_args(vm: &VmConfig) -> Vec<String> {
@@ -140,16 +150,19 @@ fn run_args(vm: &VmConfig) -> Vec<String> {
 
 /// Starts the VMM. Its stdout/stderr go to `vmm.log`; it is killed if the shim dies (the
 /// parent-death signal), and `delete` finds it through `vmm.pid` otherwise. Returns the VMM and
-/// the read end of its console pipe, which the caller drains (`console_log::drain`).
+/// the read end of its console pipe, which the caller drains (`console_log::drain`). The TAP fds
+/// of `nics` are inherited by the VMM under the same numbers (the caller closes its copies).
 pub fn spawn(
     config: &Config,
     shape: &VmShape,
     paths: &VmmPaths,
+    nics: &[Nic],
 ) -> Result<(tokio::process::Child, OwnedFd)> {
     let (console_read, console_write) =
         console_log::console_pipe().map_err(Error::io("create the guest console pipe"))?;
     let console_fd = console_write.as_raw_fd();
-    let vm = vm_config(config, shape, paths, console_fd);
+    let vm = vm_config(config, shape, paths, console_fd, nics);
+    let tap_fds: Vec<i32> = nics.iter().map(|nic| nic.tap.as_raw_fd()).collect();
     // The VMM would refuse it too, but only after starting, with the reason in its log.
     vm.validate()
         .map_err(|e| Error::InvalidConfig(format!("pod VM: {e}")))?;
@@ -170,15 +183,19 @@ pub fn spawn(
         .stderr(log2)
         .kill_on_drop(false);
     // SAFETY: prctl(PR_SET_PDEATHSIG) and fcntl(F_SETFD) are async-signal-safe and touch
-    // no shared state; the fcntl makes the console pipe's write end (close-on-exec in the
-    // shim) inheritable in this child only.
+    // no shared state; the fcntl makes the console pipe's write end and the TAPs `nics` keeps
+    // open until the spawn returns (all close-on-exec in the shim) inheritable in this child only.
     unsafe {
         command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if libc::fcntl(console_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+            // The console pipe and the TAPs are close-on-exec in the shim (no other child may
+            // get them); only the VMM inherits them, at the numbers its arguments name.
+            for &fd in std::iter::once(&console_fd).chain(&tap_fds) {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -409,7 +426,7 @@ mod tests {
             debug_console: false,
         };
         let paths = VmmPaths::new(Path::new("/run/kata-like/default/pod1"));
-        let args = command_args(&config, &shape, &paths, 7).join(" ");
+        let args = command_args(&config, &shape, &paths, 7, &[]).join(" ");
         assert!(args.contains("--console fd:7"), "{args}");
         assert!(args.contains("--rng --virtio-console"), "{args}");
         assert!(args.contains("console=hvc0"), "{args}");
@@ -421,8 +438,40 @@ mod tests {
         assert!(args.contains("--jail-dir /run/kata-like/default/pod1/jail --uid 100 --gid 101"));
         assert!(!args.contains("--no-jail"));
         config.jail.enabled = false;
-        let args = command_args(&config, &shape, &paths, 7).join(" ");
+        let args = command_args(&config, &shape, &paths, 7, &[]).join(" ");
         assert!(args.contains("--no-jail") && !args.contains("--jail-dir"));
+    }
+
+    #[test]
+    fn each_nic_is_a_net_device_on_its_inherited_tap_fd_with_its_mac() {
+        let config = Config::default();
+        let shape = VmShape {
+            vcpus: 1,
+            memory_mib: 128,
+            debug_console: false,
+        };
+        let paths = VmmPaths::new(Path::new("/run/kata-like/default/pod1"));
+        let nics: Vec<Nic> = [[0x6a, 0, 0, 0, 0, 1], [0x6a, 0, 0, 0, 0, 2]]
+            .into_iter()
+            .map(|mac| Nic {
+                tap: std::fs::File::open("/dev/null").expect("open"),
+                mac,
+            })
+            .collect();
+        let vm = vm_config(&config, &shape, &paths, 7, &nics);
+        assert_eq!(vm.validate(), Ok(()));
+        let fds: Vec<i32> = std::iter::once(7)
+            .chain(nics.iter().map(|n| n.tap.as_raw_fd()))
+            .collect();
+        assert_eq!(vm.inherited_fds(), fds, "the console pipe, then the TAPs");
+        let args = command_args(&config, &shape, &paths, 7, &nics).join(" ");
+        assert!(
+            args.contains(&format!(
+                "--net fd={},mac=6a:00:00:00:00:01 --net fd={},mac=6a:00:00:00:00:02",
+                fds[1], fds[2]
+            )),
+            "{args}"
+        );
     }
 
     /// A stand-in for the VMM's API server that answers each request line with a canned line

@@ -116,12 +116,7 @@ impl VmConfig {
                 "--hugepages" => c.machine.hugepages = true,
                 "--console" => c.console = parse_console(&value("--console")?)?,
                 "--drive" => c.drives.push(parse_drive(&value("--drive")?)?),
-                "--net" => {
-                    if c.net.is_some() {
-                        return Err(invalid("only one --net is supported"));
-                    }
-                    c.net = Some(parse_net(&value("--net")?)?);
-                }
+                "--net" => c.net.push(parse_net(&value("--net")?)?),
                 "--vsock" => c.vsock = Some(parse_vsock(&value("--vsock")?)?),
                 "--rng" => c.rng = true,
                 "--virtio-console" => c.virtio_console = true,
@@ -182,7 +177,7 @@ impl VmConfig {
             }
             args.extend(["--drive".into(), spec]);
         }
-        if let Some(net) = &self.net {
+        for net in &self.net {
             let backend = match &net.backend {
                 NetBackend::Fd(fd) => format!("fd={fd}"),
                 NetBackend::Tap(name) => format!("tap={name}"),
@@ -286,10 +281,8 @@ mod tests {
             }
         );
         assert_eq!(r.drives[1].path, None);
-        assert_eq!(
-            r.net.as_ref().unwrap().backend,
-            NetBackend::Tap("tap0".into())
-        );
+        assert_eq!(r.net.len(), 1);
+        assert_eq!(r.net[0].backend, NetBackend::Tap("tap0".into()));
         assert_eq!(r.vsock.as_ref().unwrap().cid, 3);
         assert!(r.virtio_console);
         assert!(r.jail.enabled);
@@ -302,10 +295,17 @@ mod tests {
         assert_eq!(VmConfig::from_args(full.to_args()), Ok(full.clone()));
         let mut other = full;
         other.console = ConsoleConfig::Null;
-        other.net = Some(NetConfig {
-            backend: NetBackend::Fd(7),
-            mac: DEFAULT_MAC,
-        });
+        other.net = vec![
+            NetConfig {
+                backend: NetBackend::Fd(7),
+                mac: DEFAULT_MAC,
+            },
+            NetConfig {
+                backend: NetBackend::Fd(8),
+                mac: [2, 0, 0, 0, 0, 9],
+            },
+        ];
+        assert_eq!(other.inherited_fds(), vec![7, 8]);
         other.machine.hugepages = true;
         other.jail = JailConfig {
             enabled: false,
@@ -360,6 +360,18 @@ mod tests {
         ])
         .is_err());
         assert!(parse(&["--kernel", "/k", "--net", "fd=1", "--no-jail"]).is_err());
+        let two_nets = |a: &'static str, b: &'static str| {
+            parse(&["--kernel", "/k", "--net", a, "--net", b, "--no-jail"])
+        };
+        assert!(two_nets("fd=7,mac=02:00:00:00:00:01", "fd=8,mac=02:00:00:00:00:02").is_ok());
+        assert!(
+            two_nets("fd=7,mac=02:00:00:00:00:01", "fd=7,mac=02:00:00:00:00:02").is_err(),
+            "one fd for two devices"
+        );
+        assert!(
+            two_nets("fd=7,mac=02:00:00:00:00:01", "fd=8,mac=02:00:00:00:00:01").is_err(),
+            "one MAC for two devices"
+        );
         assert!(parse(&["--kernel", "/k", "--vsock", "cid=2,uds=/v", "--no-jail"]).is_err());
         assert!(parse(&["--kernel", "/k"]).is_err(), "jail dir required");
         assert!(parse(&[

@@ -22,7 +22,8 @@ pub struct VmConfig {
     pub boot: BootConfig,
     pub console: ConsoleConfig,
     pub drives: Vec<DriveConfig>,
-    pub net: Option<NetConfig>,
+    /// One virtio-net device per entry, in this order (the pod's interfaces).
+    pub net: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
     /// A virtio-console device (the guest's hvc0) writing to the same sink as the 8250.
@@ -202,7 +203,7 @@ impl VmConfig {
     /// Number of virtio devices, each taking one MMIO window and one IRQ.
     pub fn virtio_devices(&self) -> usize {
         self.drives.len()
-            + usize::from(self.net.is_some())
+            + self.net.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.virtio_console)
@@ -240,14 +241,35 @@ impl VmConfig {
         if ids.windows(2).any(|w| w[0] == w[1]) {
             return Err(invalid("drive ids must be unique"));
         }
-        match self.net.as_ref().map(|n| &n.backend) {
-            Some(NetBackend::Fd(fd)) => validate_fd("--net fd", *fd)?,
-            Some(NetBackend::Tap(name)) if name.is_empty() || name.len() > MAX_TAP_NAME_LEN => {
-                return Err(invalid(format!(
-                    "--net tap name must be 1-{MAX_TAP_NAME_LEN} characters"
-                )))
+        for net in &self.net {
+            match &net.backend {
+                NetBackend::Fd(fd) => validate_fd("--net fd", *fd)?,
+                NetBackend::Tap(name) if name.is_empty() || name.len() > MAX_TAP_NAME_LEN => {
+                    return Err(invalid(format!(
+                        "--net tap name must be 1-{MAX_TAP_NAME_LEN} characters"
+                    )))
+                }
+                NetBackend::Tap(_) => {}
             }
-            _ => {}
+        }
+        let mut fds: Vec<i32> = self
+            .net
+            .iter()
+            .filter_map(|n| match n.backend {
+                NetBackend::Fd(fd) => Some(fd),
+                NetBackend::Tap(_) => None,
+            })
+            .collect();
+        fds.sort_unstable();
+        if fds.windows(2).any(|w| w[0] == w[1]) {
+            return Err(invalid("each --net needs a TAP fd of its own"));
+        }
+        let mut macs: Vec<[u8; 6]> = self.net.iter().map(|n| n.mac).collect();
+        macs.sort_unstable();
+        if macs.windows(2).any(|w| w[0] == w[1]) {
+            return Err(invalid(
+                "each --net needs a MAC of its own (the guest finds its interfaces by MAC)",
+            ));
         }
         if let Some(v) = &self.vsock {
             if !(MIN_VSOCK_CID..=MAX_VSOCK_CID).contains(&v.cid) {
@@ -298,12 +320,10 @@ impl VmConfig {
         if let ConsoleConfig::Fd(fd) = self.console {
             fds.push(fd);
         }
-        if let Some(NetConfig {
-            backend: NetBackend::Fd(fd),
-            ..
-        }) = &self.net
-        {
-            fds.push(*fd);
+        for net in &self.net {
+            if let NetBackend::Fd(fd) = net.backend {
+                fds.push(fd);
+            }
         }
         fds
     }

@@ -5,7 +5,8 @@
 //! - [`args`]: the codec between that configuration and the `kata-like-vmm run ...` arguments;
 //! - [`api`]: the run-time API's requests and responses (JSON lines on the API socket);
 //! - [`metrics`]: what the API's `metrics` op reports;
-//! - [`limits`]: every limit and fixed number of the contract, in one place.
+//! - [`limits`]: every limit and fixed number of the contract, in one place;
+//! - [`tap`]: opening a TAP, the device behind `--net`.
 //!
 //! The VMM parses with these types and the shim builds with them, so a change to the contract is
 //! a compile error on both sides rather than a surprise at run time.
@@ -15,6 +16,7 @@ pub mod args;
 pub mod config;
 pub mod limits;
 pub mod metrics;
+pub mod tap;
 
 pub use api::{parse_request, parse_response, Request, RequestError, Response, ResponseError};
 pub use config::{

@@ -1,23 +1,14 @@
 //! TAP devices: opened by name, or inherited as an fd from the shim.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
+use kata_like_vmm_contract::tap::{IfReq, IFF_TAP};
 
 pub struct Tap {
     file: File,
@@ -28,29 +19,8 @@ pub struct Tap {
 impl Tap {
     /// Opens (or creates) TAP `name`, without packet info or vnet headers.
     pub fn open_named(name: &str) -> io::Result<Self> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "invalid TAP name",
-            ));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads a struct ifreq, which `IfReq` lays out.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Tap {
-            file,
+            file: kata_like_vmm_contract::tap::open_tap(name)?,
             vnet_hdr: false,
         })
     }
@@ -63,11 +33,7 @@ impl Tap {
         }
         // SAFETY: the caller hands us ownership of an open fd.
         let file = unsafe { File::from_raw_fd(fd) };
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
+        let mut req = IfReq::new(0);
         // SAFETY: TUNGETIFF fills a struct ifreq.
         if unsafe { libc::ioctl(fd, TUNGETIFF, &mut req) } < 0 {
             return Err(io::Error::new(
