@@ -490,7 +490,7 @@ impl Pod {
 /// still runs (its port-forward then fails as before, with this warning in the shim's log):
 /// the node's netfilter is not a reason to refuse a pod.
 fn start_port_forward(vm: &Arc<Vm>, bundle: &Bundle) {
-    let started = super::port_forward::network_namespace_path(&bundle.spec).and_then(|netns| {
+    let started = network::netns_of_spec(&bundle.spec).and_then(|netns| {
         match netns {
             Some(netns) => super::port_forward::start(vm.clone(), &netns),
             None => {

@@ -42,7 +42,6 @@ use std::sync::Arc;
 use kata_like_protocol::relay::{self, RelayError};
 use kata_like_protocol::MAX_PORT_FORWARDS;
 use nix::sched::CloneFlags;
-use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
@@ -54,31 +53,6 @@ use crate::vm::vm::Vm;
 pub const LISTEN_ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 /// The destination containerd dials (and the only one redirected).
 pub const FORWARDED_ADDRESS: Ipv4Addr = Ipv4Addr::LOCALHOST;
-
-/// The network namespace path of a sandbox's OCI spec (`linux.namespaces`, type `network`);
-/// None when the pod has no namespace of its own (host network).
-pub fn network_namespace_path(spec: &Value) -> Result<Option<PathBuf>> {
-    let Some(namespaces) = spec.pointer("/linux/namespaces").and_then(Value::as_array) else {
-        return Ok(None);
-    };
-    for ns in namespaces {
-        if ns.get("type").and_then(Value::as_str) != Some("network") {
-            continue;
-        }
-        let Some(path) = ns.get("path").and_then(Value::as_str) else {
-            // A new namespace, made by the runtime: nothing on the host to forward from.
-            return Ok(None);
-        };
-        let path = PathBuf::from(path);
-        if !path.is_absolute() {
-            return Err(Error::InvalidArgument(format!(
-                "the sandbox's network namespace path {path:?} is not absolute"
-            )));
-        }
-        return Ok(Some(path));
-    }
-    Ok(None)
-}
 
 /// The nat rule of a pod: DNAT of local TCP to 127.0.0.1 onto the listener's port. The same
 /// words add (`-A`) and delete (`-D`) it.
@@ -287,37 +261,6 @@ async fn forward(agent: &Agent, socket: TcpStream, port: u16) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn the_sandbox_network_namespace_comes_from_the_spec() {
-        let spec = json!({"linux": {"namespaces": [
-            {"type": "pid"},
-            {"type": "network", "path": "/var/run/netns/cni-1234"}
-        ]}});
-        assert_eq!(
-            network_namespace_path(&spec).unwrap(),
-            Some(PathBuf::from("/var/run/netns/cni-1234"))
-        );
-    }
-
-    #[test]
-    fn host_network_and_new_namespaces_get_no_forwarding() {
-        for spec in [
-            json!({}),
-            json!({"linux": {"namespaces": [{"type": "pid"}]}}),
-            json!({"linux": {"namespaces": [{"type": "network"}]}}),
-        ] {
-            assert_eq!(network_namespace_path(&spec).unwrap(), None, "{spec}");
-        }
-    }
-
-    #[test]
-    fn a_relative_namespace_path_is_refused_by_name() {
-        let spec = json!({"linux": {"namespaces": [{"type": "network", "path": "netns/x"}]}});
-        let err = network_namespace_path(&spec).unwrap_err();
-        assert!(err.to_string().contains("netns/x"), "{err}");
-    }
 
     #[test]
     fn the_rule_redirects_only_local_tcp_to_ipv4_loopback_and_deletes_with_the_same_words() {
