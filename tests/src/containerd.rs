@@ -96,6 +96,16 @@ fn require_tool(path: &str) {
 impl Containerd {
     /// Starts containerd with the kata-like runtime registered and the test images imported.
     pub fn start(kata: &KataArtifacts) -> Containerd {
+        Containerd::start_with(kata, true)
+    }
+
+    /// Starts containerd as a node has it before kata-like is installed: the same test
+    /// configuration without the kata-like runtime (`kata-like install` adds it).
+    pub fn start_unregistered(kata: &KataArtifacts) -> Containerd {
+        Containerd::start_with(kata, false)
+    }
+
+    fn start_with(kata: &KataArtifacts, register_kata: bool) -> Containerd {
         for tool in [
             "/usr/bin/containerd",
             "/usr/bin/ctr",
@@ -197,8 +207,11 @@ impl Containerd {
 
         let socket = base.join("containerd.sock");
         let config = base.join("config.toml");
-        std::fs::write(&config, containerd_config(&base, &socket, &kata_config))
-            .expect("write the containerd config");
+        let mut text = containerd_config(&base, &socket, &kata_config);
+        if !register_kata {
+            text = without_kata_runtime(&text);
+        }
+        std::fs::write(&config, text).expect("write the containerd config");
 
         let baseline_shim_sockets = shim_sockets();
         // A network namespace of its own, kept across containerd restarts: the CNI bridge and
@@ -234,6 +247,11 @@ impl Containerd {
         }
         self.child = Some(spawn_containerd(&self.base, &self.netns, &self.kata_config));
         self.wait_ready();
+    }
+
+    /// containerd's pid (for a restart command that stops it, as a service manager would).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn wait_ready(&mut self) {
@@ -486,6 +504,24 @@ fn spawn_containerd(base: &Path, netns: &str, kata_config: &Path) -> Child {
         .stderr(log)
         .spawn()
         .expect("start containerd")
+}
+
+/// The configuration's text without the kata-like runtime's tables (and their comments).
+fn without_kata_runtime(text: &str) -> String {
+    let runtime_table = format!("runtimes.{KATA_RUNTIME_HANDLER}");
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            skipping = trimmed.contains(&runtime_table);
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn containerd_config(base: &Path, socket: &Path, kata_config: &Path) -> String {
