@@ -14,8 +14,11 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use serde::{Deserialize, Serialize};
+
 use super::{
-    ActivateContext, EventRegistrar, IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
+    ActivateContext, DeviceSnapshot, EventRegistrar, IrqTrigger, QueueSnapshot, VirtioDevice,
+    INT_CONFIG, VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -437,7 +440,129 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// One device slot in a snapshot: the transport registers as the driver left them, each
+/// queue with the device's progress in it, and the device's own state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub bad_queue_size: Vec<bool>,
+    pub queues: Vec<QueueSnapshot>,
+    /// The device had found the driver breaking the ring protocol.
+    pub broken: bool,
+    pub device: DeviceSnapshot,
+}
+
 impl MmioTransport {
+    /// The slot's state (VMM thread, vCPUs parked, so no register write comes in between).
+    pub fn snapshot(&mut self) -> TransportSnapshot {
+        self.apply_pending();
+        // Once active the device walks its own copies of the queues: they hold how far it got.
+        let device_queues = self
+            .device
+            .device_state()
+            .active
+            .as_ref()
+            .map(|a| &a.queues);
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot::of(device_queues.and_then(|d| d.get(i)).unwrap_or(q)))
+            .collect();
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status.load(Ordering::SeqCst),
+            bad_queue_size: self.bad_queue_size.clone(),
+            queues,
+            broken: self.device.is_broken(),
+            device: self.device.snapshot(),
+        }
+    }
+
+    /// Puts a snapshot's state into this fresh slot (its registrar set, its interrupt wired)
+    /// and, if the driver had the device running, activates the device again. Everything is
+    /// checked as if the driver had written it.
+    pub fn restore(&mut self, snap: &TransportSnapshot) -> Result<(), String> {
+        let device_type = self.device.device_type();
+        if snap.device_type != device_type {
+            return Err(format!(
+                "the snapshot has a device of type {} in this slot, the VM a device of type {device_type}: give the same devices in the same order as the VM that made it",
+                snap.device_type
+            ));
+        }
+        if snap.queues.len() != self.queues.len() || snap.bad_queue_size.len() != self.queues.len()
+        {
+            return Err(format!(
+                "the snapshot's device of type {device_type} has {} queues, this one {}",
+                snap.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let offered = self.device.avail_features() | VIRTIO_F_VERSION_1;
+        if snap.acked_features & !offered != 0 {
+            return Err(format!(
+                "the snapshot's driver acked features {:#x} this device of type {device_type} does not offer",
+                snap.acked_features & !offered
+            ));
+        }
+        let mut queues = Vec::with_capacity(snap.queues.len());
+        for (q, max) in snap.queues.iter().zip(self.device.queue_max_sizes()) {
+            if q.max_size != *max {
+                return Err(format!(
+                    "the snapshot's queue has {} entries at most, this device's {max}",
+                    q.max_size
+                ));
+            }
+            queues.push(q.to_queue()?);
+        }
+        self.device.restore(&snap.device)?;
+        self.queues = queues;
+        self.bad_queue_size = snap.bad_queue_size.clone();
+        self.status = snap.status;
+        self.device_features_sel = snap.device_features_sel;
+        self.driver_features_sel = snap.driver_features_sel;
+        self.acked_features = snap.acked_features;
+        self.queue_sel = snap.queue_sel;
+        self.config_generation = snap.config_generation;
+        self.irq
+            .status
+            .store(snap.interrupt_status, Ordering::SeqCst);
+        if snap.status & STATUS_DRIVER_OK != 0 && snap.status & STATUS_NEEDS_RESET == 0 {
+            self.activate();
+            self.apply_pending();
+            if !self.device.is_activated() {
+                return Err(format!(
+                    "the snapshot's device of type {device_type} does not activate again (status {:#x})",
+                    self.status
+                ));
+            }
+            self.device.device_state_mut().broken = snap.broken;
+            self.device.restored();
+        }
+        if self.device.snapshot() != snap.device {
+            // A new backend the driver has not seen (another drive size): as `set_drive`.
+            self.notify_config_change();
+        } else if snap.interrupt_status != 0 {
+            // Raised before the snapshot and not yet acknowledged: raise it again (the
+            // driver reads the status, so a repeat is harmless).
+            self.irq.trigger(0);
+        }
+        Ok(())
+    }
+
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if let Some(q) = self.selected_queue() {
             f(q);
