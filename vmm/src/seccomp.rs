@@ -101,7 +101,8 @@ const API: &[libc::c_long] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_openat,
-    // A failed snapshot removes the files it had created.
+    // A failed snapshot removes the files it had created (std's remove_file is unlink).
+    libc::SYS_unlink,
     libc::SYS_unlinkat,
 ];
 

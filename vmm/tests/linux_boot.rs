@@ -713,3 +713,449 @@ fn boots_a_bzimage_through_the_64_bit_protocol() {
     );
     assert_eq!(st.code(), Some(0), "console:\n{console}");
 }
+
+impl Vm {
+    /// A VM restored from the snapshot directory `snapshot` (no kernel, no boot): `extra`
+    /// gives its backends, which must describe the same devices as the VM that made it.
+    fn restore(snapshot: &Path, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Vm {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let mut cmd = Command::new(vmm_bin());
+        cmd.args(["run", "--restore"])
+            .arg(snapshot)
+            .arg("--console")
+            .arg(&console)
+            .args(extra)
+            .stdout(Stdio::null());
+        configure(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        Vm {
+            child: Some(child),
+            console,
+            dir,
+        }
+    }
+
+    /// The highest `KL_TICK n` on the console.
+    fn last_tick(&self) -> Option<u64> {
+        self.console()
+            .lines()
+            .filter_map(|l| l.strip_prefix("KL_TICK ")?.trim().parse().ok())
+            .max()
+    }
+}
+
+/// A jail directory for a snapshot test's VM, with the VMM's uid (65534) able to write
+/// `subdir` (a snapshot directory) in it.
+fn snapshot_jail(scratch: &Path, name: &str) -> PathBuf {
+    let jail = scratch.join(name);
+    std::fs::create_dir(&jail).unwrap();
+    jail
+}
+
+fn chown_to_vmm_user(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: chown on a NUL-terminated path we own.
+    assert_eq!(
+        unsafe { libc::chown(c.as_ptr(), 65534, 65534) },
+        0,
+        "chown {p:?}"
+    );
+}
+
+/// The snapshot guest's command service (vsock port 1234): one stream.
+fn snapshot_commands(uds: &Path) -> BufReader<UnixStream> {
+    let s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+    (&s).write_all(b"CONNECT 1234\n").unwrap();
+    let mut reader = BufReader::new(s);
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    reader
+}
+
+fn snapshot_command(stream: &mut BufReader<UnixStream>, cmd: &str) -> String {
+    stream
+        .get_ref()
+        .write_all(format!("{cmd}\n").as_bytes())
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_line(&mut reply).unwrap();
+    reply.trim_end().to_string()
+}
+
+/// The backends of a snapshot test VM in `jail`: drive `klrw` on `disk`, vsock (CID 3),
+/// rng and the API socket. Returns the arguments, the vsock socket and the API socket.
+fn snapshot_backends(jail: &Path, disk: &Path) -> (Vec<String>, PathBuf, PathBuf) {
+    let uds = jail.join("v.sock");
+    let api = jail.join("api.sock");
+    let args = vec![
+        "--drive".into(),
+        format!("id=klrw,path={}", disk.display()),
+        "--vsock".into(),
+        format!("cid=3,uds={}", uds.display()),
+        "--rng".into(),
+        "--api-sock".into(),
+        api.display().to_string(),
+        "--jail-dir".into(),
+        jail.display().to_string(),
+    ];
+    (args, uds, api)
+}
+
+/// A 16 KiB tmpfs (mode 0777: a full disk for any snapshot) mounted on a directory until
+/// dropped.
+struct TinyTmpfs(PathBuf);
+
+impl TinyTmpfs {
+    fn mount(dir: &Path) -> TinyTmpfs {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16k,mode=0777", "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a 16 KiB tmpfs on {dir:?}");
+        TinyTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for TinyTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A guest booted, used and snapshotted (then killed): what the tests restore.
+struct Snapshotted {
+    scratch: tempfile::TempDir,
+    /// The snapshot directory (host path; inside the first VM's jail).
+    snapshot: PathBuf,
+    /// The first VM's drive.
+    disk: PathBuf,
+    /// The guest's counter when it was paused.
+    last_tick: u64,
+    /// Spawn of the booting VMM to the guest's first tick.
+    boot_to_first_tick: Duration,
+}
+
+/// Boots the `snapshot` guest (2 vCPUs, jailed), writes to its drive through it, checks that
+/// a running VM and a full disk are refused, pauses, snapshots and kills it. A command
+/// stream stays open in the guest across the snapshot.
+fn boot_and_snapshot() -> Snapshotted {
+    let scratch = tempfile::tempdir().unwrap();
+    let jail = snapshot_jail(scratch.path(), "jail-a");
+    let snapshot = jail.join("snap");
+    std::fs::create_dir(&snapshot).unwrap();
+    chown_to_vmm_user(&snapshot);
+    let disk = scratch.path().join("disk-a.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    // A full disk for the snapshot: mounted before the VMM starts, so that its jail (a
+    // private copy of the mounts under the jail directory) has it too.
+    let full = jail.join("full");
+    std::fs::create_dir(&full).unwrap();
+    let _tmpfs = TinyTmpfs::mount(&full);
+    let (args, uds, api) = snapshot_backends(&jail, &disk);
+    let mut extra: Vec<&str> = vec!["--vcpus", "2"];
+    extra.extend(args.iter().map(String::as_str));
+    let started = Instant::now();
+    let mut vm = Vm::start("snapshot", &extra, |_, _| {});
+    vm.wait_for("KL_TICK 0");
+    let boot_to_first_tick = started.elapsed();
+    vm.wait_for("KL_SNAP_READY");
+
+    let mut commands = snapshot_commands(&uds);
+    assert_eq!(
+        snapshot_command(&mut commands, "blkwrite before-snapshot"),
+        "written"
+    );
+    assert_eq!(
+        snapshot_command(&mut commands, "blkread"),
+        "read before-snapshot"
+    );
+
+    let running = api_call(&api, r#"{"op":"snapshot","dir":"/snap"}"#, None);
+    assert_eq!(running["ok"], false, "{running}");
+    assert!(
+        running["error"].as_str().unwrap().contains("paused"),
+        "{running}"
+    );
+    assert!(std::fs::read_dir(&snapshot).unwrap().next().is_none());
+
+    let paused = api_call(&api, r#"{"op":"pause"}"#, None);
+    assert_eq!(paused["ok"], true, "{paused}");
+    // A full disk: the snapshot is refused with the write's error and leaves no files.
+    let refused = api_call(&api, r#"{"op":"snapshot","dir":"/full"}"#, None);
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{refused}"
+    );
+    assert!(
+        std::fs::read_dir(&full).unwrap().next().is_none(),
+        "a failed snapshot leaves no files"
+    );
+
+    let last_tick = vm.last_tick().expect("ticks before the pause");
+    let snap = api_call(&api, r#"{"op":"snapshot","dir":"/snap"}"#, None);
+    assert_eq!(snap["ok"], true, "{snap}");
+    let info = &snap["snapshot"];
+    println!(
+        "snapshot: state {} bytes, memory {} bytes of which {} written (sparse file: {} bytes allocated), {} us",
+        info["state_bytes"],
+        info["memory_bytes"],
+        info["memory_written_bytes"],
+        std::os::unix::fs::MetadataExt::blocks(
+            &std::fs::metadata(snapshot.join("memory")).unwrap()
+        ) * 512,
+        info["duration_us"]
+    );
+    assert_eq!(info["memory_bytes"], 256u64 << 20);
+    // The VMM survived its own snapshot (a syscall outside a thread's filter kills it).
+    assert!(vm.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    drop(vm);
+    drop(commands);
+    Snapshotted {
+        scratch,
+        snapshot,
+        disk,
+        last_tick,
+        boot_to_first_tick,
+    }
+}
+
+/// Restores `s` into a new VMM in a new jail with a copy of its drive: the VM, the copy,
+/// and the vsock and API sockets.
+fn restore_snapshot(s: &Snapshotted) -> (Vm, PathBuf, PathBuf, PathBuf, Duration) {
+    let jail = snapshot_jail(s.scratch.path(), "jail-b");
+    let disk = s.scratch.path().join("disk-b.img");
+    std::fs::copy(&s.disk, &disk).unwrap();
+    let (args, uds, api) = snapshot_backends(&jail, &disk);
+    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut vm = Vm::restore(&s.snapshot, &extra, |_| {});
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    while vm.last_tick().is_none() {
+        if let Some(st) = vm.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("restored VMM exited ({st}); console:\n{}", vm.console());
+        }
+        assert!(Instant::now() < deadline, "no tick after the restore");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let restore_to_tick = started.elapsed();
+    println!(
+        "cold boot to the first tick: {:?}; restore to the next tick: {:?} (both include up to 100 ms of the guest's sleep between ticks)",
+        s.boot_to_first_tick, restore_to_tick
+    );
+    (vm, disk, uds, api, restore_to_tick)
+}
+
+#[test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+fn snapshot_restore_resumes_the_guest() {
+    let s = boot_and_snapshot();
+    let (mut vm, _, _, _, _) = restore_snapshot(&s);
+    let first = vm.last_tick().unwrap();
+    let console = vm.console();
+    // It carried on: no second boot, and the counter continues where it was paused (a line
+    // the pause cut in two may have its tail first).
+    assert!(!console.contains("KL_INIT_REACHED"), "console:\n{console}");
+    assert!(
+        first > s.last_tick && first <= s.last_tick + 3,
+        "paused at tick {}, restored guest's first tick {first}; console:\n{console}",
+        s.last_tick
+    );
+    // Timer interrupts flow: the counter keeps advancing.
+    vm.wait_for(&format!("KL_TICK {}", first + 5));
+    assert!(vm.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+#[test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+fn snapshot_restore_keeps_block_and_vsock_working() {
+    let s = boot_and_snapshot();
+    let (mut vm, disk_b, uds, _api, _) = restore_snapshot(&s);
+    // The stream open at the snapshot is gone: the guest got the transport reset.
+    vm.wait_for("KL_VSOCK_CONN_CLOSED");
+    let host_listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    std::fs::set_permissions(
+        format!("{}_5000", uds.display()),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+
+    let mut commands = snapshot_commands(&uds);
+    assert_eq!(
+        snapshot_command(&mut commands, "blkread"),
+        "read before-snapshot"
+    );
+    assert_eq!(
+        snapshot_command(&mut commands, "blkwrite after-restore"),
+        "written"
+    );
+    let mut on_disk = [0u8; 13];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&disk_b).unwrap(),
+        &mut on_disk,
+        8192,
+    )
+    .unwrap();
+    assert_eq!(
+        &on_disk, b"after-restore",
+        "the restored VM writes its new drive"
+    );
+    let mut on_old = [0u8; 15];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(&s.disk).unwrap(),
+        &mut on_old,
+        8192,
+    )
+    .unwrap();
+    assert_eq!(
+        &on_old, b"before-snapshot",
+        "the first VM's drive is untouched"
+    );
+
+    let rng = snapshot_command(&mut commands, "rng");
+    assert!(
+        rng.starts_with("rng ") && rng.len() == 4 + 32,
+        "virtio-rng answers: {rng:?}"
+    );
+
+    let dial = std::thread::spawn(move || {
+        let reply = snapshot_command(&mut commands, "dial");
+        (commands, reply)
+    });
+    let (conn, line) = accept_line(&host_listener);
+    assert_eq!(line, "hello-from-guest\n");
+    (&conn).write_all(b"hello-from-host\n").unwrap();
+    let (mut commands, reply) = dial.join().unwrap();
+    assert_eq!(reply, "dialed hello-from-host");
+
+    let ticks = snapshot_command(&mut commands, "ticks");
+    let n: u64 = ticks.strip_prefix("ticks ").unwrap().parse().unwrap();
+    assert!(n > s.last_tick, "{ticks} after a pause at {}", s.last_tick);
+    assert!(vm.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+/// Runs `kata-like-vmm run --restore <snapshot> <args>` expecting a refusal: its status and
+/// stderr. A VMM that starts the guest instead is killed after BOOT_TIMEOUT and fails.
+fn refused_restore(snapshot: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(vmm_bin())
+        .args(["run", "--restore"])
+        .arg(snapshot)
+        .args(["--console", "null", "--no-jail"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("restoring a bad snapshot did not fail");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+#[test]
+#[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
+fn restore_refuses_corrupt_snapshot() {
+    let s = boot_and_snapshot();
+    let work = s.scratch.path().join("bad");
+    let disk = format!("id=klrw,path={}", s.disk.display());
+    let uds = format!("cid=3,uds={}", s.scratch.path().join("bad.sock").display());
+    let devices = ["--drive", &disk, "--vsock", &uds, "--rng"];
+    let copy = |name: &str| -> PathBuf {
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["state", "memory"] {
+            std::fs::copy(s.snapshot.join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+    let state_len = std::fs::metadata(s.snapshot.join("state")).unwrap().len();
+
+    let corrupted = copy("corrupted");
+    let mut state = std::fs::read(corrupted.join("state")).unwrap();
+    let middle = state.len() / 2;
+    state[middle] ^= 0x20;
+    std::fs::write(corrupted.join("state"), &state).unwrap();
+    let (code, err) = refused_restore(&corrupted, &devices);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("checksum mismatch"), "{err}");
+
+    let truncated = copy("truncated");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(truncated.join("state"))
+        .unwrap()
+        .set_len(state_len / 3)
+        .unwrap();
+    let (code, err) = refused_restore(&truncated, &devices);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+
+    let foreign = copy("foreign");
+    std::fs::write(
+        foreign.join("state"),
+        b"GIF89a not a snapshot at all, padded to be long enough to have a preamble",
+    )
+    .unwrap();
+    let (code, err) = refused_restore(&foreign, &devices);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("bad magic"), "{err}");
+
+    let short_memory = copy("short-memory");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(short_memory.join("memory"))
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let (code, err) = refused_restore(&short_memory, &devices);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("memory file is 134217728 bytes, the snapshot state says 268435456"),
+        "{err}"
+    );
+
+    let (code, err) = refused_restore(&s.snapshot, &["--drive", &disk, "--vsock", &uds]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the snapshot has 3 virtio devices, the command line 2"),
+        "{err}"
+    );
+
+    let read_only = format!("{disk},ro");
+    let (code, err) = refused_restore(
+        &s.snapshot,
+        &["--drive", &read_only, "--vsock", &uds, "--rng"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("device 0 (block)") && err.contains("read-write, this one is read-only"),
+        "{err}"
+    );
+
+    let (code, err) = refused_restore(&work.join("missing"), &devices);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("missing/state"), "{err}");
+}

@@ -410,6 +410,104 @@ fn test_vsock_shim() -> io::Result<()> {
     Ok(())
 }
 
+/// The guest of the snapshot tests (linux_boot.rs `snapshot_*`): a counter on the console
+/// every 100 ms (it only advances while timer interrupts reach the guest), and a command
+/// service on vsock port 1234 that reads and writes the drive `klrw`, reads the virtio-rng,
+/// dials the host and reports the counter, one line per command. A restored guest carries
+/// on with all of it; a command stream the transport reset closed says so on the console.
+fn test_snapshot() -> io::Result<()> {
+    let drive =
+        drive_by_serial("klrw").ok_or_else(|| io::Error::other("no drive with serial klrw"))?;
+    let service = vsock_listen(1234, 16)?;
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let ticks = ticks.clone();
+        std::thread::spawn(move || loop {
+            let n = ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            say(&format!("KL_TICK {n}"));
+            std::thread::sleep(Duration::from_millis(100));
+        });
+    }
+    say("KL_SNAP_READY");
+    while let Ok(conn) = vsock_accept(service) {
+        let drive = drive.clone();
+        let ticks = ticks.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(&conn);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        say(&format!("KL_VSOCK_CONN_CLOSED {e}"));
+                        return;
+                    }
+                }
+                let reply = snapshot_command(line.trim_end(), &drive, &ticks)
+                    .unwrap_or_else(|e| format!("error {e}"));
+                if (&conn).write_all(format!("{reply}\n").as_bytes()).is_err() {
+                    say("KL_VSOCK_CONN_CLOSED on write");
+                    return;
+                }
+            }
+        });
+    }
+    Err(io::Error::other("vsock accept failed"))
+}
+
+fn snapshot_command(
+    line: &str,
+    drive: &str,
+    ticks: &std::sync::atomic::AtomicU64,
+) -> io::Result<String> {
+    const DATA_OFFSET: u64 = 8192;
+    let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+    match cmd {
+        "ticks" => Ok(format!(
+            "ticks {}",
+            ticks.load(std::sync::atomic::Ordering::SeqCst)
+        )),
+        "blkwrite" => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags_direct()
+                .open(drive)?;
+            let mut block = vec![0u8; 512];
+            let n = arg.len().min(block.len());
+            block[..n].copy_from_slice(&arg.as_bytes()[..n]);
+            f.write_all_at(&block, DATA_OFFSET)?;
+            f.sync_all()?;
+            Ok("written".into())
+        }
+        "blkread" => {
+            // Through the page cache, as a workload reads: what the guest had before the
+            // snapshot is still there after it.
+            let f = File::open(drive)?;
+            let mut block = [0u8; 64];
+            f.read_exact_at(&mut block, DATA_OFFSET)?;
+            Ok(format!("read {}", printable(&block)))
+        }
+        "rng" => {
+            let mut bytes = [0u8; 16];
+            File::open("/dev/hwrng")?.read_exact(&mut bytes)?;
+            Ok(format!(
+                "rng {}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ))
+        }
+        "dial" => {
+            let out = vsock_connect(2, 5000)?;
+            (&out).write_all(b"hello-from-guest\n")?;
+            let mut reply = String::new();
+            BufReader::new(&out).read_line(&mut reply)?;
+            Ok(format!("dialed {}", reply.trim_end()))
+        }
+        other => Err(io::Error::other(format!("unknown command {other:?}"))),
+    }
+}
+
 const ETH_P_TEST: u16 = 0x88b5;
 
 fn if_up(name: &str) -> io::Result<i32> {
@@ -615,6 +713,7 @@ fn main() {
         "vsock" => test_vsock(),
         "vsock_shim" => test_vsock_shim(),
         "net" => test_net(),
+        "snapshot" => test_snapshot(),
         other => Err(io::Error::other(format!("unknown kl_test {other:?}"))),
     };
     match result {
