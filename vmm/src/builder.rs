@@ -226,6 +226,7 @@ fn build_restored(
     state_bytes: &[u8],
     memory: &File,
 ) -> Result<Vmm, BuildError> {
+    let started = std::time::Instant::now();
     let vm = Vm::new_without_pit(&o.kvm)?;
     let host = HostInfo::probe(&o.kvm, vm.supported_cpuid());
     let (_, state) = crate::persist::decode(state_bytes, &host)?;
@@ -274,6 +275,7 @@ fn build_restored(
         vcpus = vcpu_count,
         memory_bytes = state.memory_bytes,
         devices = state.devices.len(),
+        restore_us = started.elapsed().as_micros(),
         "VM restored from the snapshot"
     );
     Ok(Vmm::from_parts(vm, mem, host, parts))

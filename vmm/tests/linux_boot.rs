@@ -935,8 +935,12 @@ fn restore_snapshot(s: &Snapshotted) -> (Vm, PathBuf, PathBuf, PathBuf, Duration
     std::fs::copy(&s.disk, &disk).unwrap();
     let (args, uds, api) = snapshot_backends(&jail, &disk);
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = s.scratch.path().join("restored-vmm.log");
     let started = Instant::now();
-    let mut vm = Vm::restore(&s.snapshot, &extra, |_| {});
+    let mut vm = Vm::restore(&s.snapshot, &extra, |cmd| {
+        cmd.args(["--log-level", "info"])
+            .stderr(std::fs::File::create(&log).unwrap());
+    });
     let deadline = Instant::now() + BOOT_TIMEOUT;
     while vm.last_tick().is_none() {
         if let Some(st) = vm.child.as_mut().unwrap().try_wait().unwrap() {
@@ -950,6 +954,10 @@ fn restore_snapshot(s: &Snapshotted) -> (Vm, PathBuf, PathBuf, PathBuf, Duration
         "cold boot to the first tick: {:?}; restore to the next tick: {:?} (both include up to 100 ms of the guest's sleep between ticks)",
         s.boot_to_first_tick, restore_to_tick
     );
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    if let Some(line) = log.lines().find(|l| l.contains("VM restored")) {
+        println!("restored VMM: {line}");
+    }
     (vm, disk, uds, api, restore_to_tick)
 }
 
