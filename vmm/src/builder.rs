@@ -160,8 +160,15 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
 /// Reads a snapshot directory's state file and opens its memory file (read-only: it is
 /// mapped MAP_PRIVATE, the guest's writes never reach it).
 fn open_snapshot(dir: &Path) -> Result<(Vec<u8>, File), BuildError> {
+    use std::io::Read;
     let state_path = dir.join(crate::persist::STATE_FILE);
-    let state = std::fs::read(&state_path).map_err(|e| BuildError::Open(state_path, e))?;
+    let mut state = Vec::new();
+    // Read at most one byte more than a state file may have: a larger file is refused by
+    // `persist::decode` without the VMM holding all of it.
+    open_file(&state_path, false)?
+        .take(crate::persist::MAX_STATE_FILE_LEN + 1)
+        .read_to_end(&mut state)
+        .map_err(|e| BuildError::Open(state_path, e))?;
     let memory = open_file(&dir.join(crate::persist::MEMORY_FILE), false)?;
     Ok((state, memory))
 }

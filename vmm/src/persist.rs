@@ -37,6 +37,8 @@ pub const FORMAT_VERSION: u32 = 1;
 const PREAMBLE_LEN: usize = 8 + 4 + 4 + 8 + 32;
 /// A state file is tens of KiB per vCPU; anything past this is not one of ours.
 const MAX_BODY_LEN: u64 = 64 << 20;
+/// The largest state file `decode` accepts.
+pub const MAX_STATE_FILE_LEN: u64 = PREAMBLE_LEN as u64 + MAX_BODY_LEN;
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The KVM capabilities a saved state needs on the host that restores it.
@@ -213,8 +215,8 @@ pub fn decode(bytes: &[u8], here: &HostInfo) -> Result<(SnapshotHeader, MicrovmS
     let mut len = [0u8; 8];
     len.copy_from_slice(&preamble[16..24]);
     let announced = u64::from_le_bytes(len);
-    if announced > MAX_BODY_LEN {
-        return Err(Error::TooLarge(announced));
+    if announced > MAX_BODY_LEN || body.len() as u64 > MAX_BODY_LEN {
+        return Err(Error::TooLarge(announced.max(body.len() as u64)));
     }
     if announced != body.len() as u64 {
         return Err(Error::Truncated {

@@ -584,18 +584,18 @@ mod tests {
         t
     }
 
-    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+    pub(super) fn read(t: &mut MmioTransport, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(offset, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn write(t: &mut MmioTransport, offset: u64, v: u32) {
+    pub(super) fn write(t: &mut MmioTransport, offset: u64, v: u32) {
         t.write(offset, &v.to_le_bytes());
     }
 
-    /// Drives the init sequence up to FEATURES_OK with queue 0 of `size` at 0x10000.
-    fn negotiate(t: &mut MmioTransport, size: u32) {
+    /// The driver's init sequence up to FEATURES_OK, with VIRTIO_F_VERSION_1 acked.
+    pub(super) fn features_ok(t: &mut MmioTransport) {
         write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         write(t, REG_DRIVER_FEATURES_SEL, 1);
         write(t, REG_DRIVER_FEATURES, 1);
@@ -604,6 +604,11 @@ mod tests {
             REG_STATUS,
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
+    }
+
+    /// Drives the init sequence up to FEATURES_OK with queue 0 of `size` at 0x10000.
+    fn negotiate(t: &mut MmioTransport, size: u32) {
+        features_ok(t);
         write(t, REG_QUEUE_SEL, 0);
         write(t, REG_QUEUE_NUM, size);
         write(t, REG_QUEUE_DESC_LOW, 0x10000);
@@ -764,6 +769,7 @@ mod tests {
 /// device) and each device's own state, through the JSON a state file holds.
 #[cfg(test)]
 mod snapshot_tests {
+    use super::tests::{features_ok, read, write};
     use super::*;
     use crate::devices::virtio::block::device::Backing;
     use crate::devices::virtio::block::{Block, BlockConfig};
@@ -782,27 +788,10 @@ mod snapshot_tests {
         t
     }
 
-    fn write(t: &mut MmioTransport, offset: u64, v: u32) {
-        t.write(offset, &v.to_le_bytes());
-    }
-
-    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
     /// The driver's init sequence with one `TestQueue` per device queue, up to DRIVER_OK
     /// applied on the "VMM thread".
     fn drive_to_ok(t: &mut MmioTransport, queues: &[&TestQueue]) {
-        write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        write(t, REG_DRIVER_FEATURES_SEL, 1);
-        write(t, REG_DRIVER_FEATURES, 1);
-        write(
-            t,
-            REG_STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
+        features_ok(t);
         for (i, q) in queues.iter().enumerate() {
             write(t, REG_QUEUE_SEL, i as u32);
             write(t, REG_QUEUE_NUM, u32::from(q.size));
