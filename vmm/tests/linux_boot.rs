@@ -20,6 +20,8 @@ use common::{send_with_fd, vmm_bin};
 const IGNORE: &str = "needs a Linux-capable KVM: run through tests/e2e";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+/// The ethertype of the test frames between the guest and the TAP side.
+const ETH_P_TEST: u16 = 0x88b5;
 
 fn kernel() -> PathBuf {
     let k =
@@ -591,41 +593,9 @@ fn open_tap(name: &str) -> (std::fs::File, i32) {
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn virtio_net_frames_cross_the_tap() {
-    const ETH_P_TEST: u16 = 0x88b5;
     let (tap, ifindex) = open_tap("kltap0");
     let tap_fd = tap.as_raw_fd();
-    // SAFETY: a raw packet socket on the TAP interface, set up with zeroed structs.
-    let sniffer = unsafe {
-        let s = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from(ETH_P_TEST.to_be()),
-        );
-        assert!(s >= 0);
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_TEST.to_be();
-        sll.sll_ifindex = ifindex;
-        assert!(
-            libc::bind(
-                s,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32
-            ) >= 0
-        );
-        let tv = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
-        libc::setsockopt(
-            s,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        std::fs::File::from_raw_fd(s)
-    };
+    let sniffer = packet_sniffer(ifindex);
     let mut vm = Vm::start(
         "net",
         &["--no-jail", "--net", "fd=100,mac=06:00:ac:10:00:02"],
@@ -785,14 +755,21 @@ fn snapshot_command(stream: &mut BufReader<UnixStream>, cmd: &str) -> String {
     reply.trim_end().to_string()
 }
 
-/// The backends of a snapshot test VM in `jail`: drive `klrw` on `disk`, vsock (CID 3),
-/// rng and the API socket. Returns the arguments, the vsock socket and the API socket.
-fn snapshot_backends(jail: &Path, disk: &Path) -> (Vec<String>, PathBuf, PathBuf) {
+/// The TAP fd the snapshot test VMs get their NIC on (`--net fd=`).
+const SNAPSHOT_TAP_FD: i32 = 100;
+
+/// The backends of a snapshot test VM in `jail`: drive `klrw` on `disk`, a NIC with `mac` on
+/// the TAP passed as `SNAPSHOT_TAP_FD`, vsock (CID 3), rng, virtio-console and the API socket.
+/// Returns the arguments, the vsock socket and the API socket.
+fn snapshot_backends(jail: &Path, disk: &Path, mac: &str) -> (Vec<String>, PathBuf, PathBuf) {
     let uds = jail.join("v.sock");
     let api = jail.join("api.sock");
     let args = vec![
         "--drive".into(),
         format!("id=klrw,path={}", disk.display()),
+        "--net".into(),
+        format!("fd={SNAPSHOT_TAP_FD},mac={mac}"),
+        "--virtio-console".into(),
         "--vsock".into(),
         format!("cid=3,uds={}", uds.display()),
         "--rng".into(),
@@ -802,6 +779,61 @@ fn snapshot_backends(jail: &Path, disk: &Path) -> (Vec<String>, PathBuf, PathBuf
         jail.display().to_string(),
     ];
     (args, uds, api)
+}
+
+/// A raw packet socket receiving the test ethertype (0x88b5) on interface `ifindex`, with
+/// 1 s reads.
+fn packet_sniffer(ifindex: i32) -> std::fs::File {
+    // SAFETY: a raw packet socket set up with zeroed structs, owned by the returned File.
+    unsafe {
+        let s = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_TEST.to_be()),
+        );
+        assert!(s >= 0);
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_TEST.to_be();
+        sll.sll_ifindex = ifindex;
+        assert!(
+            libc::bind(
+                s,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32
+            ) >= 0
+        );
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        std::fs::File::from_raw_fd(s)
+    }
+}
+
+/// The snapshot guest's MAC.
+const SNAPSHOT_MAC: &str = "06:00:ac:10:00:0a";
+
+/// Hands `tap` to the VMM as `SNAPSHOT_TAP_FD`.
+fn pass_tap(cmd: &mut Command, tap: &std::fs::File) {
+    let fd = tap.as_raw_fd();
+    // SAFETY: between fork and exec only dup2 runs (async-signal-safe); SNAPSHOT_TAP_FD is clear
+    // of the fds std's spawn machinery uses in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, SNAPSHOT_TAP_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// A 16 KiB tmpfs (mode 0777: a full disk for any snapshot) mounted on a directory until
@@ -855,11 +887,13 @@ fn boot_and_snapshot() -> Snapshotted {
     let full = jail.join("full");
     std::fs::create_dir(&full).unwrap();
     let _tmpfs = TinyTmpfs::mount(&full);
-    let (args, uds, api) = snapshot_backends(&jail, &disk);
+    let (args, uds, api) = snapshot_backends(&jail, &disk, SNAPSHOT_MAC);
     let mut extra: Vec<&str> = vec!["--vcpus", "2"];
     extra.extend(args.iter().map(String::as_str));
+    let (tap, _) = open_tap("klsnap0");
     let started = Instant::now();
-    let mut vm = Vm::start("snapshot", &extra, |_, _| {});
+    let mut vm = Vm::start("snapshot", &extra, |cmd, _| pass_tap(cmd, &tap));
+    drop(tap);
     vm.wait_for("KL_TICK 0");
     let boot_to_first_tick = started.elapsed();
     vm.wait_for("KL_SNAP_READY");
@@ -927,20 +961,24 @@ fn boot_and_snapshot() -> Snapshotted {
     }
 }
 
-/// Restores `s` into a new VMM in a new jail with a copy of its drive: the VM, the copy,
-/// and the vsock and API sockets.
-fn restore_snapshot(s: &Snapshotted) -> (Vm, PathBuf, PathBuf, PathBuf, Duration) {
+/// Restores `s` into a new VMM in a new jail with a copy of its drive and a new TAP: the
+/// VM, the copy, the vsock socket and the TAP's interface index.
+fn restore_snapshot(s: &Snapshotted) -> (Vm, PathBuf, PathBuf, i32) {
     let jail = snapshot_jail(s.scratch.path(), "jail-b");
     let disk = s.scratch.path().join("disk-b.img");
     std::fs::copy(&s.disk, &disk).unwrap();
-    let (args, uds, api) = snapshot_backends(&jail, &disk);
+    // Another MAC on the command line: the guest's NIC keeps the snapshot's.
+    let (args, uds, _) = snapshot_backends(&jail, &disk, "06:00:ac:10:00:0b");
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (tap, ifindex) = open_tap("klsnap1");
     let log = s.scratch.path().join("restored-vmm.log");
     let started = Instant::now();
     let mut vm = Vm::restore(&s.snapshot, &extra, |cmd| {
         cmd.args(["--log-level", "info"])
             .stderr(std::fs::File::create(&log).unwrap());
+        pass_tap(cmd, &tap);
     });
+    drop(tap);
     let deadline = Instant::now() + BOOT_TIMEOUT;
     while vm.last_tick().is_none() {
         if let Some(st) = vm.child.as_mut().unwrap().try_wait().unwrap() {
@@ -958,14 +996,14 @@ fn restore_snapshot(s: &Snapshotted) -> (Vm, PathBuf, PathBuf, PathBuf, Duration
     if let Some(line) = log.lines().find(|l| l.contains("VM restored")) {
         println!("restored VMM: {line}");
     }
-    (vm, disk, uds, api, restore_to_tick)
+    (vm, disk, uds, ifindex)
 }
 
 #[test]
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn snapshot_restore_resumes_the_guest() {
     let s = boot_and_snapshot();
-    let (mut vm, _, _, _, _) = restore_snapshot(&s);
+    let (mut vm, _, _, _) = restore_snapshot(&s);
     let first = vm.last_tick().unwrap();
     let console = vm.console();
     // It carried on: no second boot, and the counter continues where it was paused (a line
@@ -985,7 +1023,7 @@ fn snapshot_restore_resumes_the_guest() {
 #[ignore = "needs a Linux-capable KVM: run through tests/e2e"]
 fn snapshot_restore_keeps_block_and_vsock_working() {
     let s = boot_and_snapshot();
-    let (mut vm, disk_b, uds, _api, _) = restore_snapshot(&s);
+    let (mut vm, disk_b, uds, tap_ifindex) = restore_snapshot(&s);
     // The stream open at the snapshot is gone: the guest got the transport reset.
     vm.wait_for("KL_VSOCK_CONN_CLOSED");
     let host_listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
@@ -1038,6 +1076,27 @@ fn snapshot_restore_keeps_block_and_vsock_working() {
     let (mut commands, reply) = dial.join().unwrap();
     assert_eq!(reply, "dialed hello-from-host");
 
+    // The NIC kept the MAC its guest knows, and it sends on the new TAP.
+    assert_eq!(
+        snapshot_command(&mut commands, "mac"),
+        format!("mac {SNAPSHOT_MAC}")
+    );
+    let sniffer = packet_sniffer(tap_ifindex);
+    assert_eq!(snapshot_command(&mut commands, "net"), "sent");
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    let mut buf = [0u8; 2048];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no frame from the restored guest"
+        );
+        if let Ok(n) = (&sniffer).read(&mut buf) {
+            if n > 14 && buf[14..n].starts_with(b"KL-NET-AFTER-RESTORE") {
+                break;
+            }
+        }
+    }
+
     let ticks = snapshot_command(&mut commands, "ticks");
     let n: u64 = ticks.strip_prefix("ticks ").unwrap().parse().unwrap();
     assert!(n > s.last_tick, "{ticks} after a pause at {}", s.last_tick);
@@ -1087,7 +1146,18 @@ fn restore_refuses_corrupt_snapshot() {
     let work = s.scratch.path().join("bad");
     let disk = format!("id=klrw,path={}", s.disk.display());
     let uds = format!("cid=3,uds={}", s.scratch.path().join("bad.sock").display());
-    let devices = ["--drive", &disk, "--vsock", &uds, "--rng"];
+    // A NIC on a TAP the VMM opens by name (it only lives while the VMM does).
+    let nic = "tap=klsnapbad0";
+    let devices = [
+        "--drive",
+        &disk,
+        "--net",
+        nic,
+        "--virtio-console",
+        "--vsock",
+        &uds,
+        "--rng",
+    ];
     let copy = |name: &str| -> PathBuf {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -1137,14 +1207,31 @@ fn restore_refuses_corrupt_snapshot() {
 
     assert_restore_refused(
         &s.snapshot,
-        &["--drive", &disk, "--vsock", &uds],
-        "the snapshot has 3 virtio devices, the command line 2",
+        &[
+            "--drive",
+            &disk,
+            "--net",
+            nic,
+            "--virtio-console",
+            "--vsock",
+            &uds,
+        ],
+        "the snapshot has 5 virtio devices, the command line 4",
     );
 
     let read_only = format!("{disk},ro");
     assert_restore_refused(
         &s.snapshot,
-        &["--drive", &read_only, "--vsock", &uds, "--rng"],
+        &[
+            "--drive",
+            &read_only,
+            "--net",
+            nic,
+            "--virtio-console",
+            "--vsock",
+            &uds,
+            "--rng",
+        ],
         "read-write, this one is read-only",
     );
 

@@ -497,6 +497,24 @@ fn snapshot_command(
                 bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
             ))
         }
+        "mac" => Ok(format!(
+            "mac {}",
+            fs::read_to_string("/sys/class/net/eth0/address")?.trim()
+        )),
+        "net" => {
+            let ifindex = if_up("eth0")?;
+            let s = packet_socket(ifindex)?;
+            let mut frame = vec![0xffu8; 6];
+            frame.extend_from_slice(&[0x06, 0x00, 0xac, 0x10, 0x00, 0x0a]);
+            frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
+            frame.extend_from_slice(b"KL-NET-AFTER-RESTORE");
+            frame.resize(64, 0);
+            // A few, in case the host's sniffer misses one.
+            for _ in 0..3 {
+                (&s).write_all(&frame)?;
+            }
+            Ok("sent".into())
+        }
         "dial" => {
             let out = vsock_connect(2, 5000)?;
             (&out).write_all(b"hello-from-guest\n")?;
@@ -509,6 +527,35 @@ fn snapshot_command(
 }
 
 const ETH_P_TEST: u16 = 0x88b5;
+
+/// A raw packet socket for the test ethertype, bound to interface `ifindex`.
+fn packet_socket(ifindex: i32) -> io::Result<File> {
+    // SAFETY: a new socket owned by the returned File, bound with a zeroed sockaddr_ll.
+    unsafe {
+        let s = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_TEST.to_be()),
+        );
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = File::from_raw_fd(s);
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_TEST.to_be();
+        sll.sll_ifindex = ifindex;
+        if libc::bind(
+            s,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(socket)
+    }
+}
 
 fn if_up(name: &str) -> io::Result<i32> {
     // SAFETY: ioctls on a throwaway datagram socket with a zeroed ifreq.
@@ -538,28 +585,10 @@ fn if_up(name: &str) -> io::Result<i32> {
 
 fn test_net() -> io::Result<()> {
     let ifindex = if_up("eth0")?;
-    // SAFETY: raw packet socket bound to eth0; frames built in local buffers.
+    let socket = packet_socket(ifindex)?;
+    let s = socket.as_raw_fd();
+    // SAFETY: sends and receives on our packet socket, frames built in local buffers.
     unsafe {
-        let s = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from(ETH_P_TEST.to_be()),
-        );
-        if s < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_TEST.to_be();
-        sll.sll_ifindex = ifindex;
-        if libc::bind(
-            s,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
         let mut frame = vec![0xffu8; 6];
         frame.extend_from_slice(&[0x06, 0x00, 0xac, 0x10, 0x00, 0x02]);
         frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
