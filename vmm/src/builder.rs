@@ -26,9 +26,10 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{EventRegistrar, VirtioDevice, WORK_TOKEN};
 use crate::devices::DeviceInfo;
+use crate::persist::{HostInfo, MicrovmState};
 use crate::vmm::{thread_builder, Vmm, EXIT_TOKEN, REQUEST_TOKEN};
 use crate::vmm_requests::VmmRequests;
-use crate::vstate::memory::create_guest_memory;
+use crate::vstate::memory::{create_guest_memory, map_snapshot_memory, GuestMemoryMmap};
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
 use crate::vstate::vm::{open_kvm, Vm};
 use kata_like_vmm_contract::{ConsoleConfig, DriveConfig, NetBackend, VmConfig};
@@ -55,12 +56,19 @@ pub enum BuildError {
     Kvm(&'static str, kvm_ioctls::Error),
     #[error("device bus: {0}")]
     Bus(#[from] crate::devices::bus::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] crate::persist::Error),
+    #[error("restoring the snapshot: {0}")]
+    Restore(String),
 }
 
 /// Host resources opened before jailing.
 pub struct OpenedResources {
     pub kvm: Kvm,
-    pub kernel: File,
+    /// None when restoring a snapshot.
+    pub kernel: Option<File>,
+    /// `--restore`: the state file's bytes and the memory file.
+    pub snapshot: Option<(Vec<u8>, File)>,
     pub initrd: Option<File>,
     pub drives: Vec<(DriveConfig, Option<File>)>,
     /// One TAP per `--net`, in order.
@@ -92,7 +100,10 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, BuildError> {
 /// Opens every host resource the VM will use.
 pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
     let kvm = open_kvm()?;
-    let kernel = open_file(&r.boot.kernel, false)?;
+    let (kernel, snapshot) = match &r.restore {
+        Some(dir) => (None, Some(open_snapshot(dir)?)),
+        None => (Some(open_file(&r.boot.kernel, false)?), None),
+    };
     let initrd = r
         .boot
         .initrd
@@ -136,6 +147,7 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
     Ok(OpenedResources {
         kvm,
         kernel,
+        snapshot,
         initrd,
         drives,
         taps,
@@ -143,6 +155,22 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
         api_listener,
         console,
     })
+}
+
+/// Reads a snapshot directory's state file and opens its memory file (read-only: it is
+/// mapped MAP_PRIVATE, the guest's writes never reach it).
+fn open_snapshot(dir: &Path) -> Result<(Vec<u8>, File), BuildError> {
+    use std::io::Read;
+    let state_path = dir.join(crate::persist::STATE_FILE);
+    let mut state = Vec::new();
+    // Read at most one byte more than a state file may have: a larger file is refused by
+    // `persist::decode` without the VMM holding all of it.
+    open_file(&state_path, false)?
+        .take(crate::persist::MAX_STATE_FILE_LEN + 1)
+        .read_to_end(&mut state)
+        .map_err(|e| BuildError::Open(state_path, e))?;
+    let memory = open_file(&dir.join(crate::persist::MEMORY_FILE), false)?;
+    Ok((state, memory))
 }
 
 /// The path of `p` as seen from inside the jail rooted at `jail_dir`.
@@ -153,11 +181,27 @@ pub fn path_in_jail(p: &Path, jail_dir: Option<&Path>) -> PathBuf {
     }
 }
 
-/// Builds the VM: memory, kernel, devices, vCPUs. Nothing runs yet.
-pub fn build_vmm(r: &VmConfig, o: OpenedResources) -> Result<Vmm, BuildError> {
+/// How the guest starts.
+enum Start<'a> {
+    /// From the kernel: load it, write boot parameters, set up the vCPUs for its entry.
+    Boot,
+    /// From a snapshot whose vCPUs and VM state are already restored: devices take its state.
+    Restore {
+        state: &'a MicrovmState,
+        vcpus: Vec<Vcpu>,
+    },
+}
+
+/// Builds the VM: memory, kernel, devices, vCPUs (or all of them from a snapshot). Nothing
+/// runs yet.
+pub fn build_vmm(r: &VmConfig, mut o: OpenedResources) -> Result<Vmm, BuildError> {
+    if let Some((state, memory)) = o.snapshot.take() {
+        return build_restored(r, o, &state, &memory);
+    }
     let mem = create_guest_memory(r.machine.memory_mib << 20, r.machine.hugepages)?;
     tracing::debug!(mib = r.machine.memory_mib, "guest memory mapped");
     let vm = Vm::new_without_pit(&o.kvm)?;
+    let host = HostInfo::probe(&o.kvm, vm.supported_cpuid());
     // Registering the memory slot and creating the PIT are slow ioctls (milliseconds on some
     // hosts) that nothing else waits for until the vCPUs run: do them while the kernel loads
     // and the devices are set up.
@@ -165,7 +209,7 @@ pub fn build_vmm(r: &VmConfig, o: OpenedResources) -> Result<Vmm, BuildError> {
         // Two threads: the two ioctls take different KVM locks and run in parallel.
         let pit = thread_builder("vm-pit").spawn_scoped(s, || vm.create_pit());
         let memory = thread_builder("vm-memory").spawn_scoped(s, || vm.register_memory(&mem));
-        let parts = assemble(r, o, &vm, &mem);
+        let parts = assemble(r, o, &vm, &mem, Start::Boot);
         for handle in [pit, memory] {
             let joined = handle
                 .map_err(BuildError::Device)?
@@ -176,21 +220,94 @@ pub fn build_vmm(r: &VmConfig, o: OpenedResources) -> Result<Vmm, BuildError> {
         parts
     })?;
     tracing::debug!(vcpus = parts.vcpus.len(), "VM built");
-    Ok(Vmm {
-        vm,
-        mem,
-        control: Arc::new(VcpuControl::default()),
-        epoll: parts.epoll,
-        exit: parts.exit,
-        requests: parts.requests,
-        pio: parts.pio,
-        mmio: parts.mmio,
-        serial: parts.serial,
-        console: parts.console,
-        transports: parts.transports,
-        devices: parts.devices,
-        vcpus: parts.vcpus,
-    })
+    Ok(Vmm::from_parts(vm, mem, host, parts))
+}
+
+/// Rebuilds a VM from a snapshot: the state file is checked whole first (format, checksum,
+/// VMM version, host), then guest RAM maps the memory file, the vCPUs and the VM (irqchip,
+/// PIT, clock) get their state, and the devices are built on this configuration's backends
+/// and take the state of the same slots. No kernel is loaded and no boot-time setup runs.
+fn build_restored(
+    r: &VmConfig,
+    o: OpenedResources,
+    state_bytes: &[u8],
+    memory: &File,
+) -> Result<Vmm, BuildError> {
+    let started = std::time::Instant::now();
+    let vm = Vm::new_without_pit(&o.kvm)?;
+    let host = HostInfo::probe(&o.kvm, vm.supported_cpuid());
+    let (_, state) = crate::persist::decode(state_bytes, &host)?;
+    let vcpu_count = state.vcpus.len();
+    if vcpu_count == 0 || vcpu_count > usize::from(kata_like_vmm_contract::limits::MAX_VCPUS) {
+        return Err(BuildError::Restore(format!(
+            "the snapshot has {vcpu_count} vCPUs"
+        )));
+    }
+    if state.devices.len() != r.virtio_devices() {
+        return Err(BuildError::Restore(format!(
+            "the snapshot has {} virtio devices, the command line {}: give the same devices in the same order as the VM that made it",
+            state.devices.len(),
+            r.virtio_devices()
+        )));
+    }
+    let mem = map_snapshot_memory(memory, state.memory_bytes)?;
+    vm.create_pit()?;
+    vm.register_memory(&mem)?;
+    let mut vcpus = Vec::with_capacity(vcpu_count);
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        if usize::from(saved.index) != index {
+            return Err(BuildError::Restore(format!(
+                "vCPU {index} of the snapshot says it is vCPU {}",
+                saved.index
+            )));
+        }
+        let vcpu = Vcpu::new(&vm, saved.index)?;
+        vcpu.restore_state(saved)
+            .map_err(|e| BuildError::Restore(e.to_string()))?;
+        vcpus.push(vcpu);
+    }
+    // After the vCPUs (their LAPICs), before the devices (which may raise interrupts).
+    vm.restore_state(&state.vm)?;
+    let parts = assemble(
+        r,
+        o,
+        &vm,
+        &mem,
+        Start::Restore {
+            state: &state,
+            vcpus,
+        },
+    )?;
+    tracing::info!(
+        vcpus = vcpu_count,
+        memory_bytes = state.memory_bytes,
+        devices = state.devices.len(),
+        restore_us = started.elapsed().as_micros(),
+        "VM restored from the snapshot"
+    );
+    Ok(Vmm::from_parts(vm, mem, host, parts))
+}
+
+impl Vmm {
+    fn from_parts(vm: Vm, mem: GuestMemoryMmap, host: HostInfo, parts: Parts) -> Vmm {
+        Vmm {
+            vm,
+            mem,
+            host,
+            control: Arc::new(VcpuControl::default()),
+            epoll: parts.epoll,
+            exit: parts.exit,
+            requests: parts.requests,
+            pio: parts.pio,
+            mmio: parts.mmio,
+            serial: parts.serial,
+            console: parts.console,
+            transports: parts.transports,
+            devices: parts.devices,
+            vcpu_count: parts.vcpus.len(),
+            vcpus: parts.vcpus,
+        }
+    }
 }
 
 /// Everything of a `Vmm` but the VM and its memory.
@@ -207,21 +324,31 @@ struct Parts {
     vcpus: Vec<Vcpu>,
 }
 
-/// Loads the kernel and builds devices and vCPUs.
+/// Loads the kernel (when booting) and builds devices and vCPUs.
 fn assemble(
     r: &VmConfig,
     mut o: OpenedResources,
     vm: &Vm,
-    mem: &crate::vstate::memory::GuestMemoryMmap,
+    mem: &GuestMemoryMmap,
+    start: Start,
 ) -> Result<Parts, BuildError> {
     let mem = mem.clone();
-    let kernel = boot::load_kernel(&mem, &mut o.kernel)?;
-    tracing::debug!(kernel_end = kernel.kernel_end, "kernel loaded");
-    let initrd = match o.initrd.as_mut() {
-        Some(f) => Some(boot::load_initrd(&mem, f, kernel.kernel_end)?),
-        None => None,
+    let boot = match (&start, o.kernel.as_mut()) {
+        (Start::Boot, Some(kernel_file)) => {
+            let kernel = boot::load_kernel(&mem, kernel_file)?;
+            tracing::debug!(kernel_end = kernel.kernel_end, "kernel loaded");
+            let initrd = match o.initrd.as_mut() {
+                Some(f) => Some(boot::load_initrd(&mem, f, kernel.kernel_end)?),
+                None => None,
+            };
+            tracing::debug!(bytes = initrd.map(|i| i.size), "initramfs loaded");
+            Some((kernel, initrd))
+        }
+        (Start::Boot, None) => {
+            return Err(BuildError::Restore("booting needs a kernel".into()));
+        }
+        (Start::Restore { .. }, _) => None,
     };
-    tracing::debug!(bytes = initrd.map(|i| i.size), "initramfs loaded");
 
     let epoll = Arc::new(Epoll::new().map_err(BuildError::Device)?);
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::Device)?);
@@ -249,10 +376,15 @@ fn assemble(
     // One sink for both consoles: the guest prints on either (ttyS0 early or in tests, hvc0
     // in pod VMs).
     let console = ConsoleOutput::new(o.console).map_err(BuildError::Device)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        ConsoleWriter::new(console.clone()),
-    )));
+    let serial_out = ConsoleWriter::new(console.clone());
+    let serial = match &start {
+        Start::Boot => SerialDevice::new(serial_irq, serial_out),
+        Start::Restore { state, .. } => {
+            SerialDevice::from_snapshot(serial_irq, serial_out, &state.serial)
+                .map_err(BuildError::Restore)?
+        }
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(u64::from(COM1_BASE), 8, serial.clone())?;
 
     let mut devices: Vec<(Box<dyn VirtioDevice>, DeviceInfo)> = Vec::new();
@@ -355,6 +487,14 @@ fn assemble(
             )
             .map_err(BuildError::Device)?;
         transport.set_registrar(EventRegistrar::new(epoll.clone(), i as u32));
+        if let Start::Restore { state, .. } = &start {
+            // The count was checked against the configuration before anything was built.
+            if let Some(saved) = state.devices.get(i) {
+                transport
+                    .restore(saved)
+                    .map_err(|e| BuildError::Restore(format!("device {i} ({}): {e}", info.kind)))?;
+            }
+        }
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(addr, MMIO_DEVICE_SIZE, transport.clone())?;
         transports.push(transport);
@@ -362,19 +502,25 @@ fn assemble(
         cmdline_devices.push((addr, irq));
     }
 
-    let cmdline = boot::build_cmdline(&r.boot.cmdline, &cmdline_devices)?;
-    boot::configure_boot(&mem, &kernel, &cmdline, initrd)?;
-    mptable::setup_mptable(&mem, r.machine.vcpus)?;
-
-    let mut vcpus = Vec::new();
-    for index in 0..r.machine.vcpus {
-        let vcpu = Vcpu::new(vm, index)?;
-        vcpu.configure_cpu(vm.supported_cpuid(), r.machine.vcpus)?;
-        if index == 0 {
-            vcpu.configure_boot(&mem, kernel.entry)?;
+    let vcpus = match (start, boot) {
+        (Start::Boot, Some((kernel, initrd))) => {
+            let cmdline = boot::build_cmdline(&r.boot.cmdline, &cmdline_devices)?;
+            boot::configure_boot(&mem, &kernel, &cmdline, initrd)?;
+            mptable::setup_mptable(&mem, r.machine.vcpus)?;
+            let mut vcpus = Vec::new();
+            for index in 0..r.machine.vcpus {
+                let vcpu = Vcpu::new(vm, index)?;
+                vcpu.configure_cpu(vm.supported_cpuid(), r.machine.vcpus)?;
+                if index == 0 {
+                    vcpu.configure_boot(&mem, kernel.entry)?;
+                }
+                vcpus.push(vcpu);
+            }
+            vcpus
         }
-        vcpus.push(vcpu);
-    }
+        (Start::Restore { vcpus, .. }, _) => vcpus,
+        (Start::Boot, None) => Vec::new(),
+    };
 
     Ok(Parts {
         epoll,

@@ -8,6 +8,7 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod jail;
+pub mod persist;
 pub mod seccomp;
 pub mod test_guest;
 pub mod vmm;

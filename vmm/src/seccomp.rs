@@ -86,6 +86,8 @@ const VMM: &[libc::c_long] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
+    // Snapshot: the memory file's length (its holes), on files the API thread opened.
+    libc::SYS_ftruncate,
 ];
 
 /// The API thread: its own socket (requests and SCM_RIGHTS fds in with recvmsg, responses out
@@ -99,6 +101,9 @@ const API: &[libc::c_long] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_openat,
+    // A failed snapshot removes the files it had created (std's remove_file is unlink).
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
 ];
 
 /// The allowed syscall numbers for `kind`.
@@ -131,6 +136,70 @@ vmm_sys_util::ioctl_ior_nr!(
     kvm_bindings::kvm_mp_state
 );
 
+// What a snapshot reads: each parked vCPU its own state on its thread, the VMM thread the
+// VM's (irqchip, PIT, clock).
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_LAPIC,
+    kvm_bindings::KVMIO,
+    0x8e,
+    kvm_bindings::kvm_lapic_state
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_CPUID2,
+    kvm_bindings::KVMIO,
+    0x91,
+    kvm_bindings::kvm_cpuid2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_DEBUGREGS,
+    kvm_bindings::KVMIO,
+    0xa1,
+    kvm_bindings::kvm_debugregs
+);
+vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_IRQCHIP,
+    kvm_bindings::KVMIO,
+    0x62,
+    kvm_bindings::kvm_irqchip
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_CLOCK,
+    kvm_bindings::KVMIO,
+    0x7c,
+    kvm_bindings::kvm_clock_data
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_PIT2,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_pit_state2
+);
+
 /// ioctl's request argument (the low 32 bits: the kernel takes it as an unsigned int) is
 /// `request`.
 fn ioctl_request_is(request: libc::c_ulong) -> Result<SeccompCondition, Error> {
@@ -150,22 +219,40 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, Error> {
         .collect();
     match kind {
         ThreadKind::Vcpu => {
-            // KVM_RUN, and the state reads logged when a guest dies or is paused.
+            // KVM_RUN, the state reads logged when a guest dies or is paused, and the rest
+            // of the state a snapshot saves.
             let mut allowed = Vec::new();
             for request in [
                 KVM_RUN(),
                 KVM_GET_REGS(),
                 KVM_GET_SREGS(),
                 KVM_GET_MP_STATE(),
+                KVM_GET_MSRS(),
+                KVM_GET_LAPIC(),
+                KVM_GET_CPUID2(),
+                KVM_GET_VCPU_EVENTS(),
+                KVM_GET_DEBUGREGS(),
+                KVM_GET_TSC_KHZ(),
+                KVM_GET_XSAVE(),
+                KVM_GET_XCRS(),
             ] {
                 allowed.push(SeccompRule::new(vec![ioctl_request_is(request)?])?);
             }
             rules.insert(libc::SYS_ioctl, allowed);
         }
         ThreadKind::Vmm => {
-            // Sockets are made non-blocking with ioctl(FIONBIO); no other ioctl is allowed.
-            let fionbio = ioctl_request_is(libc::FIONBIO)?;
-            rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![fionbio])?]);
+            // Sockets are made non-blocking with ioctl(FIONBIO); the VM's state is read for
+            // a snapshot. No other ioctl is allowed.
+            let mut allowed = Vec::new();
+            for request in [
+                libc::FIONBIO,
+                KVM_GET_IRQCHIP(),
+                KVM_GET_CLOCK(),
+                KVM_GET_PIT2(),
+            ] {
+                allowed.push(SeccompRule::new(vec![ioctl_request_is(request)?])?);
+            }
+            rules.insert(libc::SYS_ioctl, allowed);
         }
         ThreadKind::Api => {}
     }

@@ -14,14 +14,15 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{decode_token, DEVICE_TOKEN_BASE, WORK_TOKEN};
 use crate::devices::DeviceInfo;
+use crate::persist::{self, HostInfo, MicrovmState, SnapshotHeader};
 use crate::seccomp::{self, ThreadKind};
 use crate::vmm_requests::{VmmRequest, VmmRequests};
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::memory::{write_snapshot_memory, GuestMemoryMmap};
 use crate::vstate::vcpu::{
     kick_signal, kick_signal_handler, ExitReason, ExitSignal, Vcpu, VcpuContext, VcpuControl,
 };
 use crate::vstate::vm::Vm;
-use kata_like_vmm_contract::SeccompViolation;
+use kata_like_vmm_contract::{SeccompViolation, SnapshotInfo};
 
 /// Stack of the vCPU, API and setup threads. Rust's default, 2 MiB, lets a stack that
 /// happens to be 2 MiB-aligned (it often sits right below the aligned guest RAM) become one
@@ -45,6 +46,8 @@ pub const REQUEST_TOKEN: u64 = 1;
 pub struct Vmm {
     pub vm: Vm,
     pub mem: GuestMemoryMmap,
+    /// What a snapshot's header says about this host.
+    pub host: HostInfo,
     pub epoll: Arc<Epoll>,
     pub exit: Arc<ExitSignal>,
     pub requests: Arc<VmmRequests>,
@@ -56,6 +59,8 @@ pub struct Vmm {
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub devices: Vec<DeviceInfo>,
     pub vcpus: Vec<Vcpu>,
+    /// How many vCPUs the VM has (`vcpus` is emptied when their threads start).
+    pub vcpu_count: usize,
 }
 
 /// Per-thread seccomp: whether to install filters, and which thread breaks its own.
@@ -225,8 +230,57 @@ impl Vmm {
                     // The requester may have stopped waiting: then the stream just closes.
                     let _ = reply.send(result);
                 }
+                VmmRequest::Snapshot {
+                    mut state_file,
+                    memory_file,
+                    reply,
+                } => {
+                    let result = self.snapshot(&mut state_file, &memory_file);
+                    match &result {
+                        Ok(info) => tracing::info!(
+                            state_bytes = info.state_bytes,
+                            memory_written_bytes = info.memory_written_bytes,
+                            duration_us = info.duration_us,
+                            "snapshot written"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "snapshot failed"),
+                    }
+                    let _ = reply.send(result);
+                }
             }
         }
+    }
+
+    /// Writes the memory file, then the state file, of the paused VM. Runs on the VMM
+    /// thread, so no device touches guest memory or its queues meanwhile; the vCPUs save
+    /// their own state on their threads.
+    fn snapshot(
+        &self,
+        state_file: &mut std::fs::File,
+        memory_file: &std::fs::File,
+    ) -> Result<SnapshotInfo, String> {
+        let started = std::time::Instant::now();
+        let vcpus = self.control.save_vcpus(self.vcpu_count)?;
+        let vm = self.vm.save_state().map_err(|e| e.to_string())?;
+        let devices = self.transports.iter().map(|t| lock(t).snapshot()).collect();
+        let serial = lock(&self.serial).snapshot();
+        let dump = write_snapshot_memory(&self.mem, memory_file).map_err(|e| e.to_string())?;
+        let state = MicrovmState {
+            memory_bytes: dump.size,
+            vm,
+            vcpus,
+            serial,
+            devices,
+        };
+        let bytes = persist::encode(&SnapshotHeader::new(self.host.clone()), &state)
+            .map_err(|e| e.to_string())?;
+        persist::write_state(state_file, &bytes).map_err(|e| e.to_string())?;
+        Ok(SnapshotInfo {
+            state_bytes: bytes.len() as u64,
+            memory_bytes: dump.size,
+            memory_written_bytes: dump.written,
+            duration_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        })
     }
 
     fn vsock_connect(&self, port: u32) -> std::io::Result<UnixStream> {

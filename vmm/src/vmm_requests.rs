@@ -20,6 +20,13 @@ pub enum VmmRequest {
         port: u32,
         reply: SyncSender<std::io::Result<UnixStream>>,
     },
+    /// Write a snapshot of the paused VM into these files (opened by the requester: the VMM
+    /// thread may not open files); the reply says what was written or why not.
+    Snapshot {
+        state_file: std::fs::File,
+        memory_file: std::fs::File,
+        reply: SyncSender<Result<kata_like_vmm_contract::SnapshotInfo, String>>,
+    },
 }
 
 /// The VMM thread's request queue and the eventfd that wakes it.

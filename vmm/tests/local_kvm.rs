@@ -1088,3 +1088,136 @@ fn jailed_vmm_and_its_outside_process_run_unprivileged() {
     unsafe { libc::kill(outside as i32, libc::SIGTERM) };
     assert_eq!(child.wait_guarded().code(), Some(128 + libc::SIGKILL));
 }
+
+/// The 32-bit guest of the snapshot tests: `inc dword [SNAPSHOT_COUNTER]` in a loop.
+const SNAPSHOT_COUNTER: u32 = 0x30_0000;
+
+fn counting_guest() -> Vec<u8> {
+    let mut code = vec![0xff, 0x05];
+    code.extend_from_slice(&SNAPSHOT_COUNTER.to_le_bytes());
+    code.extend_from_slice(&[0xeb, 0xf8]); // jmp back to the inc
+    code
+}
+
+/// The guest's counter in a snapshot's memory file.
+fn counter_in(snapshot: &std::path::Path) -> u32 {
+    let mut b = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(snapshot.join("memory")).unwrap(),
+        &mut b,
+        u64::from(SNAPSHOT_COUNTER),
+    )
+    .unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// A jailed VMM (API socket `jail/api.sock`, an rng) started with `args`, its API and the
+/// snapshot directory `jail/snap`, writable by the jail's uid.
+fn jailed_snapshot_vm(
+    jail: &std::path::Path,
+    args: &[&str],
+) -> (ChildGuard, Api, std::path::PathBuf) {
+    std::fs::create_dir_all(jail).unwrap();
+    let snap = jail.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let c = std::ffi::CString::new(snap.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: chown on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    let sock = jail.join("api.sock");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("run")
+        .args(args)
+        .arg("--jail-dir")
+        .arg(jail)
+        .args(["--rng", "--console", "null", "--api-sock"])
+        .arg(&sock);
+    let mut child = ChildGuard(cmd.spawn().unwrap());
+    let api = Api::connect(&sock, &mut child);
+    (child, api, snap)
+}
+
+#[test]
+fn a_jailed_snapshot_restores_into_a_new_vmm_whose_guest_carries_on() {
+    if !is_root() {
+        panic!("the jail needs root (mount and pid namespaces)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let k = write_kernel(dir.path(), "k", &counting_guest(), true);
+    // A full disk inside the first jail, mounted before the VMM copies the jail's mounts.
+    let full = dir.path().join("jail-a/full");
+    std::fs::create_dir_all(&full).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16k,mode=0777", "tmpfs"])
+        .arg(&full)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&full);
+    let (mut first, mut api, snap) = jailed_snapshot_vm(
+        &dir.path().join("jail-a"),
+        &["--kernel", k.to_str().unwrap(), "--vcpus", "2"],
+    );
+    let running = api.call(r#"{"op":"snapshot","dir":"/snap"}"#);
+    assert_eq!(running["ok"], false, "{running}");
+    assert!(
+        running["error"].as_str().unwrap().contains("paused"),
+        "{running}"
+    );
+    assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+    // Refusals leave no files and the VMM running (their clean-up is within the filters).
+    let nowhere = api.call(r#"{"op":"snapshot","dir":"/nowhere"}"#);
+    assert!(
+        nowhere["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot create /nowhere/state"),
+        "{nowhere}"
+    );
+    let full_disk = api.call(r#"{"op":"snapshot","dir":"/full"}"#);
+    assert!(
+        full_disk["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("No space left on device"),
+        "{full_disk}"
+    );
+    assert!(std::fs::read_dir(&full).unwrap().next().is_none());
+    assert_eq!(api.call(r#"{"op":"ping"}"#)["ok"], true);
+    let v = api.call(r#"{"op":"snapshot","dir":"/snap"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["snapshot"]["memory_bytes"], 128u64 << 20);
+    // Only the pages the guest and the boot setup wrote: a few of them.
+    let written = v["snapshot"]["memory_written_bytes"].as_u64().unwrap();
+    assert!(written > 0 && written < 1 << 20, "{v}");
+    let at_snapshot = counter_in(&snap);
+    assert!(at_snapshot > 0, "the guest ran before the snapshot");
+    assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
+    assert_eq!(first.wait_guarded().code(), Some(0));
+
+    // A new VMM in a new jail: it runs the guest on from the snapshot (the counter grows
+    // from where it was), and its own snapshot shows that.
+    let (mut second, mut api, snap2) = jailed_snapshot_vm(
+        &dir.path().join("jail-b"),
+        &["--restore", snap.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+    let v = api.call(r#"{"op":"snapshot","dir":"/snap"}"#);
+    assert_eq!(v["ok"], true, "{v}");
+    let after = counter_in(&snap2);
+    assert!(
+        after > at_snapshot,
+        "counter {after} after the restore, {at_snapshot} at the snapshot"
+    );
+    // MAP_PRIVATE: the restored guest's writes never reached the first snapshot's file.
+    assert_eq!(counter_in(&snap), at_snapshot);
+    assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
+    assert_eq!(api.call(r#"{"op":"stop","force":true}"#)["ok"], true);
+    assert_eq!(second.wait_guarded().code(), Some(0));
+}

@@ -41,6 +41,12 @@ pub enum Request {
         timeout_ms: u64,
     },
     Metrics {},
+    /// Writes a snapshot of the paused VM into the directory `dir` (resolved inside the jail,
+    /// like `set_drive`'s path; it must exist and be writable by the VMM's uid): the files
+    /// `state` and `memory`. Refused unless the VM is paused.
+    Snapshot {
+        dir: String,
+    },
 }
 
 impl Request {
@@ -54,6 +60,7 @@ impl Request {
             Request::Resume {} => "resume",
             Request::Stop { .. } => "stop",
             Request::Metrics {} => "metrics",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 
@@ -101,6 +108,23 @@ pub struct Response {
     /// `metrics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<VmMetrics>,
+    /// `snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+}
+
+/// What a `snapshot` wrote.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotInfo {
+    /// The state file's size.
+    pub state_bytes: u64,
+    /// The memory file's length (the guest's RAM).
+    pub memory_bytes: u64,
+    /// Bytes of the memory file actually written (its non-zero pages; the rest are holes).
+    pub memory_written_bytes: u64,
+    /// Time from the request reaching the VMM thread to both files synced.
+    pub duration_us: u64,
 }
 
 impl Response {
@@ -208,6 +232,16 @@ mod tests {
             parse_request(br#"{"op":"metrics"}"#),
             Ok(Request::Metrics {})
         );
+        assert_eq!(
+            parse_request(br#"{"op":"snapshot","dir":"/snap"}"#),
+            Ok(Request::Snapshot {
+                dir: "/snap".into()
+            })
+        );
+        assert!(
+            parse_request(br#"{"op":"snapshot"}"#).is_err(),
+            "dir is required"
+        );
     }
 
     #[test]
@@ -240,6 +274,9 @@ mod tests {
                 timeout_ms: 7,
             },
             Request::Metrics {},
+            Request::Snapshot {
+                dir: "/snap".into(),
+            },
         ] {
             let line = r.to_line().expect("encode");
             assert_eq!(

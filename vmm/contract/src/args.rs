@@ -107,6 +107,7 @@ impl VmConfig {
             };
             match flag.as_str() {
                 "--kernel" => c.boot.kernel = PathBuf::from(value("--kernel")?),
+                "--restore" => c.restore = Some(PathBuf::from(value("--restore")?)),
                 "--initrd" => c.boot.initrd = Some(PathBuf::from(value("--initrd")?)),
                 "--cmdline" => c.boot.cmdline = value("--cmdline")?,
                 "--vcpus" => c.machine.vcpus = parse_num("--vcpus", &value("--vcpus")?)?,
@@ -144,17 +145,25 @@ impl VmConfig {
     /// The arguments after `run` that [`VmConfig::from_args`] reads back as this configuration,
     /// in the order vmm/CONTRACT.md lists the options.
     pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec!["--kernel".to_string(), path_arg(&self.boot.kernel)];
-        if let Some(initrd) = &self.boot.initrd {
-            args.extend(["--initrd".into(), path_arg(initrd)]);
+        let mut args = Vec::new();
+        if let Some(dir) = &self.restore {
+            // The snapshot brings the guest and the machine.
+            args.extend(["--restore".into(), path_arg(dir)]);
+        } else {
+            args.extend(["--kernel".into(), path_arg(&self.boot.kernel)]);
+            if let Some(initrd) = &self.boot.initrd {
+                args.extend(["--initrd".into(), path_arg(initrd)]);
+            }
+            args.extend([
+                "--cmdline".into(),
+                self.boot.cmdline.clone(),
+                "--vcpus".into(),
+                self.machine.vcpus.to_string(),
+                "--memory-mib".into(),
+                self.machine.memory_mib.to_string(),
+            ]);
         }
         args.extend([
-            "--cmdline".into(),
-            self.boot.cmdline.clone(),
-            "--vcpus".into(),
-            self.machine.vcpus.to_string(),
-            "--memory-mib".into(),
-            self.machine.memory_mib.to_string(),
             "--console".into(),
             match &self.console {
                 ConsoleConfig::Path(p) => path_arg(p),
@@ -316,7 +325,39 @@ mod tests {
         assert_eq!(VmConfig::from_args(other.to_args()), Ok(other.clone()));
         let mut minimal = VmConfig::new("/k");
         minimal.jail.enabled = false;
-        assert_eq!(VmConfig::from_args(minimal.to_args()), Ok(minimal));
+        assert_eq!(VmConfig::from_args(minimal.to_args()), Ok(minimal.clone()));
+        let mut restored = minimal;
+        restored.boot = Default::default();
+        restored.restore = Some("/snapshots/a".into());
+        restored.vsock = Some(VsockConfig {
+            cid: 9,
+            uds: "/v".into(),
+        });
+        assert_eq!(VmConfig::from_args(restored.to_args()), Ok(restored));
+    }
+
+    #[test]
+    fn restore_takes_the_guest_and_machine_from_the_snapshot() {
+        let r = parse(&["--restore", "/s", "--rng", "--no-jail"]).unwrap();
+        assert_eq!(r.restore, Some(PathBuf::from("/s")));
+        for extra in [
+            &["--kernel", "/k"][..],
+            &["--initrd", "/i"],
+            &["--cmdline", "quiet"],
+            &["--vcpus", "2"],
+            &["--memory-mib", "256"],
+            &["--hugepages"],
+        ] {
+            let mut args = vec!["--restore", "/s", "--no-jail"];
+            args.extend_from_slice(extra);
+            let err = parse(&args).unwrap_err().to_string();
+            assert!(err.contains("do not apply"), "{extra:?}: {err}");
+        }
+        assert!(parse(&["--restore", "", "--no-jail"]).is_err());
+        assert_eq!(
+            parse(&["--no-jail"]).unwrap_err().to_string(),
+            "--kernel is required (or --restore DIR)"
+        );
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub(crate) fn invalid(msg: impl Into<String>) -> ConfigError {
 pub struct VmConfig {
     pub machine: MachineConfig,
     pub boot: BootConfig,
+    /// Start from the snapshot in this directory (host path, opened before the jail)
+    /// instead of booting: the machine (vCPUs, memory) and the guest come from the snapshot,
+    /// the device backends from this configuration, which must list the same devices.
+    pub restore: Option<PathBuf>,
     pub console: ConsoleConfig,
     pub drives: Vec<DriveConfig>,
     /// One virtio-net device per entry, in this order (the pod's interfaces).
@@ -211,8 +215,25 @@ impl VmConfig {
 
     /// Checks every rule of the contract; the VMM refuses a configuration that fails it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.boot.kernel.as_os_str().is_empty() {
-            return Err(invalid("--kernel is required"));
+        if let Some(dir) = &self.restore {
+            if dir.as_os_str().is_empty() {
+                return Err(invalid("--restore needs a snapshot directory"));
+            }
+            if !self.boot.kernel.as_os_str().is_empty()
+                || self.boot.initrd.is_some()
+                || !self.boot.cmdline.is_empty()
+            {
+                return Err(invalid(
+                    "--restore starts the snapshot's guest: --kernel, --initrd and --cmdline do not apply",
+                ));
+            }
+            if self.machine != MachineConfig::default() {
+                return Err(invalid(
+                    "--restore takes the vCPUs and memory from the snapshot: --vcpus, --memory-mib and --hugepages do not apply",
+                ));
+            }
+        } else if self.boot.kernel.as_os_str().is_empty() {
+            return Err(invalid("--kernel is required (or --restore DIR)"));
         }
         let vcpus = self.machine.vcpus;
         if vcpus == 0 || vcpus > MAX_VCPUS {

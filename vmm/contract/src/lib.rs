@@ -18,7 +18,9 @@ pub mod limits;
 pub mod metrics;
 pub mod tap;
 
-pub use api::{parse_request, parse_response, Request, RequestError, Response, ResponseError};
+pub use api::{
+    parse_request, parse_response, Request, RequestError, Response, ResponseError, SnapshotInfo,
+};
 pub use config::{
     parse_mac, BootConfig, ConfigError, ConsoleConfig, DriveConfig, JailConfig, MachineConfig,
     NetBackend, NetConfig, SeccompViolation, VmConfig, VsockConfig, DEFAULT_MAC,

@@ -410,7 +410,152 @@ fn test_vsock_shim() -> io::Result<()> {
     Ok(())
 }
 
+/// The guest of the snapshot tests (linux_boot.rs `snapshot_*`): a counter on the console
+/// every 100 ms (it only advances while timer interrupts reach the guest), and a command
+/// service on vsock port 1234 that reads and writes the drive `klrw`, reads the virtio-rng,
+/// dials the host and reports the counter, one line per command. A restored guest carries
+/// on with all of it; a command stream the transport reset closed says so on the console.
+fn test_snapshot() -> io::Result<()> {
+    let drive =
+        drive_by_serial("klrw").ok_or_else(|| io::Error::other("no drive with serial klrw"))?;
+    let service = vsock_listen(1234, 16)?;
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let ticks = ticks.clone();
+        std::thread::spawn(move || loop {
+            let n = ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            say(&format!("KL_TICK {n}"));
+            std::thread::sleep(Duration::from_millis(100));
+        });
+    }
+    say("KL_SNAP_READY");
+    while let Ok(conn) = vsock_accept(service) {
+        let drive = drive.clone();
+        let ticks = ticks.clone();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(&conn);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        say(&format!("KL_VSOCK_CONN_CLOSED {e}"));
+                        return;
+                    }
+                }
+                let reply = snapshot_command(line.trim_end(), &drive, &ticks)
+                    .unwrap_or_else(|e| format!("error {e}"));
+                if (&conn).write_all(format!("{reply}\n").as_bytes()).is_err() {
+                    say("KL_VSOCK_CONN_CLOSED on write");
+                    return;
+                }
+            }
+        });
+    }
+    Err(io::Error::other("vsock accept failed"))
+}
+
+fn snapshot_command(
+    line: &str,
+    drive: &str,
+    ticks: &std::sync::atomic::AtomicU64,
+) -> io::Result<String> {
+    const DATA_OFFSET: u64 = 8192;
+    let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+    match cmd {
+        "ticks" => Ok(format!(
+            "ticks {}",
+            ticks.load(std::sync::atomic::Ordering::SeqCst)
+        )),
+        "blkwrite" => {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags_direct()
+                .open(drive)?;
+            let mut block = vec![0u8; 512];
+            let n = arg.len().min(block.len());
+            block[..n].copy_from_slice(&arg.as_bytes()[..n]);
+            f.write_all_at(&block, DATA_OFFSET)?;
+            f.sync_all()?;
+            Ok("written".into())
+        }
+        "blkread" => {
+            // Through the page cache, as a workload reads: what the guest had before the
+            // snapshot is still there after it.
+            let f = File::open(drive)?;
+            let mut block = [0u8; 64];
+            f.read_exact_at(&mut block, DATA_OFFSET)?;
+            Ok(format!("read {}", printable(&block)))
+        }
+        "rng" => {
+            let mut bytes = [0u8; 16];
+            File::open("/dev/hwrng")?.read_exact(&mut bytes)?;
+            Ok(format!(
+                "rng {}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ))
+        }
+        "mac" => Ok(format!(
+            "mac {}",
+            fs::read_to_string("/sys/class/net/eth0/address")?.trim()
+        )),
+        "net" => {
+            let ifindex = if_up("eth0")?;
+            let s = packet_socket(ifindex)?;
+            let mut frame = vec![0xffu8; 6];
+            frame.extend_from_slice(&[0x06, 0x00, 0xac, 0x10, 0x00, 0x0a]);
+            frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
+            frame.extend_from_slice(b"KL-NET-AFTER-RESTORE");
+            frame.resize(64, 0);
+            // A few, in case the host's sniffer misses one.
+            for _ in 0..3 {
+                (&s).write_all(&frame)?;
+            }
+            Ok("sent".into())
+        }
+        "dial" => {
+            let out = vsock_connect(2, 5000)?;
+            (&out).write_all(b"hello-from-guest\n")?;
+            let mut reply = String::new();
+            BufReader::new(&out).read_line(&mut reply)?;
+            Ok(format!("dialed {}", reply.trim_end()))
+        }
+        other => Err(io::Error::other(format!("unknown command {other:?}"))),
+    }
+}
+
 const ETH_P_TEST: u16 = 0x88b5;
+
+/// A raw packet socket for the test ethertype, bound to interface `ifindex`.
+fn packet_socket(ifindex: i32) -> io::Result<File> {
+    // SAFETY: a new socket owned by the returned File, bound with a zeroed sockaddr_ll.
+    unsafe {
+        let s = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(ETH_P_TEST.to_be()),
+        );
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = File::from_raw_fd(s);
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_TEST.to_be();
+        sll.sll_ifindex = ifindex;
+        if libc::bind(
+            s,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(socket)
+    }
+}
 
 fn if_up(name: &str) -> io::Result<i32> {
     // SAFETY: ioctls on a throwaway datagram socket with a zeroed ifreq.
@@ -440,28 +585,10 @@ fn if_up(name: &str) -> io::Result<i32> {
 
 fn test_net() -> io::Result<()> {
     let ifindex = if_up("eth0")?;
-    // SAFETY: raw packet socket bound to eth0; frames built in local buffers.
+    let socket = packet_socket(ifindex)?;
+    let s = socket.as_raw_fd();
+    // SAFETY: sends and receives on our packet socket, frames built in local buffers.
     unsafe {
-        let s = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            i32::from(ETH_P_TEST.to_be()),
-        );
-        if s < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_TEST.to_be();
-        sll.sll_ifindex = ifindex;
-        if libc::bind(
-            s,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
         let mut frame = vec![0xffu8; 6];
         frame.extend_from_slice(&[0x06, 0x00, 0xac, 0x10, 0x00, 0x02]);
         frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
@@ -615,6 +742,7 @@ fn main() {
         "vsock" => test_vsock(),
         "vsock_shim" => test_vsock_shim(),
         "net" => test_net(),
+        "snapshot" => test_snapshot(),
         other => Err(io::Error::other(format!("unknown kl_test {other:?}"))),
     };
     match result {

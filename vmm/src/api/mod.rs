@@ -3,10 +3,12 @@
 //! The requests, responses and metrics are the contract crate's types.
 
 use std::collections::VecDeque;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +19,7 @@ use crate::devices::virtio::block::device::Backing;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::DeviceInfo;
+use crate::persist::{MEMORY_FILE, STATE_FILE};
 use crate::vmm_requests::{VmmRequest, VmmRequests};
 use crate::vstate::vcpu::{kick_signal, ExitReason, ExitSignal, VcpuControl};
 use kata_like_vmm_contract::limits::{MAX_LINE, POWER_PORT};
@@ -122,6 +125,7 @@ impl ApiContext {
                 self.control.request_pause(false);
                 (Response::ok(), None)
             }
+            Request::Snapshot { dir } => (self.snapshot(&dir), None),
             Request::Metrics {} => (
                 Response {
                     metrics: Some(self.metrics()),
@@ -156,6 +160,63 @@ impl ApiContext {
                     },
                     Some(after),
                 )
+            }
+        }
+    }
+
+    /// Creates the snapshot's files in `dir` (inside the jail) and has the VMM thread write
+    /// them. A failed snapshot leaves no files behind.
+    fn snapshot(&self, dir: &str) -> Response {
+        if !self.control.is_paused() {
+            return Response::error("snapshot needs a paused VM: send pause first");
+        }
+        let dir = Path::new(dir);
+        let paths = [dir.join(STATE_FILE), dir.join(MEMORY_FILE)];
+        let create = |p: &Path| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))
+        };
+        let remove = || {
+            for p in &paths {
+                let _ = std::fs::remove_file(p);
+            }
+        };
+        // The state file first: truncated, it no longer describes the old memory file.
+        let files = create(&paths[0]).and_then(|s| Ok((s, create(&paths[1])?)));
+        let (state_file, memory_file) = match files {
+            Ok(f) => f,
+            Err(e) => {
+                remove();
+                return Response::error(format!("snapshot: {e}"));
+            }
+        };
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.requests.send(VmmRequest::Snapshot {
+            state_file,
+            memory_file,
+            reply,
+        });
+        let result = loop {
+            match answer.recv_timeout(Duration::from_secs(1)) {
+                Ok(result) => break result,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if self.exit.reason().is_none() => {
+                }
+                Err(_) => break Err("the VM ended before the snapshot was written".into()),
+            }
+        };
+        match result {
+            Ok(info) => Response {
+                snapshot: Some(info),
+                ..Response::ok()
+            },
+            Err(e) => {
+                remove();
+                Response::error(format!("snapshot: {e}"))
             }
         }
     }

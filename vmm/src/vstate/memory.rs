@@ -1,7 +1,15 @@
 //! Guest memory: anonymous private mappings (optionally 2 MiB hugetlbfs pages), not dumped
-//! in cores (KSM merges only pages marked MADV_MERGEABLE, which we never set).
+//! in cores (KSM merges only pages marked MADV_MERGEABLE, which we never set). A VM restored
+//! from a snapshot maps the snapshot's memory file instead (`map_snapshot_memory`), and a
+//! snapshot writes the RAM to that file (`write_snapshot_memory`).
 
-use vm_memory::{GuestAddress, GuestRegionMmap, MmapRegion};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
 
 use crate::arch::layout::arch_memory_regions;
 
@@ -19,6 +27,10 @@ pub enum Error {
     Region(u64),
     #[error("reserving guest memory: {0}")]
     Reserve(std::io::Error),
+    #[error("snapshot memory file: {0}")]
+    File(std::io::Error),
+    #[error("memory file is {file} bytes, the snapshot state says {state}: it is truncated or belongs to another snapshot")]
+    FileSize { file: u64, state: u64 },
 }
 
 const MAP_HUGE_2MB: i32 = 21 << libc::MAP_HUGE_SHIFT;
@@ -52,6 +64,105 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
         regions.push(region);
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// Maps a snapshot's memory file as guest RAM of `size` bytes: MAP_PRIVATE, so the guest's
+/// writes go to private copies and every page it only reads stays the file's page in the
+/// host's page cache, shared by every VM restored from the same file. The file holds the
+/// regions one after the other, as `write_snapshot_memory` wrote them.
+pub fn map_snapshot_memory(file: &File, size: u64) -> Result<GuestMemoryMmap, Error> {
+    let file_len = file.metadata().map_err(Error::File)?.len();
+    if file_len != size {
+        return Err(Error::FileSize {
+            file: file_len,
+            state: size,
+        });
+    }
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(Error::InvalidSize(size >> 20));
+    }
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in arch_memory_regions(size) {
+        let ulen = usize::try_from(len).map_err(|_| Error::InvalidSize(size >> 20))?;
+        let fd = file.try_clone().map_err(Error::File)?;
+        let mapping = MmapRegion::<()>::build(
+            Some(FileOffset::new(fd, offset)),
+            ulen,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )?;
+        // SAFETY: the mapping is ours, `ulen` bytes long; madvise only sets a hint on it.
+        unsafe {
+            libc::madvise(mapping.as_ptr().cast(), ulen, libc::MADV_DONTDUMP);
+        }
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(Error::Region(start))?;
+        regions.push(region);
+        offset += len;
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// What writing the memory file did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryDump {
+    /// The file's length: the guest's RAM size.
+    pub size: u64,
+    /// Bytes actually written: the non-zero pages; the rest are holes.
+    pub written: u64,
+}
+
+const PAGE: usize = 4096;
+/// Guest RAM is copied out this much at a time.
+const DUMP_CHUNK: usize = 1 << 20;
+
+/// Writes guest RAM to `file` (empty, opened for writing), regions one after the other.
+/// Only pages with a non-zero byte are written: the others stay holes of a sparse file, so
+/// a guest that used little of its RAM gives a small file that reads back as all of it.
+/// Called with the vCPUs parked and on the thread that runs the devices, so nothing writes
+/// guest memory meanwhile.
+pub fn write_snapshot_memory(mem: &GuestMemoryMmap, file: &File) -> Result<MemoryDump, Error> {
+    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    // The length first: a full disk fails here or at the first write, never silently.
+    file.set_len(size).map_err(Error::File)?;
+    let mut written = 0u64;
+    let mut file_offset = 0u64;
+    let mut buf = vec![0u8; DUMP_CHUNK];
+    for region in mem.iter() {
+        let mut done = 0u64;
+        while done < region.len() {
+            let n = usize::try_from((region.len() - done).min(DUMP_CHUNK as u64))
+                .map_err(|_| Error::Region(region.start_addr().0))?;
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, GuestAddress(region.start_addr().0 + done))
+                .map_err(|_| Error::Region(region.start_addr().0 + done))?;
+            // Runs of non-zero pages go out in one write each.
+            let mut page = 0;
+            while page < n {
+                let is_data = |p: usize| chunk[p..(p + PAGE).min(n)].iter().any(|b| *b != 0);
+                if !is_data(page) {
+                    page += PAGE;
+                    continue;
+                }
+                let run_start = page;
+                while page < n && is_data(page) {
+                    page += PAGE;
+                }
+                let run_end = page.min(n);
+                file.write_all_at(
+                    &chunk[run_start..run_end],
+                    file_offset + done + run_start as u64,
+                )
+                .map_err(Error::File)?;
+                written += (run_end - run_start) as u64;
+            }
+            done += n as u64;
+        }
+        file_offset += region.len();
+    }
+    file.sync_all().map_err(Error::File)?;
+    Ok(MemoryDump { size, written })
 }
 
 const HUGE_PAGE: usize = 2 << 20;
@@ -120,6 +231,54 @@ mod tests {
         assert_eq!(
             mem.read_obj::<u64>(GuestAddress((64 << 20) - 8)).unwrap(),
             7
+        );
+    }
+
+    #[test]
+    fn snapshot_memory_round_trips_sparsely_and_maps_private() {
+        let mem = create_guest_memory(64 << 20, false).unwrap();
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0xabcdu16, GuestAddress((64 << 20) - 2))
+            .unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let dump = write_snapshot_memory(&mem, &file).unwrap();
+        assert_eq!(dump.size, 64 << 20);
+        assert_eq!(
+            dump.written,
+            2 * 4096,
+            "only the two non-zero pages are written"
+        );
+        assert_eq!(file.metadata().unwrap().len(), 64 << 20);
+
+        let restored = map_snapshot_memory(&file, 64 << 20).unwrap();
+        assert_eq!(
+            restored.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0x1234_5678
+        );
+        assert_eq!(
+            restored
+                .read_obj::<u16>(GuestAddress((64 << 20) - 2))
+                .unwrap(),
+            0xabcd
+        );
+        assert_eq!(restored.read_obj::<u64>(GuestAddress(0x8000)).unwrap(), 0);
+        // MAP_PRIVATE: the restored guest's writes never reach the file.
+        restored.write_obj(7u32, GuestAddress(0x1000)).unwrap();
+        let mut on_disk = [0u8; 4];
+        file.read_exact_at(&mut on_disk, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(on_disk), 0x1234_5678);
+    }
+
+    #[test]
+    fn a_memory_file_of_another_size_is_refused() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(32 << 20).unwrap();
+        let err = map_snapshot_memory(&file, 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory file is 33554432 bytes, the snapshot state says 67108864"),
+            "{err}"
         );
     }
 

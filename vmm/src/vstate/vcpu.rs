@@ -12,6 +12,7 @@ use crate::arch::layout::{EXIT_PORT, I8042_COMMAND_PORT};
 use crate::arch::{cpuid, msr, regs};
 use crate::devices::bus::{lock, Bus};
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,10 @@ struct ControlState {
     pause: bool,
     paused_vcpus: usize,
     stop: bool,
+    /// Bumped by `save_vcpus`: each parked vCPU whose last save is older saves its state.
+    save_generation: u64,
+    /// The states parked vCPUs saved for the current generation.
+    saved: Vec<Result<VcpuState, String>>,
 }
 
 impl VcpuControl {
@@ -138,19 +143,59 @@ impl VcpuControl {
     }
 
     /// Called by a vCPU between runs: blocks while paused. Returns false when it must stop.
-    /// `on_pause` runs once as the vCPU parks, before the pauser is told it is parked.
-    fn checkpoint(&self, on_pause: impl FnOnce()) -> bool {
+    /// As it parks the vCPU logs where the guest was, before the pauser is told it is parked;
+    /// while parked it saves its state each time `save_vcpus` asks.
+    fn checkpoint(&self, vcpu: &mut Vcpu) -> bool {
         let mut s = lock(&self.state);
         if s.pause && !s.stop {
-            on_pause();
+            // A paused vCPU logs where the guest was: the shim pauses a pod VM whose agent
+            // never answered before killing it, so these lines say where the guest was stuck.
+            tracing::info!(vcpu = vcpu.index, state = %vcpu.describe_state(), "vCPU paused");
             s.paused_vcpus += 1;
+            // Only saves asked for from now on concern this vCPU.
+            let mut saved_generation = s.save_generation;
             self.cond.notify_all();
             while s.pause && !s.stop {
+                if s.save_generation != saved_generation {
+                    saved_generation = s.save_generation;
+                    // The state ioctls run with the lock held: every vCPU is parked anyway,
+                    // and they take milliseconds.
+                    let state = vcpu.save_state().map_err(|e| e.to_string());
+                    s.saved.push(state);
+                    self.cond.notify_all();
+                    continue;
+                }
                 s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             s.paused_vcpus -= 1;
         }
         !s.stop
+    }
+
+    /// Has each of the `count` parked vCPUs save its state on its own thread; returns the
+    /// states in vCPU order. Refused unless all of them are parked.
+    pub fn save_vcpus(&self, count: usize) -> Result<Vec<VcpuState>, String> {
+        let mut s = lock(&self.state);
+        if !s.pause || s.paused_vcpus != count {
+            return Err(format!(
+                "the VM is not paused ({} of {count} vCPUs parked): pause it first",
+                if s.pause { s.paused_vcpus } else { 0 }
+            ));
+        }
+        s.saved.clear();
+        s.save_generation = s.save_generation.wrapping_add(1);
+        self.cond.notify_all();
+        while s.saved.len() < count && !s.stop {
+            s = self.cond.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        if s.saved.len() < count {
+            return Err("the VM stopped while its vCPUs were being saved".into());
+        }
+        let mut states = std::mem::take(&mut s.saved)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|v| v.index);
+        Ok(states)
     }
 
     pub fn is_paused(&self) -> bool {
@@ -187,6 +232,8 @@ pub fn kick_signal() -> libc::c_int {
 pub struct Vcpu {
     pub index: u8,
     pub fd: VcpuFd,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST of the VM's host).
+    pub msrs_to_save: Arc<[u32]>,
 }
 
 /// Buses and shared state a vCPU thread needs.
@@ -215,7 +262,11 @@ impl Vcpu {
             .fd()
             .create_vcpu(u64::from(index))
             .map_err(Error::Create)?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            fd,
+            msrs_to_save: vm.msrs_to_save().clone(),
+        })
     }
 
     /// CPUID, MSRs, FPU and LAPIC LINT pins for every vCPU.
@@ -284,12 +335,7 @@ impl Vcpu {
         let ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(ptr));
         loop {
-            // A paused vCPU logs where the guest was: the shim pauses a pod VM whose agent
-            // never answered before killing it, so these lines say where the guest was stuck.
-            let log_state = || {
-                tracing::info!(vcpu = self.index, state = %self.describe_state(), "vCPU paused");
-            };
-            if ctx.exit.reason().is_some() || !ctx.control.checkpoint(log_state) {
+            if ctx.exit.reason().is_some() || !ctx.control.checkpoint(&mut self) {
                 break;
             }
             if let Some(reason) = self.run_once(&ctx) {

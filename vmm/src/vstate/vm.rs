@@ -1,10 +1,14 @@
 //! The KVM VM: memory slots, in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
 
+use std::sync::Arc;
+
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::KVM_TSS_ADDRESS;
@@ -30,6 +34,23 @@ pub enum Error {
     SetMemory(kvm_ioctls::Error),
     #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
+    #[error("KVM_GET_MSR_INDEX_LIST: {0}")]
+    MsrIndexList(kvm_ioctls::Error),
+    #[error("saving the VM: {0} failed: {1}")]
+    Save(&'static str, kvm_ioctls::Error),
+    #[error("restoring the VM: {0} failed: {1}")]
+    Restore(&'static str, kvm_ioctls::Error),
+}
+
+/// The VM-wide KVM state a snapshot keeps: the in-kernel interrupt controllers, the PIT and
+/// the kvmclock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 /// Opens /dev/kvm and checks what the VMM relies on.
@@ -56,6 +77,14 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 pub struct Vm {
     fd: VmFd,
     supported_cpuid: CpuId,
+    msrs_to_save: Arc<[u32]>,
+}
+
+/// The MSRs KVM says a VMM must save and restore (KVM_GET_MSR_INDEX_LIST), in KVM's order
+/// (MSR_IA32_TSC before the TSC deadline, which is relative to it).
+fn msrs_to_save(kvm: &Kvm) -> Result<Arc<[u32]>, Error> {
+    let list = kvm.get_msr_index_list().map_err(Error::MsrIndexList)?;
+    Ok(list.as_slice().into())
 }
 
 impl Vm {
@@ -79,6 +108,7 @@ impl Vm {
         Ok(Vm {
             fd,
             supported_cpuid,
+            msrs_to_save: msrs_to_save(kvm)?,
         })
     }
 
@@ -102,6 +132,7 @@ impl Vm {
         Ok(Vm {
             fd,
             supported_cpuid,
+            msrs_to_save: msrs_to_save(kvm)?,
         })
     }
 
@@ -111,6 +142,61 @@ impl Vm {
 
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+
+    pub fn msrs_to_save(&self) -> &Arc<[u32]> {
+        &self.msrs_to_save
+    }
+
+    /// Reads the irqchip, PIT and clock (VMM thread, vCPUs parked).
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        let chip = |chip_id| -> Result<kvm_irqchip, Error> {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| Error::Save("GET_IRQCHIP", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pit: self.fd.get_pit2().map_err(|e| Error::Save("GET_PIT2", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| Error::Save("GET_CLOCK", e))?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Puts a saved state into this fresh VM (irqchip and PIT created), after its vCPUs got
+    /// theirs, as Firecracker orders it.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), Error> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(|e| Error::Restore("SET_PIT2", e))?;
+        // The guest clock carries on from where it was saved (flags 0: no jump by the time
+        // the snapshot sat on disk), as Firecracker does by default.
+        let clock = kvm_clock_data {
+            flags: 0,
+            ..state.clock
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| Error::Restore("SET_CLOCK", e))?;
+        for (what, chip) in [
+            ("SET_IRQCHIP (PIC master)", &state.pic_master),
+            ("SET_IRQCHIP (PIC slave)", &state.pic_slave),
+            ("SET_IRQCHIP (IOAPIC)", &state.ioapic),
+        ] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| Error::Restore(what, e))?;
+        }
+        Ok(())
     }
 
     /// Registers every guest memory region as a KVM memory slot.

@@ -7,7 +7,8 @@
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::epoll::EventSet;
 
 use super::events::EventRegistrar;
@@ -95,5 +96,79 @@ impl DeviceState {
         self.broken = false;
         self.acked_features = 0;
         self.active.take()
+    }
+}
+
+/// What a snapshot keeps of one device beyond its transport and queues: only what the driver
+/// has seen of the device (its config space). The backends (drive file, TAP, vsock socket)
+/// are not in it: a restored VMM gets new ones on its command line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceSnapshot {
+    /// `read_only` fixed the features the driver acked; `capacity_sectors` is what it read.
+    Block {
+        read_only: bool,
+        capacity_sectors: u64,
+    },
+    Net {
+        mac: [u8; 6],
+    },
+    /// Live connections are not kept: the restored device tells the guest its transport
+    /// was reset.
+    Vsock {
+        cid: u64,
+    },
+    Rng,
+    /// The one port of virtio-console (`max_nr_ports` 1, output only).
+    Console {
+        ports: u32,
+    },
+}
+
+/// One split virtqueue as the driver set it up, and how far the device got in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+}
+
+impl QueueSnapshot {
+    pub fn of(queue: &Queue) -> Self {
+        let s = queue.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx: s.event_idx_enabled,
+        }
+    }
+
+    /// The queue again, validated by virtio-queue (size a power of two within the maximum,
+    /// ring addresses aligned): a snapshot is input like any other.
+    pub fn to_queue(&self) -> Result<Queue, String> {
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("queue state {self:?}: {e}"))
     }
 }

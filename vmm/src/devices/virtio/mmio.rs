@@ -14,8 +14,11 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use serde::{Deserialize, Serialize};
+
 use super::{
-    ActivateContext, EventRegistrar, IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
+    ActivateContext, DeviceSnapshot, EventRegistrar, IrqTrigger, QueueSnapshot, VirtioDevice,
+    INT_CONFIG, VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -437,7 +440,129 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// One device slot in a snapshot: the transport registers as the driver left them, each
+/// queue with the device's progress in it, and the device's own state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub bad_queue_size: Vec<bool>,
+    pub queues: Vec<QueueSnapshot>,
+    /// The device had found the driver breaking the ring protocol.
+    pub broken: bool,
+    pub device: DeviceSnapshot,
+}
+
 impl MmioTransport {
+    /// The slot's state (VMM thread, vCPUs parked, so no register write comes in between).
+    pub fn snapshot(&mut self) -> TransportSnapshot {
+        self.apply_pending();
+        // Once active the device walks its own copies of the queues: they hold how far it got.
+        let device_queues = self
+            .device
+            .device_state()
+            .active
+            .as_ref()
+            .map(|a| &a.queues);
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot::of(device_queues.and_then(|d| d.get(i)).unwrap_or(q)))
+            .collect();
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.irq.status.load(Ordering::SeqCst),
+            bad_queue_size: self.bad_queue_size.clone(),
+            queues,
+            broken: self.device.is_broken(),
+            device: self.device.snapshot(),
+        }
+    }
+
+    /// Puts a snapshot's state into this fresh slot (its registrar set, its interrupt wired)
+    /// and, if the driver had the device running, activates the device again. Everything is
+    /// checked as if the driver had written it.
+    pub fn restore(&mut self, snap: &TransportSnapshot) -> Result<(), String> {
+        let device_type = self.device.device_type();
+        if snap.device_type != device_type {
+            return Err(format!(
+                "the snapshot has a device of type {} in this slot, the VM a device of type {device_type}: give the same devices in the same order as the VM that made it",
+                snap.device_type
+            ));
+        }
+        if snap.queues.len() != self.queues.len() || snap.bad_queue_size.len() != self.queues.len()
+        {
+            return Err(format!(
+                "the snapshot's device of type {device_type} has {} queues, this one {}",
+                snap.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let offered = self.device.avail_features() | VIRTIO_F_VERSION_1;
+        if snap.acked_features & !offered != 0 {
+            return Err(format!(
+                "the snapshot's driver acked features {:#x} this device of type {device_type} does not offer",
+                snap.acked_features & !offered
+            ));
+        }
+        let mut queues = Vec::with_capacity(snap.queues.len());
+        for (q, max) in snap.queues.iter().zip(self.device.queue_max_sizes()) {
+            if q.max_size != *max {
+                return Err(format!(
+                    "the snapshot's queue has {} entries at most, this device's {max}",
+                    q.max_size
+                ));
+            }
+            queues.push(q.to_queue()?);
+        }
+        self.device.restore(&snap.device)?;
+        self.queues = queues;
+        self.bad_queue_size = snap.bad_queue_size.clone();
+        self.status = snap.status;
+        self.device_features_sel = snap.device_features_sel;
+        self.driver_features_sel = snap.driver_features_sel;
+        self.acked_features = snap.acked_features;
+        self.queue_sel = snap.queue_sel;
+        self.config_generation = snap.config_generation;
+        self.irq
+            .status
+            .store(snap.interrupt_status, Ordering::SeqCst);
+        if snap.status & STATUS_DRIVER_OK != 0 && snap.status & STATUS_NEEDS_RESET == 0 {
+            self.activate();
+            self.apply_pending();
+            if !self.device.is_activated() {
+                return Err(format!(
+                    "the snapshot's device of type {device_type} does not activate again (status {:#x})",
+                    self.status
+                ));
+            }
+            self.device.device_state_mut().broken = snap.broken;
+            self.device.restored();
+        }
+        if self.device.snapshot() != snap.device {
+            // A new backend the driver has not seen (another drive size): as `set_drive`.
+            self.notify_config_change();
+        } else if snap.interrupt_status != 0 {
+            // Raised before the snapshot and not yet acknowledged: raise it again (the
+            // driver reads the status, so a repeat is harmless).
+            self.irq.trigger(0);
+        }
+        Ok(())
+    }
+
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if let Some(q) = self.selected_queue() {
             f(q);
@@ -459,18 +584,18 @@ mod tests {
         t
     }
 
-    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
+    pub(super) fn read(t: &mut MmioTransport, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(offset, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn write(t: &mut MmioTransport, offset: u64, v: u32) {
+    pub(super) fn write(t: &mut MmioTransport, offset: u64, v: u32) {
         t.write(offset, &v.to_le_bytes());
     }
 
-    /// Drives the init sequence up to FEATURES_OK with queue 0 of `size` at 0x10000.
-    fn negotiate(t: &mut MmioTransport, size: u32) {
+    /// The driver's init sequence up to FEATURES_OK, with VIRTIO_F_VERSION_1 acked.
+    pub(super) fn features_ok(t: &mut MmioTransport) {
         write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         write(t, REG_DRIVER_FEATURES_SEL, 1);
         write(t, REG_DRIVER_FEATURES, 1);
@@ -479,6 +604,11 @@ mod tests {
             REG_STATUS,
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
+    }
+
+    /// Drives the init sequence up to FEATURES_OK with queue 0 of `size` at 0x10000.
+    fn negotiate(t: &mut MmioTransport, size: u32) {
+        features_ok(t);
         write(t, REG_QUEUE_SEL, 0);
         write(t, REG_QUEUE_NUM, size);
         write(t, REG_QUEUE_DESC_LOW, 0x10000);
@@ -632,5 +762,272 @@ mod tests {
             read(&mut t, REG_STATUS),
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
         );
+    }
+}
+
+/// Snapshot and restore of a slot: the transport's registers and queues (shared by every
+/// device) and each device's own state, through the JSON a state file holds.
+#[cfg(test)]
+mod snapshot_tests {
+    use super::tests::{features_ok, read, write};
+    use super::*;
+    use crate::devices::virtio::block::device::Backing;
+    use crate::devices::virtio::block::{Block, BlockConfig};
+    use crate::devices::virtio::console::Console;
+    use crate::devices::virtio::net::{Net, Tap};
+    use crate::devices::virtio::rng::Rng;
+    use crate::devices::virtio::test_utils::{test_memory, TestDesc, TestQueue};
+    use crate::devices::virtio::vsock::Vsock;
+    use crate::devices::virtio::INT_VRING;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::epoll::Epoll;
+
+    fn slot(device: Box<dyn VirtioDevice>, mem: &GuestMemoryMmap) -> MmioTransport {
+        let mut t = MmioTransport::new(device, mem.clone()).unwrap();
+        t.set_registrar(EventRegistrar::new(Arc::new(Epoll::new().unwrap()), 0));
+        t
+    }
+
+    /// The driver's init sequence with one `TestQueue` per device queue, up to DRIVER_OK
+    /// applied on the "VMM thread".
+    fn drive_to_ok(t: &mut MmioTransport, queues: &[&TestQueue]) {
+        features_ok(t);
+        for (i, q) in queues.iter().enumerate() {
+            write(t, REG_QUEUE_SEL, i as u32);
+            write(t, REG_QUEUE_NUM, u32::from(q.size));
+            write(t, REG_QUEUE_DESC_LOW, q.desc as u32);
+            write(t, REG_QUEUE_AVAIL_LOW, q.avail as u32);
+            write(t, REG_QUEUE_USED_LOW, q.used as u32);
+            write(t, REG_QUEUE_READY, 1);
+        }
+        write(t, REG_STATUS, 0xf);
+        t.process_work();
+        assert!(t.device().is_activated());
+    }
+
+    fn through_json(snap: &TransportSnapshot) -> TransportSnapshot {
+        serde_json::from_str(&serde_json::to_string(snap).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_restored_slot_reads_as_the_driver_left_it_and_carries_on_in_its_queue() {
+        let mem = test_memory();
+        let mut q = TestQueue::new(&mem, 0x10000, 16);
+        let mut t = slot(Box::new(Rng::new()), &mem);
+        drive_to_ok(&mut t, &[&q]);
+        q.add_chain(&[TestDesc::write(0x10_0000, 16)]);
+        t.process_queue(0);
+        assert_eq!(q.used_idx(), 1);
+        t.notify_config_change();
+        write(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        let snap = t.snapshot();
+        assert_eq!(
+            snap.queues[0].next_avail, 1,
+            "the device's progress is kept"
+        );
+        assert_eq!(snap.queues[0].next_used, 1);
+        assert_eq!(snap.status, 0xf);
+        assert_eq!(snap.config_generation, 1);
+        assert_eq!(snap.interrupt_status, INT_VRING | INT_CONFIG);
+
+        let mut restored = slot(Box::new(Rng::new()), &mem);
+        restored.restore(&through_json(&snap)).unwrap();
+        assert!(restored.device().is_activated());
+        assert_eq!(restored.snapshot(), snap);
+        assert_eq!(read(&mut restored, REG_STATUS), 0xf);
+        assert_eq!(read(&mut restored, REG_QUEUE_READY), 1);
+        assert_eq!(read(&mut restored, REG_CONFIG_GENERATION), 1);
+        assert_eq!(read(&mut restored, REG_DEVICE_FEATURES), 1);
+        assert_eq!(
+            read(&mut restored, REG_INTERRUPT_STATUS),
+            INT_VRING | INT_CONFIG
+        );
+        assert!(
+            restored.irq().evt.read().is_ok(),
+            "the pending interrupt is raised again"
+        );
+        // The next chain the driver publishes is the restored device's next one.
+        q.add_chain(&[TestDesc::write(0x10_1000, 16)]);
+        restored.process_queue(0);
+        assert_eq!(q.used_idx(), 2);
+        assert_ne!(mem.read_obj::<u64>(GuestAddress(0x10_1000)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_slot_the_driver_never_started_restores_inactive() {
+        let mem = test_memory();
+        let mut t = slot(Box::new(Rng::new()), &mem);
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        let snap = t.snapshot();
+        let mut restored = slot(Box::new(Rng::new()), &mem);
+        restored.restore(&through_json(&snap)).unwrap();
+        assert!(!restored.device().is_activated());
+        assert_eq!(restored.snapshot(), snap);
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_fit_the_slot_is_refused() {
+        let mem = test_memory();
+        let q = TestQueue::new(&mem, 0x10000, 16);
+        let mut t = slot(Box::new(Rng::new()), &mem);
+        drive_to_ok(&mut t, &[&q]);
+        let snap = t.snapshot();
+        let sink = crate::devices::console_sink::ConsoleOutput::new(
+            crate::devices::console_sink::ConsoleSink::Null,
+        )
+        .unwrap();
+        let err = slot(Box::new(Console::new(sink)), &mem)
+            .restore(&snap)
+            .unwrap_err();
+        assert!(
+            err.contains("type 4 in this slot, the VM a device of type 3"),
+            "{err}"
+        );
+
+        let mut foreign_features = snap.clone();
+        foreign_features.acked_features |= 1 << 40;
+        let err = slot(Box::new(Rng::new()), &mem)
+            .restore(&foreign_features)
+            .unwrap_err();
+        assert!(err.contains("does not offer"), "{err}");
+
+        let mut bad_queue = snap.clone();
+        bad_queue.queues[0].size = 6;
+        let err = slot(Box::new(Rng::new()), &mem)
+            .restore(&bad_queue)
+            .unwrap_err();
+        assert!(err.contains("queue state"), "{err}");
+
+        let mut outside = snap;
+        outside.queues[0].used_ring = 64 << 20;
+        let mut t = slot(Box::new(Rng::new()), &mem);
+        let err = t.restore(&outside).unwrap_err();
+        assert!(err.contains("does not activate again"), "{err}");
+    }
+
+    fn drive(sectors: u64, read_only: bool) -> Block {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(sectors * 512).unwrap();
+        Block::new(
+            BlockConfig {
+                id: "klrw".into(),
+                read_only,
+            },
+            Some(Backing::new(file, read_only).unwrap()),
+        )
+    }
+
+    #[test]
+    fn a_drive_restores_onto_a_new_backing_and_tells_the_driver_its_new_size() {
+        let mem = test_memory();
+        let q = TestQueue::new(&mem, 0x10000, 16);
+        let mut t = slot(Box::new(drive(8, false)), &mem);
+        drive_to_ok(&mut t, &[&q]);
+        let _ = t.irq().evt.read();
+        let snap = through_json(&t.snapshot());
+        assert_eq!(
+            snap.device,
+            DeviceSnapshot::Block {
+                read_only: false,
+                capacity_sectors: 8
+            }
+        );
+        // Same size: nothing for the driver to notice.
+        let mut same = slot(Box::new(drive(8, false)), &mem);
+        same.restore(&snap).unwrap();
+        assert_eq!(read(&mut same, REG_CONFIG_GENERATION), 0);
+        // Another size: a config change, as `set_drive` gives.
+        let mut bigger = slot(Box::new(drive(16, false)), &mem);
+        bigger.restore(&snap).unwrap();
+        assert_eq!(read(&mut bigger, REG_CONFIG_GENERATION), 1);
+        assert_ne!(read(&mut bigger, REG_INTERRUPT_STATUS) & INT_CONFIG, 0);
+        let mut capacity = [0u8; 8];
+        bigger.read(REG_CONFIG, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 16);
+        // The read-only feature the driver acked cannot change under it.
+        let err = slot(Box::new(drive(8, true)), &mem)
+            .restore(&snap)
+            .unwrap_err();
+        assert!(err.contains("read-write, this one is read-only"), "{err}");
+    }
+
+    #[test]
+    fn a_nic_keeps_the_mac_its_guest_knows() {
+        let mem = test_memory();
+        let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let tap = Tap::from_file(std::fs::File::from(std::os::fd::OwnedFd::from(a)), false);
+        let mut t = slot(Box::new(Net::new(tap, [2, 0, 0, 0, 0, 1])), &mem);
+        write(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        let snap = through_json(&t.snapshot());
+        assert_eq!(
+            snap.device,
+            DeviceSnapshot::Net {
+                mac: [2, 0, 0, 0, 0, 1]
+            }
+        );
+        let (c, _d) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let tap = Tap::from_file(std::fs::File::from(std::os::fd::OwnedFd::from(c)), false);
+        let mut restored = slot(Box::new(Net::new(tap, [2, 0, 0, 0, 0, 9])), &mem);
+        restored.restore(&snap).unwrap();
+        let mut mac = [0u8; 6];
+        restored.read(REG_CONFIG, &mut mac);
+        assert_eq!(mac, [2, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_restored_vsock_tells_the_guest_its_transport_was_reset() {
+        let mem = test_memory();
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = |cid| {
+            let path = dir.path().join(format!("v{cid}.sock"));
+            let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            Box::new(Vsock::new(cid, listener, path).unwrap())
+        };
+        let rx = TestQueue::new(&mem, 0x10000, 16);
+        let tx = TestQueue::new(&mem, 0x20000, 16);
+        let mut event = TestQueue::new(&mem, 0x30000, 16);
+        event.add_chain(&[TestDesc::write(0x10_0000, 4)]);
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x10_0000))
+            .unwrap();
+        let mut t = slot(vsock(3), &mem);
+        drive_to_ok(&mut t, &[&rx, &tx, &event]);
+        let snap = through_json(&t.snapshot());
+        assert_eq!(snap.device, DeviceSnapshot::Vsock { cid: 3 });
+        assert_eq!(event.used_idx(), 0);
+
+        // A new pod's CID: the guest reads it again after the reset.
+        let mut restored = slot(vsock(7), &mem);
+        restored.restore(&snap).unwrap();
+        assert_eq!(event.used_idx(), 1, "one event");
+        assert_eq!(event.used_elem(0).1, 4);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(),
+            0,
+            "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET"
+        );
+        assert_ne!(read(&mut restored, REG_INTERRUPT_STATUS) & INT_VRING, 0);
+        let mut cid = [0u8; 8];
+        restored.read(REG_CONFIG, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 7);
+    }
+
+    #[test]
+    fn a_console_round_trips() {
+        let mem = test_memory();
+        let sink = || {
+            crate::devices::console_sink::ConsoleOutput::new(
+                crate::devices::console_sink::ConsoleSink::Null,
+            )
+            .unwrap()
+        };
+        let rx = TestQueue::new(&mem, 0x10000, 16);
+        let tx = TestQueue::new(&mem, 0x20000, 16);
+        let mut t = slot(Box::new(Console::new(sink())), &mem);
+        drive_to_ok(&mut t, &[&rx, &tx]);
+        let snap = through_json(&t.snapshot());
+        assert_eq!(snap.device, DeviceSnapshot::Console { ports: 1 });
+        let mut restored = slot(Box::new(Console::new(sink())), &mem);
+        restored.restore(&snap).unwrap();
+        assert_eq!(restored.snapshot(), snap);
     }
 }

@@ -16,7 +16,9 @@ pub mod vsock;
 
 use std::any::Any;
 
-pub use device_state::{ActivateContext, ActivateError, ActiveState, DeviceState};
+pub use device_state::{
+    ActivateContext, ActivateError, ActiveState, DeviceSnapshot, DeviceState, QueueSnapshot,
+};
 pub use events::{decode_token, EventRegistrar, DEVICE_TOKEN_BASE, WORK_TOKEN};
 pub use irq::{IrqTrigger, INT_CONFIG, INT_VRING};
 
@@ -69,6 +71,22 @@ pub trait VirtioDevice: Send {
     fn is_broken(&self) -> bool {
         self.device_state().broken
     }
+    /// What the driver has seen of the device, for a snapshot.
+    fn snapshot(&self) -> DeviceSnapshot;
+    /// Takes the state of a snapshot (before activation). A snapshot of another kind of
+    /// device, or one this device cannot take, is refused.
+    fn restore(&mut self, snapshot: &DeviceSnapshot) -> Result<(), String> {
+        if *snapshot == self.snapshot() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the snapshot has {snapshot:?} where this VM has {:?}",
+                self.snapshot()
+            ))
+        }
+    }
+    /// Runs once the restored device is active again (before the guest runs).
+    fn restored(&mut self) {}
     /// The device's counters for the API's `metrics` op.
     fn metrics(&self) -> kata_like_vmm_contract::DeviceCounters;
     fn as_any_mut(&mut self) -> &mut dyn Any;

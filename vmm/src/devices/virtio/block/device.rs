@@ -6,7 +6,9 @@ use std::io::{Seek, SeekFrom};
 
 use super::metrics::BlockMetrics;
 use super::request::{DEVICE_ID_LEN, SECTOR_SHIFT};
-use crate::devices::virtio::{read_config_bytes, DeviceState, VirtioDevice, TYPE_BLOCK};
+use crate::devices::virtio::{
+    read_config_bytes, DeviceSnapshot, DeviceState, VirtioDevice, TYPE_BLOCK,
+};
 use kata_like_vmm_contract::DeviceCounters;
 
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -116,6 +118,30 @@ impl VirtioDevice for Block {
     fn process_queue(&mut self, index: usize) {
         if index == REQUEST_QUEUE {
             self.process_requests();
+        }
+    }
+
+    fn snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Block {
+            read_only: self.config.read_only,
+            capacity_sectors: self.capacity(),
+        }
+    }
+
+    /// The slot keeps its new backing: a capacity other than the snapshot's reaches the
+    /// driver as a config change (the transport compares).
+    fn restore(&mut self, snapshot: &DeviceSnapshot) -> Result<(), String> {
+        match snapshot {
+            DeviceSnapshot::Block { read_only, .. } if *read_only == self.config.read_only => {
+                Ok(())
+            }
+            DeviceSnapshot::Block { read_only, .. } => Err(format!(
+                "drive {:?}: the snapshot's slot was {}, this one is {} (the driver acked the read-only feature as it was)",
+                self.config.id,
+                if *read_only { "read-only" } else { "read-write" },
+                if self.config.read_only { "read-only" } else { "read-write" },
+            )),
+            other => Err(format!("drive {:?}: the snapshot has {other:?} in its slot", self.config.id)),
         }
     }
 

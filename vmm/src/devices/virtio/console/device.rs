@@ -4,7 +4,9 @@ use std::any::Any;
 
 use super::metrics::ConsoleMetrics;
 use crate::devices::console_sink::ConsoleOutput;
-use crate::devices::virtio::{read_config_bytes, DeviceState, VirtioDevice, TYPE_CONSOLE};
+use crate::devices::virtio::{
+    read_config_bytes, DeviceSnapshot, DeviceState, VirtioDevice, TYPE_CONSOLE,
+};
 use kata_like_vmm_contract::DeviceCounters;
 
 /// Port 0's receive queue (host to guest). The host never sends input: the driver's buffers
@@ -57,6 +59,9 @@ impl VirtioDevice for Console {
         if index == TRANSMIT_QUEUE {
             self.process_transmit();
         }
+    }
+    fn snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Console { ports: 1 }
     }
     fn metrics(&self) -> DeviceCounters {
         DeviceCounters::Console(self.metrics.clone())

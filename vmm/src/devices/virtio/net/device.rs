@@ -9,7 +9,7 @@ use super::metrics::NetMetrics;
 use super::packet::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::tap::Tap;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceState, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceSnapshot, DeviceState, VirtioDevice,
     DEVICE_TOKEN_BASE, TYPE_NET,
 };
 use kata_like_vmm_contract::DeviceCounters;
@@ -105,6 +105,21 @@ impl VirtioDevice for Net {
         }
         self.tap_armed = false;
         self.pending_rx = None;
+    }
+    fn snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Net { mac: self.mac }
+    }
+    /// The guest's interface has the snapshot's MAC: the device keeps answering with it.
+    fn restore(&mut self, snapshot: &DeviceSnapshot) -> Result<(), String> {
+        match snapshot {
+            DeviceSnapshot::Net { mac } => {
+                self.mac = *mac;
+                Ok(())
+            }
+            other => Err(format!(
+                "net device: the snapshot has {other:?} in its slot"
+            )),
+        }
     }
     fn metrics(&self) -> DeviceCounters {
         DeviceCounters::Net(self.metrics.clone())

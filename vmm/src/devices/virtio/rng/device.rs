@@ -3,7 +3,7 @@
 use std::any::Any;
 
 use super::metrics::RngMetrics;
-use crate::devices::virtio::{DeviceState, VirtioDevice, TYPE_RNG};
+use crate::devices::virtio::{DeviceSnapshot, DeviceState, VirtioDevice, TYPE_RNG};
 use kata_like_vmm_contract::DeviceCounters;
 
 pub const REQUEST_QUEUE: usize = 0;
@@ -43,6 +43,9 @@ impl VirtioDevice for Rng {
         if index == REQUEST_QUEUE {
             self.process_requests();
         }
+    }
+    fn snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Rng
     }
     fn metrics(&self) -> DeviceCounters {
         DeviceCounters::Rng(self.metrics.clone())

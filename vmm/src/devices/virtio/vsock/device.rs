@@ -12,7 +12,7 @@ use super::connection::{Connection, State, CONN_BUF_ALLOC};
 use super::metrics::VsockMetrics;
 use super::packet::{Header, HOST_CID, OP_REQUEST, TYPE_STREAM};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceState, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceSnapshot, DeviceState, VirtioDevice,
     DEVICE_TOKEN_BASE, TYPE_VSOCK,
 };
 use kata_like_vmm_contract::DeviceCounters;
@@ -215,6 +215,22 @@ impl VirtioDevice for Vsock {
         }
         self.accepting.clear();
         self.control.clear();
+    }
+    fn snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Vsock { cid: self.cid }
+    }
+    /// The device keeps the CID it was started with: the guest reads it again on the
+    /// transport reset `restored` sends.
+    fn restore(&mut self, snapshot: &DeviceSnapshot) -> Result<(), String> {
+        match snapshot {
+            DeviceSnapshot::Vsock { .. } => Ok(()),
+            other => Err(format!(
+                "vsock device: the snapshot has {other:?} in its slot"
+            )),
+        }
+    }
+    fn restored(&mut self) {
+        self.send_transport_reset();
     }
     fn metrics(&self) -> DeviceCounters {
         DeviceCounters::Vsock {

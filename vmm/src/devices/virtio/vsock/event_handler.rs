@@ -8,9 +8,15 @@ use virtio_queue::desc::split::Descriptor;
 use vmm_sys_util::epoll::EventSet;
 
 use super::connection::{Connection, State, CONN_BUF_ALLOC};
-use super::device::{ConnKey, Vsock, LISTENER_TOKEN, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE};
+use super::device::{
+    ConnKey, Vsock, EVENT_QUEUE, LISTENER_TOKEN, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE,
+};
 use super::packet::*;
+use crate::devices::virtio::chain;
 use crate::devices::virtio::queue::{self, Fill};
+
+/// `virtio_vsock_event.id` of a transport reset (virtio 1.2, 5.10.6.7).
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 use crate::vstate::memory::GuestMemoryMmap;
 
 impl Vsock {
@@ -261,6 +267,38 @@ impl Vsock {
                 c.readable && c.state == State::Established && !c.stream_eof && c.peer_credit() > 0
             })
             .map(|(k, _)| *k)
+    }
+
+    /// Tells the guest that every connection it had is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+    /// on the event queue, as Firecracker does after a restore): the restored device has none
+    /// of them, and the driver then drops its sockets and reads the CID again.
+    pub fn send_transport_reset(&mut self) {
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let pending = std::cell::Cell::new(true);
+        let outcome = queue::fill_queue(
+            self,
+            EVENT_QUEUE,
+            1,
+            |_| pending.get(),
+            |dev, mem, descs| {
+                pending.set(false);
+                match chain::writable_len(descs, mem) {
+                    Ok(room) if room >= event.len() => {
+                        match chain::scatter(descs, mem, &[&event]) {
+                            Ok(n) => Fill::Used(n as u32),
+                            Err(_) => Fill::Used(0),
+                        }
+                    }
+                    _ => {
+                        dev.metrics.invalid_packets += 1;
+                        Fill::Used(0)
+                    }
+                }
+            },
+        );
+        if outcome.used == 0 {
+            tracing::warn!("no vsock event buffer from the driver: the guest was not told of the transport reset");
+        }
     }
 
     /// Fills guest receive buffers: control packets first, then stream data.
