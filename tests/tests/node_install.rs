@@ -99,6 +99,21 @@ async fn run_pod_with_output(
     result
 }
 
+/// Runs `kata-like ARGS PATHS --restart-command "kill <containerd>"`, which must succeed, then
+/// starts containerd again as its service manager would after the kill.
+fn restarting(containerd: &mut Containerd, args: &[&str], paths: &[&Path]) {
+    let restart = format!("kill {}", containerd.pid().expect("containerd runs"));
+    let restart_args = [Path::new("--restart-command"), Path::new(&restart)];
+    let all: Vec<&Path> = paths.iter().copied().chain(restart_args).collect();
+    let out = kata_like(args, &all);
+    assert!(
+        out.status.success(),
+        "kata-like {args:?} failed:\n{}",
+        text(&out)
+    );
+    containerd.kill_and_restart();
+}
+
 #[tokio::test(flavor = "current_thread")]
 #[ignore = "needs a Linux-capable KVM and containerd: run through tests/run-e2e"]
 async fn install_run_uninstall() {
@@ -116,52 +131,24 @@ async fn install_run_uninstall() {
 
     let payload = build_payload(&containerd.base);
     let prefix = containerd.base.join("opt/kata-like");
-    let restart = format!("kill {}", containerd.pid().expect("containerd runs"));
-    let common: [&Path; 6] = [
+    let common: [&Path; 4] = [
         Path::new("--prefix"),
         &prefix,
         Path::new("--containerd-config"),
         &config,
-        Path::new("--restart-command"),
-        Path::new(&restart),
     ];
-    let out = kata_like(
-        &["install", "--from"],
-        &[
-            &payload, common[0], common[1], common[2], common[3], common[4], common[5],
-        ],
-    );
-    assert!(out.status.success(), "install failed:\n{}", text(&out));
-    // The restart command stopped containerd; start it again as its service manager would.
-    containerd.kill_and_restart();
+    let install: Vec<&Path> = [&payload as &Path].into_iter().chain(common).collect();
+    restarting(&mut containerd, &["install", "--from"], &install);
     let drop_in = containerd.base.join("conf.d/kata-like.toml");
     assert!(drop_in.is_file(), "no drop-in at {}", drop_in.display());
     assert_ne!(std::fs::read(&config).expect("config"), before);
 
     // A second install changes nothing (idempotent) but restarts containerd again.
     let installed = std::fs::read(&config).expect("config");
-    let restart = format!("kill {}", containerd.pid().expect("containerd runs"));
-    let out = kata_like(
-        &["install", "--from"],
-        &[
-            &payload,
-            common[0],
-            common[1],
-            common[2],
-            common[3],
-            Path::new("--restart-command"),
-            Path::new(&restart),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "second install failed:\n{}",
-        text(&out)
-    );
-    containerd.kill_and_restart();
+    restarting(&mut containerd, &["install", "--from"], &install);
     assert_eq!(std::fs::read(&config).expect("config"), installed);
 
-    let out = kata_like(&["check"], &common[..4]);
+    let out = kata_like(&["check"], &common);
     assert!(out.status.success(), "check after install:\n{}", text(&out));
     assert!(
         text(&out).contains("this node can run kata-like pods"),
@@ -202,20 +189,7 @@ async fn install_run_uninstall() {
         text(&out)
     );
 
-    let restart = format!("kill {}", containerd.pid().expect("containerd runs"));
-    let out = kata_like(
-        &["uninstall"],
-        &[
-            common[0],
-            common[1],
-            common[2],
-            common[3],
-            Path::new("--restart-command"),
-            Path::new(&restart),
-        ],
-    );
-    assert!(out.status.success(), "uninstall failed:\n{}", text(&out));
-    containerd.kill_and_restart();
+    restarting(&mut containerd, &["uninstall"], &common);
     assert_eq!(
         std::fs::read(&config).expect("config"),
         before,
