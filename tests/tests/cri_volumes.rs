@@ -64,24 +64,6 @@ async fn sh(cri: &mut Cri, container: &str, script: &str) -> String {
     text(&r.stdout)
 }
 
-/// Creates and starts a container; a refusal fails the test with containerd's log.
-async fn start(
-    cri: &mut Cri,
-    containerd: &Containerd,
-    pod_id: &str,
-    pod: &cri::v1::PodSandboxConfig,
-    config: &cri::v1::ContainerConfig,
-) -> String {
-    let c = cri
-        .create_container(pod_id, config, pod)
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", containerd.log_tail()));
-    cri.start_container(&c)
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", containerd.log_tail()));
-    c
-}
-
 /// Polls `script`'s output in the container until `done` accepts it; returns it and how long
 /// it took.
 async fn wait_for(
@@ -136,7 +118,7 @@ async fn configmap_keys_and_live_update() {
     let mut config =
         cri::container_config("app", VSOCK_PROBE_IMAGE, &["inotify-watch", "/etc/config"]);
     config.mounts = vec![volume_mount("/etc/config", &dir, true)];
-    let c = start(&mut cri, &containerd, &pod_id, &pod, &config).await;
+    let c = pod::start_container(&mut cri, &pod_id, &pod, &config).await;
     let log_path = cri.container_status(&c).await.log_path;
 
     // kubelet's exact layout: keys are symlinks through ..data to the generation.
@@ -304,7 +286,7 @@ async fn secret_and_service_account_token_volume() {
             true,
         ),
     ];
-    let c = start(&mut cri, &containerd, &pod_id, &pod, &config).await;
+    let c = pod::start_container(&mut cri, &pod_id, &pod, &config).await;
 
     let sa = "/var/run/secrets/kubernetes.io/serviceaccount";
     assert_eq!(
@@ -397,22 +379,8 @@ async fn emptydir_memory_size_limit() {
         config.mounts = vec![volume_mount("/cache", &dir, false)];
         config
     };
-    let writer = start(
-        &mut cri,
-        &containerd,
-        &pod_id,
-        &pod,
-        &with_cache("writer", 0),
-    )
-    .await;
-    let reader = start(
-        &mut cri,
-        &containerd,
-        &pod_id,
-        &pod,
-        &with_cache("reader", 0),
-    )
-    .await;
+    let writer = pod::start_container(&mut cri, &pod_id, &pod, &with_cache("writer", 0)).await;
+    let reader = pod::start_container(&mut cri, &pod_id, &pod, &with_cache("reader", 0)).await;
 
     // Bounded by its sizeLimit: a tmpfs of 4 MiB in the guest.
     let df = sh(&mut cri, &writer, "df -k /cache | tail -n1").await;
@@ -451,14 +419,7 @@ async fn emptydir_memory_size_limit() {
         cri.stop_container(c, 5).await.expect("StopContainer");
         cri.remove_container(c).await.expect("RemoveContainer");
     }
-    let restarted = start(
-        &mut cri,
-        &containerd,
-        &pod_id,
-        &pod,
-        &with_cache("writer", 1),
-    )
-    .await;
+    let restarted = pod::start_container(&mut cri, &pod_id, &pod, &with_cache("writer", 1)).await;
     assert_eq!(
         sh(&mut cri, &restarted, "cat /cache/marker").await,
         "kept\n"
