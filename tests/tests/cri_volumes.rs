@@ -205,8 +205,9 @@ async fn configmap_keys_and_live_update() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // A volume with a symlink out of it is refused at CreateContainer, naming it; the pod and
-    // its running container are unaffected.
+    // A volume with a symlink out of it is refused when the container's task is created
+    // (containerd's CRI creates it at StartContainer), naming it; the pod and its running
+    // container are unaffected.
     let evil = kubelet_volume_dir(
         &containerd,
         &pod_uid(&pod),
@@ -217,8 +218,12 @@ async fn configmap_keys_and_live_update() {
     std::os::unix::fs::symlink("/etc", evil.join("host-etc")).expect("symlink");
     let mut bad = cri::container_config("bad", BUSYBOX_IMAGE, &["sleep", "3600"]);
     bad.mounts = vec![volume_mount("/etc/evil", &evil, true)];
-    let err = cri
+    let bad = cri
         .create_container(&pod_id, &bad, &pod)
+        .await
+        .expect("CreateContainer (containerd's metadata only)");
+    let err = cri
+        .start_container(&bad)
         .await
         .expect_err("a volume with a symlink to /etc must be refused");
     assert!(err.message().contains("host-etc"), "{err}");
