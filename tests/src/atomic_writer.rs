@@ -158,7 +158,7 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["..data".to_string(), second, "a".to_string()]);
+        assert_eq!(names, [second, "..data".to_string(), "a".to_string()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
