@@ -160,6 +160,27 @@ impl Agent {
         Ok(())
     }
 
+    /// Makes a written generation of an atomic-writer volume current (PublishVolumeGeneration).
+    pub async fn publish_volume_generation(
+        &self,
+        storage_id: &str,
+        generation: &str,
+    ) -> Result<(), Error> {
+        check_id("storage id", storage_id)?;
+        // Held so that the storage cannot be removed under the swap.
+        let storages = self.storages.lock().await;
+        let Some(storage) = storages.get(storage_id) else {
+            return Err(Error::not_found(format!("no storage {storage_id}")));
+        };
+        let root = storage.mount_point.clone();
+        let generation = generation.to_string();
+        tokio::task::spawn_blocking(move || {
+            crate::atomic_volume::publish_generation(&root, &generation)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("publish task: {e}")))?
+    }
+
     /// Writes one chunk of a file (CopyFile).
     pub async fn copy_file(&self, req: CopyFileRequest) -> Result<(), Error> {
         // On the host the agent only writes below its state directory.

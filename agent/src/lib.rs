@@ -6,13 +6,14 @@
 //!   to `tonic::Status`; the only modules that know tonic);
 //! - `agent` (the agent's state and the operations that span sandbox, containers and storages);
 //! - `sandbox`, `container/` (the container table and lifecycle, spec validation), `storage`,
-//!   `network` (rtnetlink), `files` (CopyFile), `port_forward` (PortForward's guest end);
+//!   `network` (rtnetlink), `files` (CopyFile), `atomic_volume` (kubelet's volume layout), `port_forward` (PortForward's guest end);
 //! - `process/` (processes and their stdio), `cgroups` (stats, OOM, freeze), `runtime`
 //!   (libcontainer helper; `exec_confinement` gives its execs the container's confinement), `reaper` (child exits), `init` (PID 1 duties);
 //! - `validate` (ids, hostnames, guest paths), `fd` (fds on the tokio reactor) and `error` (the
 //!   domain error type), used by all.
 
 pub mod agent;
+pub mod atomic_volume;
 pub mod cgroups;
 pub mod container;
 pub mod error;

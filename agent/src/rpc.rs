@@ -90,6 +90,18 @@ impl AgentService for Service {
         )
     }
 
+    async fn publish_volume_generation(
+        &self,
+        request: Request<PublishVolumeGenerationRequest>,
+    ) -> Reply<Empty> {
+        let req = request.into_inner();
+        done(
+            self.agent
+                .publish_volume_generation(&req.storage_id, &req.generation)
+                .await,
+        )
+    }
+
     async fn create_container(
         &self,
         request: Request<CreateContainerRequest>,

@@ -163,13 +163,19 @@ pub fn busybox_image(name: &str) -> Vec<u8> {
 
 /// busybox plus the static VMM test init under two names, each a tool it runs when invoked so:
 /// `/bin/vsock-probe` tries vsock connects and prints the errno of each (issue 12's test),
-/// `/bin/memhog MIB` allocates and holds memory (issue 15's sizing test).
+/// `/bin/memhog MIB` allocates and holds memory (issue 15's sizing test), `/bin/inotify-watch
+/// DIR` prints DIR's inotify events (issue 14's volume update test; busybox-static has no
+/// inotifyd).
 pub fn vsock_probe_image(name: &str, test_init_static: &Path) -> Vec<u8> {
     let probe = std::fs::read(test_init_static)
         .unwrap_or_else(|e| panic!("read {}: {e}", test_init_static.display()));
     image_tar(
         name,
-        &busybox_layer_with(&[("bin/vsock-probe", &probe), ("bin/memhog", &probe)]),
+        &busybox_layer_with(&[
+            ("bin/vsock-probe", &probe),
+            ("bin/memhog", &probe),
+            ("bin/inotify-watch", &probe),
+        ]),
         json!({"config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
             "Cmd": ["sh"],

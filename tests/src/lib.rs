@@ -4,6 +4,7 @@
 //! such a KVM exists (directly, or inside the KVM test host) after setting the `KATA_LIKE_*`
 //! variables that [`artifact`] reads. They fail, never skip, when an artifact is missing.
 
+pub mod atomic_writer;
 pub mod elf;
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@ use super::namespaces::{self, PidNamespace, TaskOwner};
 use super::process::{now, ExitInfo, Process, Status, StdioPaths};
 use super::rootfs::{self, ImageBuilder, RootfsMount};
 use super::spec::{self, Bundle, Role};
+use super::volumes::SharedDirKind;
 use super::{lock, Pod, STATE_DIR_FILE};
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
@@ -270,11 +271,7 @@ impl Pod {
         };
         let guest = spec::guest_spec(&bundle.spec)?;
         for dir in &guest.dirs {
-            let (mount_point, fresh) = vm.attach_tmpfs(&dir.storage_id).await?;
-            container.dirs.push(dir.storage_id.clone());
-            if fresh {
-                super::volumes::copy_dir(vm, &dir.host, &mount_point).await?;
-            }
+            self.attach_shared_dir(vm, dir, container).await?;
         }
         for file in &guest.files {
             vm.copy_file(&file.host, &file.guest).await?;
@@ -308,6 +305,40 @@ impl Pod {
         })
     }
 
+    /// A host directory's guest tmpfs, filled as its kind asks (see `volumes::classify_dir`).
+    async fn attach_shared_dir(
+        &self,
+        vm: &Vm,
+        dir: &spec::SharedDir,
+        container: &mut Container,
+    ) -> Result<()> {
+        if let SharedDirKind::MemoryEmptyDir { tmpfs_options } = &dir.kind {
+            // The pod's: kept across its containers' restarts, released with the VM.
+            vm.attach_pod_tmpfs(&dir.storage_id, tmpfs_options.clone())
+                .await?;
+            return Ok(());
+        }
+        let (mount_point, fresh) = vm.attach_tmpfs(&dir.storage_id).await?;
+        container.dirs.push(dir.storage_id.clone());
+        if !fresh {
+            return Ok(());
+        }
+        match dir.kind {
+            SharedDirKind::AtomicWriter => {
+                let watched = super::atomic_volume::attach(
+                    self.vm()?,
+                    dir.host.clone(),
+                    dir.storage_id.clone(),
+                    mount_point,
+                )
+                .await?;
+                lock(&self.inner.watched_volumes).insert(dir.storage_id.clone(), watched);
+            }
+            _ => super::volumes::copy_dir(vm, &dir.host, &mount_point).await?,
+        }
+        Ok(())
+    }
+
     /// Whose task `pid` is, as containerd sees task pids: the sandbox's is the VMM's, a guest
     /// container's its guest pid. Should a guest pid equal the VMM's, the sandbox wins (POD is
     /// by far the more common mode; TARGET is for ephemeral debug containers).
@@ -336,6 +367,10 @@ impl Pod {
         for id in std::mem::take(&mut container.dirs) {
             if let Err(e) = vm.release_tmpfs(&id).await {
                 tracing::warn!(storage_id = %id, error = %e, "releasing a shared dir failed");
+            }
+            if !vm.has_tmpfs(&id).await {
+                // Its last user is gone: stop following the host volume.
+                lock(&self.inner.watched_volumes).remove(&id);
             }
         }
     }

@@ -8,11 +8,13 @@
 //!
 //! `container.rs` creates and deletes containers with their storages, `process_io.rs` starts,
 //! signals and waits for processes and wires their stdio, `watch.rs` follows the VM's death and
-//! the guest's OOM kills, `volumes.rs` makes host directories visible in the guest,
+//! the guest's OOM kills, `volumes.rs` makes host directories visible in the guest (`atomic_volume.rs`: kubelet's
+//! configMap/secret layout with live updates),
 //! `port_forward.rs` carries CRI port-forward connections from the pod's namespace to the guest.
 //! The task service above translates containerd's API into the operations here; events go out
 //! through an [`EventSink`] it hands in.
 
+pub mod atomic_volume;
 pub mod container;
 pub mod namespaces;
 pub mod port_forward;
@@ -75,6 +77,9 @@ struct Inner {
     config: Mutex<Option<Arc<Config>>>,
     vm: Mutex<Option<Arc<Vm>>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Atomic-writer volumes followed on the host, by storage id; dropped (watch stopped) when
+    /// their last container releases them.
+    watched_volumes: Mutex<HashMap<String, atomic_volume::WatchedVolume>>,
     /// Serializes create and delete: they change the VM and the container set together.
     lifecycle: tokio::sync::Mutex<()>,
 }
@@ -92,6 +97,7 @@ impl Pod {
                 config: Mutex::new(None),
                 vm: Mutex::new(None),
                 containers: Mutex::new(HashMap::new()),
+                watched_volumes: Mutex::new(HashMap::new()),
                 lifecycle: tokio::sync::Mutex::new(()),
             }),
         }

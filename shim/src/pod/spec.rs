@@ -4,8 +4,9 @@
 //! What changes for the guest, and why:
 //! - host bind mounts cannot reach the guest: regular files (/etc/hosts, resolv.conf, hostname,
 //!   termination-log) are copied into the guest; directories become a guest tmpfs shared by every
-//!   container of the pod that mounts the same host directory, filled with a copy of the
-//!   directory's files; the sandbox's /dev/shm becomes a tmpfs. Binds of /dev nodes stay.
+//!   container of the pod that mounts the same host directory: filled with a copy of the
+//!   directory's files, or kept up to date for kubelet's atomic-writer volumes, or empty for a
+//!   memory emptyDir (volumes.rs decides); the sandbox's /dev/shm becomes a tmpfs. Binds of /dev nodes stay.
 //! - hooks (host binaries), AppArmor and SELinux labels refer to the host and are removed.
 //! - `cgroup` mounts become `cgroup2` (the guest has only cgroup v2).
 //!
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::volumes::{classify_dir, SharedDirKind};
 use crate::error::{Error, Result};
 use crate::vm::storage::storage_mount_point;
 
@@ -161,6 +163,8 @@ pub struct SharedDir {
     /// Storage id of the tmpfs (same for every container binding the same host directory).
     pub storage_id: String,
     pub host: PathBuf,
+    /// How it is filled and how long it lives (see `volumes::classify_dir`).
+    pub kind: SharedDirKind,
 }
 
 /// The rewritten spec plus what must be put in the guest before the container is created.
@@ -284,12 +288,19 @@ fn rewrite_mount(
         });
         guest
     } else if meta.is_dir() {
-        let storage_id = format!("dir-{}", short_hash(&source));
+        let kind = classify_dir(source_path)?;
+        let prefix = match kind {
+            SharedDirKind::Copy => "dir",
+            SharedDirKind::AtomicWriter => "vol",
+            SharedDirKind::MemoryEmptyDir { .. } => "emptydir",
+        };
+        let storage_id = format!("{prefix}-{}", short_hash(&source));
         let guest = storage_mount_point(&storage_id);
         if !dirs.iter().any(|d| d.storage_id == storage_id) {
             dirs.push(SharedDir {
                 storage_id,
                 host: source_path.to_path_buf(),
+                kind,
             });
         }
         guest

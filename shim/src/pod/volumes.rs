@@ -1,6 +1,12 @@
-//! Host volumes made visible in the guest: a host directory bind becomes a guest tmpfs that
-//! the shim fills with a copy of the directory (there is no shared filesystem yet).
+//! Host volumes made visible in the guest. A host directory bind is one of three kinds
+//! ([`classify_dir`]):
+//! - an atomic-writer volume (configMap, secret, projected, downwardAPI): kubelet's layout and
+//!   its live updates are reproduced in a guest tmpfs (`atomic_volume.rs`);
+//! - a memory emptyDir: a guest tmpfs of the host tmpfs's size, for the pod's lifetime;
+//! - anything else: a guest tmpfs filled once with a copy of the directory (frozen, as a
+//!   subPath is with kubelet).
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -10,40 +16,216 @@ use crate::vm::vm::Vm;
 const MAX_DIR_FILES: usize = 4096;
 const MAX_DIR_BYTES: u64 = 256 * 1024 * 1024;
 
-/// Copies a host directory's regular files into a guest directory (a tmpfs storage), keeping
-/// the relative layout. Bounded in file count and bytes.
-pub(super) async fn copy_dir(vm: &Vm, host: &Path, guest_root: &str) -> Result<()> {
-    let mut stack: Vec<PathBuf> = vec![host.to_path_buf()];
-    let (mut files, mut bytes) = (0usize, 0u64);
+/// The name of the directory under which kubelet puts a pod's emptyDir volumes
+/// (`<kubelet root>/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`).
+const EMPTY_DIR_PLUGIN_DIR: &str = "kubernetes.io~empty-dir";
+
+/// What a host directory bind becomes in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedDirKind {
+    /// A copy, made once.
+    Copy,
+    /// kubelet's AtomicWriter layout (`..data`), kept up to date.
+    AtomicWriter,
+    /// A memory emptyDir: a guest tmpfs with these mount options (size, mode, uid, gid), for
+    /// the pod's lifetime.
+    MemoryEmptyDir { tmpfs_options: Vec<String> },
+}
+
+/// Decides the kind of a host directory.
+///
+/// Atomic-writer volumes are recognised by their layout, not their path: kubelet's root
+/// directory is configurable (`--root-dir`), but every volume its AtomicWriter writes has a
+/// `..data` symlink to a `..<timestamp>` directory beside it, which no plain hostPath has.
+/// A memory emptyDir needs both kubelet's plugin directory and a tmpfs (kubelet mounts one per
+/// `medium: Memory` volume); a disk emptyDir (no tmpfs) and a hostPath that happens to be on a
+/// tmpfs (`/run/...`) stay copies.
+pub fn classify_dir(dir: &Path) -> Result<SharedDirKind> {
+    if super::atomic_volume::is_atomic_writer_dir(dir) {
+        return Ok(SharedDirKind::AtomicWriter);
+    }
+    let in_empty_dir_plugin = dir
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == EMPTY_DIR_PLUGIN_DIR);
+    if !in_empty_dir_plugin {
+        return Ok(SharedDirKind::Copy);
+    }
+    let fs = nix::sys::statfs::statfs(dir).map_err(|e| {
+        Error::InvalidArgument(format!("statfs of emptyDir {}: {e}", dir.display()))
+    })?;
+    if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return Ok(SharedDirKind::Copy);
+    }
+    let meta = std::fs::metadata(dir).map_err(Error::io(format!("stat {}", dir.display())))?;
+    let size_bytes = fs.blocks().saturating_mul(fs.block_size() as u64);
+    Ok(SharedDirKind::MemoryEmptyDir {
+        tmpfs_options: memory_empty_dir_options(size_bytes, meta.mode(), meta.uid(), meta.gid()),
+    })
+}
+
+/// The guest tmpfs's options for a memory emptyDir: the host tmpfs's size limit (kubelet's
+/// `sizeLimit`), mode and owner (fsGroup).
+fn memory_empty_dir_options(size_bytes: u64, mode: u32, uid: u32, gid: u32) -> Vec<String> {
+    vec![
+        format!("size={size_bytes}"),
+        format!("mode={:o}", mode & 0o7777),
+        format!("uid={uid}"),
+        format!("gid={gid}"),
+    ]
+}
+
+/// What to do with a symlink met while walking a host directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Symlinks {
+    /// Leave it out (a plain copy: the guest cannot reach the host path it names).
+    Skip,
+    /// Fail, naming it (a payload kubelet wrote has none).
+    Refuse,
+}
+
+/// A regular file found under a walked directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFile {
+    pub path: PathBuf,
+    /// Its path relative to the walked directory (UTF-8, `/`-separated).
+    pub relative: String,
+}
+
+/// The regular files under `root`, at most `max_files` of them and `max_bytes` in all.
+pub fn walk_files(
+    root: &Path,
+    symlinks: Symlinks,
+    max_files: usize,
+    max_bytes: u64,
+) -> Result<Vec<HostFile>> {
+    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
+    let mut files = Vec::new();
+    let mut bytes = 0u64;
     while let Some(dir) = stack.pop() {
         let entries =
             std::fs::read_dir(&dir).map_err(Error::io(format!("read {}", dir.display())))?;
         for entry in entries {
             let entry = entry.map_err(Error::io(format!("read {}", dir.display())))?;
-            let ft = entry
-                .file_type()
-                .map_err(Error::io(format!("stat {}", entry.path().display())))?;
             let path = entry.path();
+            let meta = entry
+                .metadata()
+                .map_err(Error::io(format!("stat {}", path.display())))?;
+            let ft = meta.file_type();
             if ft.is_dir() {
                 stack.push(path);
-            } else if ft.is_file() {
-                let rel = path.strip_prefix(host).map_err(|_| {
-                    Error::Other(format!("{} escapes {}", path.display(), host.display()))
-                })?;
-                let rel = rel.to_str().ok_or_else(|| {
-                    Error::InvalidArgument(format!("{} is not UTF-8", path.display()))
-                })?;
-                files += 1;
-                bytes += vm.copy_file(&path, &format!("{guest_root}/{rel}")).await?;
-                if files > MAX_DIR_FILES || bytes > MAX_DIR_BYTES {
+                continue;
+            }
+            if ft.is_symlink() {
+                if symlinks == Symlinks::Refuse {
+                    let target = std::fs::read_link(&path).unwrap_or_default();
                     return Err(Error::InvalidArgument(format!(
-                        "host directory {} is too big to copy into the pod VM \
-                         (more than {MAX_DIR_FILES} files or {MAX_DIR_BYTES} bytes)",
-                        host.display()
+                        "{} is a symlink (to {}); a volume's payload may hold only files and \
+                         directories, nothing that points elsewhere",
+                        path.display(),
+                        target.display()
                     )));
                 }
+                continue;
+            }
+            if !ft.is_file() {
+                continue;
+            }
+            let relative = path
+                .strip_prefix(root)
+                .ok()
+                .and_then(Path::to_str)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("{} is not a UTF-8 path", path.display()))
+                })?
+                .to_string();
+            bytes = bytes.saturating_add(meta.len());
+            files.push(HostFile { path, relative });
+            if files.len() > max_files || bytes > max_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "host directory {} is too big to copy into the pod VM \
+                     (more than {max_files} files or {max_bytes} bytes)",
+                    root.display()
+                )));
             }
         }
     }
+    Ok(files)
+}
+
+/// Copies a host directory's regular files into a guest directory (a tmpfs storage), keeping
+/// the relative layout. Bounded in file count and bytes.
+pub(super) async fn copy_dir(vm: &Vm, host: &Path, guest_root: &str) -> Result<()> {
+    for file in walk_files(host, Symlinks::Skip, MAX_DIR_FILES, MAX_DIR_BYTES)? {
+        vm.copy_file(&file.path, &format!("{guest_root}/{}", file.relative))
+            .await?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_directories_and_disk_empty_dirs_stay_copies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("data");
+        std::fs::create_dir(&plain).expect("mkdir");
+        assert_eq!(classify_dir(&plain).expect("classify"), SharedDirKind::Copy);
+        // The emptyDir plugin's directory, but not a tmpfs (tempdir is on the build's disk,
+        // unless /tmp is a tmpfs: then this is a memory emptyDir, which the next test covers).
+        let disk = dir.path().join(EMPTY_DIR_PLUGIN_DIR).join("cache");
+        std::fs::create_dir_all(&disk).expect("mkdir");
+        let on_tmpfs = nix::sys::statfs::statfs(&disk)
+            .expect("statfs")
+            .filesystem_type()
+            == nix::sys::statfs::TMPFS_MAGIC;
+        let kind = classify_dir(&disk).expect("classify");
+        assert_eq!(
+            matches!(kind, SharedDirKind::MemoryEmptyDir { .. }),
+            on_tmpfs
+        );
+    }
+
+    #[test]
+    fn a_directory_with_a_data_symlink_is_an_atomic_writer_volume() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("..2026_12_06_10_00_00.1")).expect("mkdir");
+        std::os::unix::fs::symlink("..2026_12_06_10_00_00.1", dir.path().join("..data"))
+            .expect("symlink");
+        assert_eq!(
+            classify_dir(dir.path()).expect("classify"),
+            SharedDirKind::AtomicWriter
+        );
+    }
+
+    #[test]
+    fn memory_empty_dirs_keep_the_hosts_size_mode_and_owner() {
+        assert_eq!(
+            memory_empty_dir_options(8 << 20, 0o40777, 0, 2000),
+            ["size=8388608", "mode=777", "uid=0", "gid=2000"]
+        );
+    }
+
+    #[test]
+    fn walks_list_relative_paths_and_refuse_symlinks_when_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        std::fs::write(dir.path().join("a"), "1").expect("write");
+        std::fs::write(dir.path().join("sub/b"), "22").expect("write");
+        std::os::unix::fs::symlink("/etc", dir.path().join("link")).expect("symlink");
+        let mut files = walk_files(dir.path(), Symlinks::Skip, 10, 100).expect("walk");
+        files.sort_by(|a, b| a.relative.cmp(&b.relative));
+        let names: Vec<&str> = files.iter().map(|f| f.relative.as_str()).collect();
+        assert_eq!(names, ["a", "sub/b"]);
+        let err = walk_files(dir.path(), Symlinks::Refuse, 10, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("link") && err.contains("/etc"), "{err}");
+        let err = walk_files(dir.path(), Symlinks::Skip, 10, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too big"), "{err}");
+    }
 }

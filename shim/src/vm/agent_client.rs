@@ -100,6 +100,7 @@ enum Rpc {
     CopyFile,
     AddStorage,
     RemoveStorage,
+    PublishVolumeGeneration,
     CreateContainer,
     StartContainer,
     ExecProcess,
@@ -128,6 +129,7 @@ impl Rpc {
             Rpc::CopyFile => "CopyFile",
             Rpc::AddStorage => "AddStorage",
             Rpc::RemoveStorage => "RemoveStorage",
+            Rpc::PublishVolumeGeneration => "PublishVolumeGeneration",
             Rpc::CreateContainer => "CreateContainer",
             Rpc::StartContainer => "StartContainer",
             Rpc::ExecProcess => "ExecProcess",
@@ -315,6 +317,23 @@ impl Agent {
         };
         self.call(Rpc::RemoveStorage, msg, |mut c, r| async move {
             c.remove_storage(r).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Makes a written generation of an atomic-writer volume current in the guest.
+    pub async fn publish_volume_generation(
+        &self,
+        storage_id: &str,
+        generation: &str,
+    ) -> Result<()> {
+        let msg = pb::PublishVolumeGenerationRequest {
+            storage_id: storage_id.to_string(),
+            generation: generation.to_string(),
+        };
+        self.call(Rpc::PublishVolumeGeneration, msg, |mut c, r| async move {
+            c.publish_volume_generation(r).await
         })
         .await
         .map(drop)

@@ -515,18 +515,41 @@ impl Vm {
             *users += 1;
             return Ok((storage_mount_point(storage_id), false));
         }
-        let mount_point = self
-            .agent
+        let mount_point = self.add_tmpfs_storage(storage_id, vec![]).await?;
+        storages.tmpfs.insert(storage_id.to_string(), 1);
+        Ok((mount_point, true))
+    }
+
+    /// Has the agent mount a fresh tmpfs storage with these options; returns its mount point.
+    async fn add_tmpfs_storage(&self, storage_id: &str, options: Vec<String>) -> Result<String> {
+        self.agent
             .add_storage(pb::AddStorageRequest {
                 storage_id: storage_id.to_string(),
                 source: Some(pb::add_storage_request::Source::Tmpfs(true)),
                 fs_type: "tmpfs".into(),
-                options: vec![],
+                options,
                 wait_ms: 0,
             })
-            .await?;
+            .await
+    }
+
+    /// A guest tmpfs that lives as long as the pod VM (a memory emptyDir), mounted with
+    /// `options` (size, mode, uid, gid) the first time; later calls return its mount point.
+    /// No container releases it: it goes with the VM.
+    pub async fn attach_pod_tmpfs(&self, storage_id: &str, options: Vec<String>) -> Result<String> {
+        let mut storages = self.storages.lock().await;
+        if storages.tmpfs.contains_key(storage_id) {
+            return Ok(storage_mount_point(storage_id));
+        }
+        let mount_point = self.add_tmpfs_storage(storage_id, options).await?;
+        // The pod's own reference: no container's release brings it to zero.
         storages.tmpfs.insert(storage_id.to_string(), 1);
-        Ok((mount_point, true))
+        Ok(mount_point)
+    }
+
+    /// Whether a tmpfs storage is still attached (some container still uses it).
+    pub async fn has_tmpfs(&self, storage_id: &str) -> bool {
+        self.storages.lock().await.tmpfs.contains_key(storage_id)
     }
 
     pub async fn release_tmpfs(&self, storage_id: &str) -> Result<()> {

@@ -682,11 +682,72 @@ fn memhog(args: &[String]) -> i32 {
     }
 }
 
+/// `inotify-watch DIR`: prints one line per inotify event of DIR, `<event>\t<name>`, as
+/// busybox's `inotifyd - DIR` does (Debian's busybox-static has no inotifyd): what an
+/// application that reloads on changes of a configMap volume sees (issue 14's test).
+fn inotify_watch(args: &[String]) -> i32 {
+    let Some(dir) = args.first() else {
+        eprintln!("inotify-watch: usage: inotify-watch DIR");
+        return 2;
+    };
+    let Ok(path) = std::ffi::CString::new(dir.as_str()) else {
+        eprintln!("inotify-watch: {dir:?} has a NUL byte");
+        return 2;
+    };
+    let kinds: [(u32, &str); 6] = [
+        (libc::IN_CREATE, "create"),
+        (libc::IN_MOVED_TO, "moved_to"),
+        (libc::IN_MOVED_FROM, "moved_from"),
+        (libc::IN_DELETE, "delete"),
+        (libc::IN_CLOSE_WRITE, "close_write"),
+        (libc::IN_DELETE_SELF, "delete_self"),
+    ];
+    let mask = kinds.iter().fold(0, |m, (bit, _)| m | bit);
+    // SAFETY: plain syscalls on an fd we own and a valid C string.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if fd < 0 || unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } < 0 {
+        eprintln!("inotify-watch: {dir}: {}", io::Error::last_os_error());
+        return 1;
+    }
+    // SAFETY: inotify_init1 returned a new fd that we own.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    println!("watching {dir}");
+    let header = std::mem::size_of::<libc::inotify_event>();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("inotify-watch: read: {e}");
+                return 1;
+            }
+        };
+        let mut at = 0;
+        while at + header <= n {
+            // SAFETY: the kernel wrote a whole inotify_event at `at` (read_unaligned: the
+            // buffer has no alignment guarantee).
+            let event: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+            let name_bytes = &buf[at + header..(at + header + event.len as usize).min(n)];
+            let name = String::from_utf8_lossy(name_bytes);
+            let name = name.trim_end_matches('\0');
+            for (bit, kind) in kinds {
+                if event.mask & bit != 0 {
+                    println!("{kind}\t{name}");
+                }
+            }
+            at += header + event.len as usize;
+        }
+        let _ = io::stdout().flush();
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.first().and_then(|argv0| argv0.rsplit('/').next()) {
         Some("vsock-probe") => std::process::exit(vsock_probe(&args[1..])),
         Some("memhog") => std::process::exit(memhog(&args[1..])),
+        Some("inotify-watch") => std::process::exit(inotify_watch(&args[1..])),
         _ => {}
     }
     // The boot benchmark's marker: the first thing /init does. The kernel hands unknown
