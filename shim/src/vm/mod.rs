@@ -1,6 +1,7 @@
 //! The pod's VM: the VMM process and its API client, and the guest agent's client.
 
 pub mod agent_client;
+pub mod cgroup;
 pub mod console_log;
 pub mod network;
 pub mod storage;
@@ -8,3 +9,4 @@ pub mod storage;
 #[allow(clippy::module_inception)]
 pub mod vm;
 pub mod vmm_client;
+pub mod vmm_ids;
