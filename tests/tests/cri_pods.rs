@@ -1801,7 +1801,7 @@ async fn pod_stats_like_runc() {
         .expect("busy loop");
         let ping = containerd
             .host_net_command("busybox")
-            .args(["ping", "-c", "5", "-s", "1000", &ip])
+            .args(["ping", "-c", "10", "-s", "1000", &ip])
             .output()
             .expect("busybox ping");
         assert!(ping.status.success(), "ping {ip}: {}", text(&ping.stdout));
