@@ -332,3 +332,20 @@ pub async fn wait_for_stdout_line(cri: &mut Cri, id: &str, line: &str, limit: Du
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// A container of the vsock-probe image running `/bin/memhog MIB` (it prints
+/// `allocated MIB MiB` and holds the memory) under a memory limit of `limit_mib`.
+pub fn memhog_container(name: &str, mib: u32, limit_mib: i64) -> cri::v1::ContainerConfig {
+    let mut config = cri::container_config(
+        name,
+        containerd::VSOCK_PROBE_IMAGE,
+        &["/bin/memhog", &mib.to_string()],
+    );
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: limit_mib << 20,
+            ..Default::default()
+        });
+    }
+    config
+}

@@ -1643,17 +1643,7 @@ async fn vmm_in_pod_cgroup() {
 
     // Guest memory: a container touches 200 MiB.
     let memory_before = cgroup_value(&dir, "memory.current", None);
-    let mut hog = cri::container_config(
-        "hog",
-        containerd::VSOCK_PROBE_IMAGE,
-        &["/bin/memhog", "200"],
-    );
-    if let Some(linux) = hog.linux.as_mut() {
-        linux.resources = Some(cri::v1::LinuxContainerResources {
-            memory_limit_in_bytes: 300 << 20,
-            ..Default::default()
-        });
-    }
+    let hog = pod::memhog_container("hog", 200, 300);
     let hog = pod::start_container(&mut cri, &pod_id, &config, &hog).await;
     pod::wait_for_stdout_line(&mut cri, &hog, "allocated 200 MiB", EXIT_LIMIT).await;
     let memory_after = cgroup_value(&dir, "memory.current", None);
@@ -1777,17 +1767,7 @@ async fn pod_stats_like_runc() {
             .run_pod(&config, handler)
             .await
             .unwrap_or_else(|e| panic!("RunPodSandbox {handler}: {e}\n{}", containerd.log_tail()));
-        let mut hog = cri::container_config(
-            "hog",
-            containerd::VSOCK_PROBE_IMAGE,
-            &["/bin/memhog", "100"],
-        );
-        if let Some(linux) = hog.linux.as_mut() {
-            linux.resources = Some(cri::v1::LinuxContainerResources {
-                memory_limit_in_bytes: 256 << 20,
-                ..Default::default()
-            });
-        }
+        let hog = pod::memhog_container("hog", 100, 256);
         let hog = pod::start_container(&mut cri, &pod_id, &config, &hog).await;
         pod::wait_for_stdout_line(&mut cri, &hog, "allocated 100 MiB", EXIT_LIMIT).await;
         let ip = pod::pod_ip(&mut cri, &pod_id).await;

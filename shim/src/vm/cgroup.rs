@@ -345,17 +345,14 @@ fn enable_controllers(dir: &Path) {
 /// once its last process (the VMM, already killed) has gone.
 pub fn leave_recorded(pod_state_dir: &Path) -> Result<()> {
     let record_path = pod_state_dir.join(RECORD);
-    let text = match std::fs::read(&record_path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("read {}", record_path.display()))(e)),
+    let Some(record): Option<Record> = super::read_state_record(
+        &record_path,
+        "cgroup record",
+        "remove the pod's cgroup by hand once empty (rmdir)",
+    )?
+    else {
+        return Ok(());
     };
-    let record: Record = serde_json::from_slice(&text).map_err(|e| {
-        Error::Other(format!(
-            "{} is not a cgroup record: {e}",
-            record_path.display()
-        ))
-    })?;
     let root = Path::new(CGROUP_ROOT);
     if own_cgroup(root).ok().as_deref() == Some(record.dir.as_path()) {
         let back = PodCgroup {
