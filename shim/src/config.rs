@@ -11,7 +11,9 @@
 //! explicitly is an error.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use kata_like_vmm_contract::limits::{
     MAX_MEMORY_MIB, MAX_VCPUS, MAX_VIRTIO_DEVICES, MIN_MEMORY_MIB,
@@ -94,10 +96,81 @@ pub struct VmmConfig {
 pub struct JailConfig {
     /// Run the VMM in its jail (namespaces, chroot, seccomp). Turn off only to debug.
     pub enabled: bool,
-    /// Unprivileged ids the VMM drops to inside its jail (neither: the VMM's default, 65534/65534;
-    /// 0 is refused). One uid for every pod: see the VMM README's threat model.
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
+    /// The block of ids the pods' VMMs run as, `"<first>:<count>"`: each pod VMM gets one id
+    /// of its own (uid = gid), leased for the pod's life (`vm::vmm_ids`); see the VMM README's
+    /// threat model.
+    pub id_range: IdRange,
+}
+
+/// A block of ids `first..first + count`, written `"<first>:<count>"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct IdRange {
+    pub first: u32,
+    pub count: u32,
+}
+
+/// Lowest id a range may start at: above nobody (65534) and every ordinary user and group.
+pub const MIN_FIRST_ID: u32 = 65536;
+
+impl Default for IdRange {
+    /// 65536 ids at the top of systemd's container range (524288..=1879048191), which
+    /// systemd-nspawn allocates from the bottom: far above normal users, nobody and the
+    /// ranges of user namespaces Kubernetes or Podman hand out by default.
+    fn default() -> Self {
+        IdRange {
+            first: 1_878_982_656,
+            count: 65536,
+        }
+    }
+}
+
+impl fmt::Display for IdRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.first, self.count)
+    }
+}
+
+impl FromStr for IdRange {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let usage = "jail.id_range must be \"<first id>:<count>\", e.g. \"1878982656:65536\"";
+        let (first, count) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{usage}, got {s:?}"))?;
+        let first: u32 = first
+            .parse()
+            .map_err(|_| format!("{usage}, got {s:?} (first id is not a number)"))?;
+        let count: u32 = count
+            .parse()
+            .map_err(|_| format!("{usage}, got {s:?} (count is not a number)"))?;
+        if first < MIN_FIRST_ID {
+            return Err(format!(
+                "jail.id_range {s:?} starts below {MIN_FIRST_ID}: the VMMs' ids must not be \
+                 those of nobody or of ordinary users; pick a block above them"
+            ));
+        }
+        if count == 0 {
+            return Err(format!(
+                "jail.id_range {s:?} is empty: give at least one id per pod that may run at once"
+            ));
+        }
+        // u32::MAX is (uid_t)-1, "no change" to setresuid: never an id.
+        if u64::from(first) + u64::from(count) > u64::from(u32::MAX) {
+            return Err(format!(
+                "jail.id_range {s:?} goes past the largest id {}",
+                u32::MAX - 1
+            ));
+        }
+        Ok(IdRange { first, count })
+    }
+}
+
+impl TryFrom<String> for IdRange {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
 }
 
 /// The host-side guest console log, `<pod state dir>/console.log`: the shim writes it from a
@@ -200,8 +273,7 @@ impl Default for JailConfig {
     fn default() -> Self {
         JailConfig {
             enabled: true,
-            uid: None,
-            gid: None,
+            id_range: IdRange::default(),
         }
     }
 }
@@ -532,6 +604,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn id_range_parses_first_and_count() {
+        assert_eq!(
+            "100000:5".parse::<IdRange>(),
+            Ok(IdRange {
+                first: 100_000,
+                count: 5
+            })
+        );
+        assert_eq!(
+            IdRange::default().to_string().parse(),
+            Ok(IdRange::default())
+        );
+    }
+
+    #[test]
+    fn id_range_refuses_low_empty_overflowing_and_garbled_ranges() {
+        for (text, says) in [
+            ("1000:10", "starts below 65536"),
+            ("65534:10", "starts below 65536"),
+            ("100000:0", "is empty"),
+            ("4294967000:1000", "goes past the largest id"),
+            ("100000", "\"<first id>:<count>\""),
+            ("x:1", "first id is not a number"),
+            ("100000:-1", "count is not a number"),
+        ] {
+            let err = text.parse::<IdRange>().expect_err(text);
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn full_config_parses() {
         let config = Config::parse(
             r#"
@@ -545,15 +648,20 @@ mod tests {
             debug_console = true
             [jail]
             enabled = false
-            uid = 1000
-            gid = 1000
+            id_range = "100000:10"
             "#,
         )
         .expect("parses");
         assert_eq!(config.vmm.vcpus, 2);
         assert_eq!(config.vmm.memory_mib, 256);
         assert_eq!(config.state_dir, PathBuf::from("/run/x"));
-        assert_eq!(config.jail.uid, Some(1000));
+        assert_eq!(
+            config.jail.id_range,
+            IdRange {
+                first: 100_000,
+                count: 10
+            }
+        );
         assert!(!config.jail.enabled);
         assert!(config.vmm.debug_console);
         // Unset keys keep their defaults.

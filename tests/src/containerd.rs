@@ -369,6 +369,7 @@ impl Containerd {
         loop {
             let leftovers = self.leftovers(kata);
             if leftovers.is_empty() {
+                remove_empty_pod_cgroups();
                 return;
             }
             if Instant::now() > deadline {
@@ -390,6 +391,16 @@ impl Containerd {
         }
         if let Ok(entries) = std::fs::read_dir(&self.kata_state_dir) {
             for e in entries.flatten() {
+                // The VMM id leases' directory stays (with its lock file); a lease in it is a
+                // leftover.
+                if e.file_name() == "vmm-ids" {
+                    for lease in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                        if lease.file_name() != ".lock" {
+                            found.push(format!("VMM id lease {}", lease.path().display()));
+                        }
+                    }
+                    continue;
+                }
                 found.push(format!("state {}", e.path().display()));
             }
         }
@@ -415,6 +426,9 @@ impl Containerd {
                     found.push(format!("net device {net} in {}", netns.display()));
                 }
             }
+        }
+        for cgroup in sandbox_cgroups() {
+            found.push(format!("cgroup {}", cgroup.display()));
         }
         for s in shim_sockets() {
             if !self.baseline_shim_sockets.contains(&s) {
@@ -610,7 +624,7 @@ pub fn vmm_instances(vmm: &Path) -> Vec<u32> {
 }
 
 /// The parent pid of `pid` from /proc/<pid>/stat ("pid (comm) state ppid ...").
-fn parent_of(pid: u32) -> Option<u32> {
+pub fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // comm may contain spaces and parentheses: the fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -623,6 +637,57 @@ fn same_file(exe: &Path, binary: &Path) -> bool {
     match std::fs::canonicalize(binary) {
         Ok(b) => Path::new(exe) == b,
         Err(_) => false,
+    }
+}
+
+/// Where kubelet's pod cgroups are (cgroupfs driver): `<root>/<qos>/pod<uid>/`.
+pub const KUBEPODS_CGROUP: &str = "/sys/fs/cgroup/kubepods";
+
+/// kubelet's pod cgroups (`kubepods/<qos>/pod<uid>`) of the node.
+fn pod_cgroups() -> Vec<PathBuf> {
+    let subdirs = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    subdirs(Path::new(KUBEPODS_CGROUP))
+        .iter()
+        .flat_map(|qos| subdirs(qos))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pod"))
+        })
+        .collect()
+}
+
+/// The sandbox cgroups (runc's or kata-like's, each a child of a pod cgroup) still there: the
+/// runtime removes its own when the pod goes.
+fn sandbox_cgroups() -> Vec<PathBuf> {
+    pod_cgroups()
+        .iter()
+        .flat_map(|pod| {
+            std::fs::read_dir(pod)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.is_dir())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Removes the emptied pod cgroups, kubelet's part once a pod is gone (the test stands in for
+/// kubelet, which also creates them with the pod's limits; here the runtime creates them).
+fn remove_empty_pod_cgroups() {
+    for pod in pod_cgroups() {
+        let _ = std::fs::remove_dir(&pod);
     }
 }
 

@@ -207,6 +207,39 @@ impl Cri {
             .unwrap_or_default())
     }
 
+    /// ListContainerStats of one pod's containers.
+    pub async fn list_container_stats(
+        &mut self,
+        pod_id: &str,
+    ) -> Result<Vec<cri::ContainerStats>, tonic::Status> {
+        Ok(self
+            .runtime
+            .list_container_stats(cri::ListContainerStatsRequest {
+                filter: Some(cri::ContainerStatsFilter {
+                    pod_sandbox_id: pod_id.into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .stats)
+    }
+
+    pub async fn pod_sandbox_stats(
+        &mut self,
+        pod_id: &str,
+    ) -> Result<cri::PodSandboxStats, tonic::Status> {
+        Ok(self
+            .runtime
+            .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+                pod_sandbox_id: pod_id.into(),
+            })
+            .await?
+            .into_inner()
+            .stats
+            .unwrap_or_default())
+    }
+
     /// Removes every pod (a failed earlier test may have left some), so that each test starts
     /// from an empty node.
     pub async fn remove_all_pods(&mut self) {
@@ -261,7 +294,13 @@ impl Cri {
     }
 }
 
-/// A pod config as kubelet sends it, logging under `log_dir/<name>`.
+/// The cgroup parent kubelet (cgroupfs driver) gives a BestEffort pod: its pod cgroup.
+pub fn kubelet_cgroup_parent(pod_uid: &str) -> String {
+    format!("/kubepods/besteffort/pod{pod_uid}")
+}
+
+/// A pod config as kubelet sends it, logging under `log_dir/<name>`, with kubelet's cgroup
+/// parent (so containerd writes a realistic `linux.cgroupsPath`).
 pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     let uid = format!("uid-{name}-{}", std::process::id());
     cri::PodSandboxConfig {
@@ -278,7 +317,7 @@ pub fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
         labels: HashMap::from([("app".to_string(), name.to_string())]),
         annotations: HashMap::new(),
         linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: String::new(),
+            cgroup_parent: kubelet_cgroup_parent(&uid),
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: Some(cri::NamespaceOption::default()),
                 ..Default::default()

@@ -280,3 +280,72 @@ pub async fn fetch_from_container(
         "{url} did not answer {container} in {FETCH_ATTEMPTS} tries: {last}"
     ))
 }
+
+/// The sandbox's cgroup directory on the node, as containerd names it from the pod's cgroup
+/// parent (cgroupfs form: `<cgroup_parent>/<sandbox id>`).
+pub fn sandbox_cgroup_dir(config: &cri::v1::PodSandboxConfig, pod_id: &str) -> std::path::PathBuf {
+    let parent = config
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.clone())
+        .unwrap_or_default();
+    std::path::Path::new("/sys/fs/cgroup")
+        .join(parent.trim_start_matches('/'))
+        .join(pod_id)
+}
+
+/// Sets the pod-level memory limit (what kubelet sums from the containers' limits), which
+/// sizes a kata-like pod's VM.
+pub fn with_pod_memory_limit(
+    mut config: cri::v1::PodSandboxConfig,
+    bytes: i64,
+) -> cri::v1::PodSandboxConfig {
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: bytes,
+            ..Default::default()
+        });
+    }
+    config
+}
+
+/// Waits (bounded by `limit`) until the running container `id` printed `line` on stdout.
+pub async fn wait_for_stdout_line(cri: &mut Cri, id: &str, line: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let status = cri.container_status(id).await;
+        let log = cri::read_log(std::path::Path::new(&status.log_path));
+        let stdout = cri::stream_lines(&log, "stdout");
+        if stdout.iter().any(|l| l == line) {
+            return;
+        }
+        assert_eq!(
+            status.state,
+            cri::CONTAINER_RUNNING,
+            "container {id} ended before printing {line:?}: {status:?} {stdout:?} {:?}",
+            cri::stream_lines(&log, "stderr")
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "container {id} did not print {line:?} within {limit:?}: {stdout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A container of the vsock-probe image running `/bin/memhog MIB` (it prints
+/// `allocated MIB MiB` and holds the memory) under a memory limit of `limit_mib`.
+pub fn memhog_container(name: &str, mib: u32, limit_mib: i64) -> cri::v1::ContainerConfig {
+    let mut config = cri::container_config(
+        name,
+        containerd::VSOCK_PROBE_IMAGE,
+        &["/bin/memhog", &mib.to_string()],
+    );
+    if let Some(linux) = config.linux.as_mut() {
+        linux.resources = Some(cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: limit_mib << 20,
+            ..Default::default()
+        });
+    }
+    config
+}

@@ -13,6 +13,7 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod cgroup_stats;
 pub mod relay;
 
 /// vsock port the agent's gRPC server listens on.

@@ -19,6 +19,7 @@ use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::pod_limits;
 use crate::vm::agent_client::PodIdentity;
+use crate::vm::cgroup::HostCgroup;
 use crate::vm::network;
 use crate::vm::vm::Vm;
 
@@ -90,9 +91,11 @@ pub struct Deleted {
     pub exit: ExitInfo,
 }
 
-/// A container's resource usage: the sandbox's is the VMM process's, others' the guest's.
+/// A container's resource usage: the sandbox's is its host cgroup's (the shim, the VMM with
+/// guest RAM and vCPUs, helpers), or the VMM process's without one; others' the guest's.
 pub enum ContainerStats {
     VmmProcess(u32),
+    PodCgroup(Box<pb::StatsContainerResponse>),
     Guest(Box<pb::StatsContainerResponse>),
 }
 
@@ -134,6 +137,7 @@ impl Pod {
                 };
                 let shape = config::vm_shape(&config, &bundle.annotations)?;
                 let netns = network::netns_of_spec(&bundle.spec)?;
+                let host_cgroup = HostCgroup::from_spec(&bundle.spec)?;
                 let vm = Vm::start(
                     &config,
                     &shape,
@@ -141,6 +145,7 @@ impl Pod {
                     &new.id,
                     &identity,
                     netns.as_deref(),
+                    host_cgroup.as_ref(),
                 )
                 .await?;
                 let state_file = Path::new(&new.bundle).join(STATE_DIR_FILE);
@@ -503,7 +508,10 @@ impl Pod {
         let (role, _) = self.container_role(id)?;
         let vm = self.vm()?;
         if role == Role::Sandbox {
-            Ok(ContainerStats::VmmProcess(vm.pid))
+            Ok(match &vm.cgroup {
+                Some(cgroup) => ContainerStats::PodCgroup(Box::new(cgroup.stats())),
+                None => ContainerStats::VmmProcess(vm.pid),
+            })
         } else {
             Ok(ContainerStats::Guest(Box::new(
                 vm.agent.stats_container(id).await?,

@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 
 pub const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
 
-/// Converts the agent's cgroup v2 stats of one container.
-pub fn from_agent(stats: &StatsContainerResponse) -> Metrics {
+/// Converts cgroup v2 stats: a guest container's (from the agent) or the pod's host cgroup's.
+pub fn from_cgroup_stats(stats: &StatsContainerResponse) -> Metrics {
     let mut m = Metrics::new();
     if let Some(cpu) = &stats.cpu {
         m.cpu = Some(CPUStat {
@@ -191,7 +191,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let any = to_any(&from_agent(&stats)).expect("encodes");
+        let any = to_any(&from_cgroup_stats(&stats)).expect("encodes");
         assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
         // Decoding as the v2 type (what containerd does) gives the values back.
         let back = Metrics::parse_from_bytes(&any.value).expect("decodes");

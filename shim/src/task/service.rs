@@ -104,7 +104,9 @@ impl Service {
     ) -> Result<containerd_shim_protos::protobuf::well_known_types::any::Any> {
         let m = match self.pod.stats(id).await? {
             ContainerStats::VmmProcess(pid) => metrics::for_vmm_process(pid)?,
-            ContainerStats::Guest(stats) => metrics::from_agent(&stats),
+            ContainerStats::PodCgroup(stats) | ContainerStats::Guest(stats) => {
+                metrics::from_cgroup_stats(&stats)
+            }
         };
         metrics::to_any(&m)
     }

@@ -4,7 +4,7 @@
 //! drains the read end into `console.log`, which it rotates to `console.log.1` ... `.N` when it
 //! reaches `max_bytes`, so a guest flooding its console keeps at most `max_bytes * (1 + N)`
 //! bytes on the host, the newest ones. Why a pipe to the shim rather than a cap in the VMM: the
-//! VMM is jailed (chroot, uid 65534, no capabilities) and cannot rename files in the pod's
+//! VMM is jailed (chroot, its own unprivileged uid, no capabilities) and cannot rename files in the pod's
 //! state dir, and a pipe bounds memory on both sides: the VMM writes it non-blocking and drops
 //! (and counts, `console_dropped_bytes` in its metrics) what does not fit when the shim falls
 //! behind, so the guest never waits for the host and nothing queues up in memory.

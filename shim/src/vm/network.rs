@@ -760,17 +760,14 @@ pub fn save_record(state_dir: &Path, record: &NetworkRecord) -> Result<()> {
 /// Undoes what the state dir's record names, if any.
 pub fn disconnect_recorded(state_dir: &Path) -> Result<()> {
     let path = state_dir.join(RECORD_FILE);
-    let text = match std::fs::read(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("read {}", path.display()))(e)),
+    let Some(record): Option<NetworkRecord> = super::read_state_record(
+        &path,
+        "network record",
+        "remove the TAPs and ingress qdiscs by hand",
+    )?
+    else {
+        return Ok(());
     };
-    let record: NetworkRecord = serde_json::from_slice(&text).map_err(|e| {
-        Error::Other(format!(
-            "{} is not a network record ({e}); remove the TAPs and ingress qdiscs by hand",
-            path.display()
-        ))
-    })?;
     disconnect(&record)
 }
 

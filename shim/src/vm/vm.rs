@@ -18,10 +18,12 @@ use tokio::sync::watch;
 use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
 use crate::vm::agent_client::{Agent, PodIdentity};
+use crate::vm::cgroup::{self, HostCgroup, PodCgroup};
 use crate::vm::console_log::{self, RotatingLog};
 use crate::vm::network::{self, PodNetwork};
 use crate::vm::storage::{storage_mount_point, LayerImage};
 use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
+use crate::vm::vmm_ids;
 
 /// How the VMM process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +70,10 @@ pub fn cleanup_state_dir(state_dir: &Path) -> Result<()> {
         tracing::warn!(pid, state_dir = %state_dir.display(), "killed a VMM left behind");
     }
     network::disconnect_recorded(state_dir)?;
+    // Once the VMM is gone: the shim leaves the cgroup, which is then empty and removed.
+    cgroup::leave_recorded(state_dir)?;
+    // After the VMM's end: the id is free for another pod only once nothing runs as it.
+    vmm_ids::release(state_dir)?;
     std::fs::remove_dir_all(state_dir)
         .map_err(Error::io(format!("remove {}", state_dir.display())))?;
     Ok(())
@@ -95,6 +101,8 @@ pub struct Vm {
     pub pid: u32,
     /// The VM's guest memory, as booted.
     pub memory_mib: u32,
+    /// The pod's host cgroup, holding the shim, the VMM and its helpers.
+    pub cgroup: Option<PodCgroup>,
     pub api: VmmApi,
     pub agent: Agent,
     paths: VmmPaths,
@@ -119,6 +127,7 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     /// Boots the pod VM and waits for its agent; on any failure nothing is left running.
     /// `netns`: the pod's network namespace, whose interfaces become the VM's NICs.
+    /// `host_cgroup`: the sandbox's host cgroup, which the shim, the VMM and its helpers join.
     pub async fn start(
         config: &Config,
         shape: &VmShape,
@@ -126,13 +135,23 @@ impl Vm {
         sandbox_id: &str,
         identity: &PodIdentity,
         netns: Option<&Path>,
+        host_cgroup: Option<&HostCgroup>,
     ) -> Result<Arc<Vm>> {
         let state_dir = state_dir_for(config, namespace, sandbox_id)?;
         // A state dir left by a shim that died is cleaned before reuse.
         cleanup_state_dir(&state_dir)?;
         std::fs::create_dir_all(&state_dir)
             .map_err(Error::io(format!("create {}", state_dir.display())))?;
-        match Vm::boot(config, shape, &state_dir, sandbox_id, identity, netns).await {
+        let booted = Vm::boot(
+            config,
+            shape,
+            &state_dir,
+            sandbox_id,
+            identity,
+            netns,
+            host_cgroup,
+        );
+        match booted.await {
             Ok(vm) => Ok(vm),
             Err(e) => {
                 let tail = console_log::tail(&state_dir.join("console.log"), CONSOLE_TAIL_BYTES);
@@ -157,6 +176,7 @@ impl Vm {
         sandbox_id: &str,
         identity: &PodIdentity,
         netns: Option<&Path>,
+        host_cgroup: Option<&HostCgroup>,
     ) -> Result<Arc<Vm>> {
         for (what, path) in [("VMM", &config.vmm.path), ("kernel", &config.vmm.kernel)] {
             if !path.exists() {
@@ -176,6 +196,23 @@ impl Vm {
         }
         let paths = VmmPaths::new(state_dir);
         let started = std::time::Instant::now();
+        // First: the VMM, its threads and helpers started from now on inherit the cgroup.
+        let cgroup = match host_cgroup {
+            Some(request) if cgroup::is_cgroup2(Path::new(cgroup::CGROUP_ROOT)) => {
+                let joined = PodCgroup::enter(Path::new(cgroup::CGROUP_ROOT), request, state_dir)?;
+                tracing::info!(sandbox_id, cgroup = %joined.dir.display(), "shim in the pod's cgroup");
+                Some(joined)
+            }
+            Some(request) => {
+                tracing::warn!(
+                    sandbox_id,
+                    cgroups_path = %request.cgroups_path,
+                    "no cgroup v2 hierarchy at /sys/fs/cgroup: the pod VM runs outside the pod's cgroup"
+                );
+                None
+            }
+            None => None,
+        };
         let network = match netns {
             Some(netns) => {
                 let (netns, sid) = (netns.to_path_buf(), sandbox_id.to_string());
@@ -200,7 +237,15 @@ impl Vm {
             config.console_log.files,
         )
         .map_err(Error::io(format!("create {}", paths.console_log.display())))?;
-        let spawned = vmm::spawn(config, shape, &paths, &nics);
+        // The pod's own uid/gid for the jailed VMM, released by the state dir cleanup.
+        let jail_id = if config.jail.enabled {
+            let id = vmm_ids::lease(config.jail.id_range, state_dir)?;
+            tracing::info!(sandbox_id, uid = id, gid = id, "VMM id leased");
+            Some(id)
+        } else {
+            None
+        };
+        let spawned = vmm::spawn(config, shape, &paths, &nics, jail_id);
         // The VMM holds the TAPs now; with the shim's copies closed, they end with it.
         drop(nics);
         let (mut child, console_pipe) = spawned?;
@@ -242,6 +287,7 @@ impl Vm {
             state_dir: state_dir.to_path_buf(),
             pid,
             memory_mib: shape.memory_mib,
+            cgroup,
             api: VmmApi::new(&paths.api_sock),
             agent,
             paths,
@@ -737,6 +783,24 @@ mod tests {
         config
     }
 
+    /// What a pod left in the configured state dir: anything but the VMM id leases' directory
+    /// with its lock file.
+    fn left_in_state_dir(state: &Path) -> Vec<String> {
+        let mut left = Vec::new();
+        for entry in std::fs::read_dir(state).expect("state dir").flatten() {
+            if entry.file_name() == vmm_ids::LEASE_DIR {
+                for lease in std::fs::read_dir(entry.path()).expect("leases").flatten() {
+                    if lease.file_name() != ".lock" {
+                        left.push(lease.path().display().to_string());
+                    }
+                }
+            } else {
+                left.push(entry.path().display().to_string());
+            }
+        }
+        left
+    }
+
     /// Starts a 1-vCPU, 128 MiB pod VM that must fail; the error's text.
     async fn failed_start(config: &Config) -> String {
         let shape = VmShape {
@@ -750,6 +814,7 @@ mod tests {
             "default",
             "pod1",
             &PodIdentity::default(),
+            None,
             None,
         )
         .await
@@ -797,10 +862,8 @@ mod tests {
         let rip = format!("rip={:#x} ", kata_like_vmm::test_guest::TINY_ELF_LOAD_ADDR);
         assert!(err.contains("vCPU paused") && err.contains(&rip), "{err}");
         assert_eq!(
-            std::fs::read_dir(dir.path().join("state"))
-                .expect("dir")
-                .count(),
-            0
+            left_in_state_dir(&dir.path().join("state")),
+            Vec::<String>::new()
         );
     }
 
@@ -820,10 +883,8 @@ mod tests {
         assert!(err.contains("exit status: 1"), "{err}");
         assert!(err.contains("kvm: no such device"), "{err}");
         assert_eq!(
-            std::fs::read_dir(dir.path().join("state"))
-                .expect("dir")
-                .count(),
-            0
+            left_in_state_dir(&dir.path().join("state")),
+            Vec::<String>::new()
         );
     }
 }

@@ -68,12 +68,14 @@ pub fn slot_id(index: u32) -> String {
 
 /// The VMM configuration of one pod VM: `console_fd` is the write end of the console pipe the
 /// VMM inherits (see `console_log`), and one NIC per TAP (inherited by its fd number).
+/// `jail_id`: the pod's own uid and gid in the jail (`vmm_ids`), when jailed.
 pub fn vm_config(
     config: &Config,
     shape: &VmShape,
     paths: &VmmPaths,
     console_fd: RawFd,
     nics: &[Nic],
+    jail_id: Option<u32>,
 ) -> VmConfig {
     let mut cmdline = config.vmm.kernel_params.clone();
     if shape.debug_console {
@@ -114,15 +116,11 @@ pub fn vm_config(
     vm.rng = true;
     vm.api_sock = Some(paths.api_sock.clone());
     vm.jail = if config.jail.enabled {
-        let (uid, gid) = match (config.jail.uid, config.jail.gid) {
-            (Some(uid), Some(gid)) => (Some(uid), Some(gid)),
-            _ => (None, None),
-        };
         JailConfig {
             enabled: true,
             jail_dir: Some(paths.jail_dir.clone()),
-            uid,
-            gid,
+            uid: jail_id,
+            gid: jail_id,
         }
     } else {
         JailConfig::default()
@@ -138,8 +136,9 @@ pub fn command_args(
     paths: &VmmPaths,
     console_fd: RawFd,
     nics: &[Nic],
+    jail_id: Option<u32>,
 ) -> Vec<String> {
-    run_args(&vm_config(config, shape, paths, console_fd, nics))
+    run_args(&vm_config(config, shape, paths, console_fd, nics, jail_id))
 }
 
 fn run_args(vm: &VmConfig) -> Vec<String> {
@@ -152,16 +151,18 @@ fn run_args(vm: &VmConfig) -> Vec<String> {
 /// parent-death signal), and `delete` finds it through `vmm.pid` otherwise. Returns the VMM and
 /// the read end of its console pipe, which the caller drains (`console_log::drain`). The TAP fds
 /// of `nics` are inherited by the VMM under the same numbers (the caller closes its copies).
+/// `jail_id`: the pod's own uid and gid in the jail.
 pub fn spawn(
     config: &Config,
     shape: &VmShape,
     paths: &VmmPaths,
     nics: &[Nic],
+    jail_id: Option<u32>,
 ) -> Result<(tokio::process::Child, OwnedFd)> {
     let (console_read, console_write) =
         console_log::console_pipe().map_err(Error::io("create the guest console pipe"))?;
     let console_fd = console_write.as_raw_fd();
-    let vm = vm_config(config, shape, paths, console_fd, nics);
+    let vm = vm_config(config, shape, paths, console_fd, nics, jail_id);
     let tap_fds: Vec<i32> = nics.iter().map(|nic| nic.tap.as_raw_fd()).collect();
     // The VMM would refuse it too, but only after starting, with the reason in its log.
     vm.validate()
@@ -418,15 +419,13 @@ mod tests {
     fn command_line_follows_the_contract() {
         let mut config = Config::default();
         config.vmm.drive_slots = 2;
-        config.jail.uid = Some(100);
-        config.jail.gid = Some(101);
         let shape = VmShape {
             vcpus: 2,
             memory_mib: 256,
             debug_console: false,
         };
         let paths = VmmPaths::new(Path::new("/run/kata-like/default/pod1"));
-        let args = command_args(&config, &shape, &paths, 7, &[]).join(" ");
+        let args = command_args(&config, &shape, &paths, 7, &[], Some(100_000)).join(" ");
         assert!(args.contains("--console fd:7"), "{args}");
         assert!(args.contains("--rng --virtio-console"), "{args}");
         assert!(args.contains("console=hvc0"), "{args}");
@@ -435,10 +434,12 @@ mod tests {
         assert!(args.contains("--drive id=slot0,empty,ro --drive id=slot1,empty,ro --vsock"));
         assert!(args.contains("--vsock cid=3,uds=/run/kata-like/default/pod1/jail/vsock.sock"));
         assert!(args.contains("--api-sock /run/kata-like/default/pod1/jail/api.sock"));
-        assert!(args.contains("--jail-dir /run/kata-like/default/pod1/jail --uid 100 --gid 101"));
+        assert!(
+            args.contains("--jail-dir /run/kata-like/default/pod1/jail --uid 100000 --gid 100000")
+        );
         assert!(!args.contains("--no-jail"));
         config.jail.enabled = false;
-        let args = command_args(&config, &shape, &paths, 7, &[]).join(" ");
+        let args = command_args(&config, &shape, &paths, 7, &[], Some(100_000)).join(" ");
         assert!(args.contains("--no-jail") && !args.contains("--jail-dir"));
     }
 
@@ -458,13 +459,13 @@ mod tests {
                 mac,
             })
             .collect();
-        let vm = vm_config(&config, &shape, &paths, 7, &nics);
+        let vm = vm_config(&config, &shape, &paths, 7, &nics, None);
         assert_eq!(vm.validate(), Ok(()));
         let fds: Vec<i32> = std::iter::once(7)
             .chain(nics.iter().map(|n| n.tap.as_raw_fd()))
             .collect();
         assert_eq!(vm.inherited_fds(), fds, "the console pipe, then the TAPs");
-        let args = command_args(&config, &shape, &paths, 7, &nics).join(" ");
+        let args = command_args(&config, &shape, &paths, 7, &nics, None).join(" ");
         assert!(
             args.contains(&format!(
                 "--net fd={},mac=6a:00:00:00:00:01 --net fd={},mac=6a:00:00:00:00:02",
