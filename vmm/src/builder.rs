@@ -20,6 +20,7 @@ use crate::devices::legacy::serial::{ConsoleWriter, SerialDevice};
 use crate::devices::virtio::block::device::Backing;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
@@ -28,7 +29,7 @@ use crate::devices::virtio::{EventRegistrar, VirtioDevice, WORK_TOKEN};
 use crate::devices::DeviceInfo;
 use crate::vmm::{thread_builder, Vmm, EXIT_TOKEN, REQUEST_TOKEN};
 use crate::vmm_requests::VmmRequests;
-use crate::vstate::memory::create_guest_memory;
+use crate::vstate::memory::{create_guest_memory_with, MemoryBacking};
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
 use crate::vstate::vm::{open_kvm, Vm};
 use kata_like_vmm_contract::{ConsoleConfig, DriveConfig, NetBackend, VmConfig};
@@ -55,6 +56,8 @@ pub enum BuildError {
     Kvm(&'static str, kvm_ioctls::Error),
     #[error("device bus: {0}")]
     Bus(#[from] crate::devices::bus::Error),
+    #[error("virtio-fs: {0}")]
+    Fs(#[from] crate::devices::virtio::fs::FsBackendError),
 }
 
 /// Host resources opened before jailing.
@@ -66,6 +69,8 @@ pub struct OpenedResources {
     /// One TAP per `--net`, in order.
     pub taps: Vec<Tap>,
     pub vsock_listener: Option<UnixListener>,
+    /// One per `--fs`, in order, each already connected to its vhost-user backend.
+    pub fs: Vec<Fs>,
     pub api_listener: Option<UnixListener>,
     pub console: ConsoleSink,
 }
@@ -118,6 +123,10 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(BuildError::Tap)?;
     let vsock_listener = r.vsock.as_ref().map(|v| bind_unix(&v.uds)).transpose()?;
+    let fs =
+        r.fs.iter()
+            .map(|f| Fs::connect(&f.tag, &f.socket))
+            .collect::<Result<Vec<_>, _>>()?;
     let api_listener = r.api_sock.as_deref().map(bind_unix).transpose()?;
     let console = match &r.console {
         ConsoleConfig::Stdout => ConsoleSink::Stdout,
@@ -140,6 +149,7 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
         drives,
         taps,
         vsock_listener,
+        fs,
         api_listener,
         console,
     })
@@ -155,7 +165,13 @@ pub fn path_in_jail(p: &Path, jail_dir: Option<&Path>) -> PathBuf {
 
 /// Builds the VM: memory, kernel, devices, vCPUs. Nothing runs yet.
 pub fn build_vmm(r: &VmConfig, o: OpenedResources) -> Result<Vmm, BuildError> {
-    let mem = create_guest_memory(r.machine.memory_mib << 20, r.machine.hugepages)?;
+    // A vhost-user backend maps guest RAM itself: it must be a shared memfd then.
+    let backing = if r.fs.is_empty() {
+        MemoryBacking::Anonymous
+    } else {
+        MemoryBacking::SharedMemfd
+    };
+    let mem = create_guest_memory_with(r.machine.memory_mib << 20, r.machine.hugepages, backing)?;
     tracing::debug!(mib = r.machine.memory_mib, "guest memory mapped");
     let vm = Vm::new_without_pit(&o.kvm)?;
     // Registering the memory slot and creating the PIT are slow ioctls (milliseconds on some
@@ -296,6 +312,15 @@ fn assemble(
             DeviceInfo {
                 kind: "vsock",
                 id: None,
+            },
+        ));
+    }
+    for (fs, cfg) in o.fs.into_iter().zip(&r.fs) {
+        devices.push((
+            Box::new(fs),
+            DeviceInfo {
+                kind: "fs",
+                id: Some(cfg.tag.clone()),
             },
         ));
     }
