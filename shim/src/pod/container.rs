@@ -270,11 +270,8 @@ impl Pod {
         };
         let guest = spec::guest_spec(&bundle.spec)?;
         for dir in &guest.dirs {
-            let (mount_point, fresh) = vm.attach_tmpfs(&dir.storage_id).await?;
+            super::volumes::attach_dir(vm, dir).await?;
             container.dirs.push(dir.storage_id.clone());
-            if fresh {
-                super::volumes::copy_dir(vm, &dir.host, &mount_point).await?;
-            }
         }
         for file in &guest.files {
             vm.copy_file(&file.host, &file.guest).await?;
@@ -334,7 +331,7 @@ impl Pod {
             }
         }
         for id in std::mem::take(&mut container.dirs) {
-            if let Err(e) = vm.release_tmpfs(&id).await {
+            if let Err(e) = super::volumes::release_dir(vm, &id).await {
                 tracing::warn!(storage_id = %id, error = %e, "releasing a shared dir failed");
             }
         }

@@ -155,12 +155,15 @@ pub struct FileCopy {
     pub guest: String,
 }
 
-/// A guest tmpfs standing in for a host directory.
+/// A host directory the guest sees through the pod's shared file system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedDir {
-    /// Storage id of the tmpfs (same for every container binding the same host directory).
+    /// Storage id (same for every container binding the same host directory the same way).
     pub storage_id: String,
     pub host: PathBuf,
+    /// Bound read-only: the host side is read-only too, so the guest cannot write it even
+    /// through the shared file system's root.
+    pub read_only: bool,
 }
 
 /// The rewritten spec plus what must be put in the guest before the container is created.
@@ -284,12 +287,14 @@ fn rewrite_mount(
         });
         guest
     } else if meta.is_dir() {
-        let storage_id = format!("dir-{}", short_hash(&source));
+        let access = if read_only { "ro" } else { "rw" };
+        let storage_id = format!("dir-{}-{access}", short_hash(&source));
         let guest = storage_mount_point(&storage_id);
         if !dirs.iter().any(|d| d.storage_id == storage_id) {
             dirs.push(SharedDir {
                 storage_id,
                 host: source_path.to_path_buf(),
+                read_only,
             });
         }
         guest

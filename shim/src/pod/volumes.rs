@@ -1,49 +1,21 @@
-//! Host volumes made visible in the guest: a host directory bind becomes a guest tmpfs that
-//! the shim fills with a copy of the directory (there is no shared filesystem yet).
+//! Host volumes made visible in the guest. A host directory bind (hostPath, disk emptyDir)
+//! is a directory of the pod's shared file system (virtio-fs, `vm::shared_fs`): the container
+//! sees the host's files themselves, both ways, for as long as a container of the pod binds it.
+//! A disk emptyDir is kubelet's directory on the node's disk, so it outlives container
+//! restarts and dies with the pod, as kubelet decides.
 
-use std::path::{Path, PathBuf};
-
-use crate::error::{Error, Result};
+use super::spec::SharedDir;
+use crate::error::Result;
 use crate::vm::vm::Vm;
 
-/// Files copied into the guest for one host directory bind, at most.
-const MAX_DIR_FILES: usize = 4096;
-const MAX_DIR_BYTES: u64 = 256 * 1024 * 1024;
-
-/// Copies a host directory's regular files into a guest directory (a tmpfs storage), keeping
-/// the relative layout. Bounded in file count and bytes.
-pub(super) async fn copy_dir(vm: &Vm, host: &Path, guest_root: &str) -> Result<()> {
-    let mut stack: Vec<PathBuf> = vec![host.to_path_buf()];
-    let (mut files, mut bytes) = (0usize, 0u64);
-    while let Some(dir) = stack.pop() {
-        let entries =
-            std::fs::read_dir(&dir).map_err(Error::io(format!("read {}", dir.display())))?;
-        for entry in entries {
-            let entry = entry.map_err(Error::io(format!("read {}", dir.display())))?;
-            let ft = entry
-                .file_type()
-                .map_err(Error::io(format!("stat {}", entry.path().display())))?;
-            let path = entry.path();
-            if ft.is_dir() {
-                stack.push(path);
-            } else if ft.is_file() {
-                let rel = path.strip_prefix(host).map_err(|_| {
-                    Error::Other(format!("{} escapes {}", path.display(), host.display()))
-                })?;
-                let rel = rel.to_str().ok_or_else(|| {
-                    Error::InvalidArgument(format!("{} is not UTF-8", path.display()))
-                })?;
-                files += 1;
-                bytes += vm.copy_file(&path, &format!("{guest_root}/{rel}")).await?;
-                if files > MAX_DIR_FILES || bytes > MAX_DIR_BYTES {
-                    return Err(Error::InvalidArgument(format!(
-                        "host directory {} is too big to copy into the pod VM \
-                         (more than {MAX_DIR_FILES} files or {MAX_DIR_BYTES} bytes)",
-                        host.display()
-                    )));
-                }
-            }
-        }
-    }
+/// Shares `dir` with the guest (once per pod; later users count).
+pub(super) async fn attach_dir(vm: &Vm, dir: &SharedDir) -> Result<()> {
+    vm.attach_shared_dir(&dir.storage_id, &dir.host, dir.read_only)
+        .await?;
     Ok(())
+}
+
+/// A container that bound `storage_id` is gone.
+pub(super) async fn release_dir(vm: &Vm, storage_id: &str) -> Result<()> {
+    vm.release_shared_dir(storage_id).await
 }
