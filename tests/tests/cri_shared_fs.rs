@@ -250,6 +250,13 @@ async fn hostpath_symlink_escape_refused() {
             text(&r.stdout)
         );
     }
+    // The shared file system's root is the pod's volumes only: climbing out of the volume in
+    // the guest ends in the guest's own tree.
+    let listing = sh(&mut cri, &c, "ls /data/../").await;
+    assert!(
+        !listing.contains(secret_name),
+        "the guest sees the host directory around the volume: {listing}"
+    );
     // Writing through an escaping link (the guest creates the target in its own tree) and
     // a guest-made link to the host's path change nothing on the host.
     let _ = cri
@@ -269,12 +276,10 @@ async fn hostpath_symlink_escape_refused() {
         std::fs::read_to_string(&secret).expect("read the host secret"),
         "HOST SECRET\n"
     );
-    // The shared file system's root is the pod's volumes only: climbing out of the volume in
-    // the guest ends in the guest's own tree.
-    let listing = sh(&mut cri, &c, "ls /data/../").await;
-    assert!(
-        !listing.contains(secret_name),
-        "the guest sees the host directory around the volume: {listing}"
+    // The climbing write landed in the guest's own tree, not next to the volume on the host.
+    assert_eq!(
+        sh(&mut cri, &c, &format!("cat /{secret_name}")).await,
+        "overwritten\n"
     );
 
     cri.teardown_pod(&pod_id).await;
