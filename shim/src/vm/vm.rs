@@ -787,6 +787,13 @@ mod tests {
         config.vmm.path = vmm;
         config.vmm.kernel = kernel;
         config.vmm.initrd = None;
+        // Every pod VM starts its virtiofsd first: the one tests/install-deps builds.
+        config.virtiofsd = std::env::var_os("KATA_LIKE_VIRTIOFSD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/kata-like/virtiofsd/bin/virtiofsd")
+            });
         config
     }
 
