@@ -118,6 +118,36 @@ pub async fn find_block_device(serial: &str, wait: Duration) -> Result<PathBuf, 
     }
 }
 
+/// The virtio-fs tag of the pod's shared file system (the shim's `SHARED_FS_TAG`).
+pub const SHARED_FS_TAG: &str = "kata-like-shared";
+/// Where the shared file system is mounted, once, on first use.
+pub const SHARED_FS_ROOT: &str = "/run/kata-like/shared-fs";
+
+/// Mounts the pod's virtio-fs file system at `SHARED_FS_ROOT` unless it already is.
+fn ensure_shared_fs() -> Result<(), Error> {
+    static MOUNTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut mounted = MOUNTED.lock().unwrap_or_else(|p| p.into_inner());
+    if *mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all(SHARED_FS_ROOT)
+        .map_err(|e| Error::internal(format!("creating {SHARED_FS_ROOT}: {e}")))?;
+    mount(
+        Some(SHARED_FS_TAG),
+        SHARED_FS_ROOT,
+        Some("virtiofs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        Error::internal(format!(
+            "mounting the pod's shared file system (virtiofs {SHARED_FS_TAG}) on {SHARED_FS_ROOT}: {e}"
+        ))
+    })?;
+    *mounted = true;
+    Ok(())
+}
+
 /// Mounts a storage as requested; returns its mount point. Nothing is left behind on error.
 pub async fn add(
     storage_dir: &Path,
@@ -150,9 +180,27 @@ pub async fn add(
             let device = find_block_device(serial, Duration::from_millis(wait_ms)).await?;
             (device, request.fs_type.clone(), options)
         }
+        Some(Source::SharedFsDir(dir)) => {
+            if !kata_like_protocol::is_valid_id(dir) {
+                return Err(invalid(format!("shared fs directory {dir:?} is not valid")));
+            }
+            let options = parse_options(&request.options, false)?;
+            if !options.data.is_empty() {
+                return Err(invalid("a shared fs directory takes flag options only"));
+            }
+            ensure_shared_fs()?;
+            (
+                Path::new(SHARED_FS_ROOT).join(dir),
+                String::new(),
+                MountOptions {
+                    flags: options.flags | MsFlags::MS_BIND,
+                    data: Vec::new(),
+                },
+            )
+        }
         _ => {
             return Err(invalid(
-                "storage source: a block serial or tmpfs is required",
+                "storage source: a block serial, tmpfs or shared fs directory is required",
             ))
         }
     };
@@ -167,13 +215,27 @@ pub async fn add(
     })?;
     let data = options.data.join(",");
     let flags = options.flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    let result = mount(
+    let bind = flags.contains(MsFlags::MS_BIND);
+    let mut result = mount(
         Some(&source),
         &mount_point,
-        Some(fs_type.as_str()),
+        (!bind).then_some(fs_type.as_str()),
         flags,
         (!data.is_empty()).then_some(data.as_str()),
     );
+    if bind && result.is_ok() && flags.contains(MsFlags::MS_RDONLY) {
+        // A bind takes its flags only on a remount.
+        result = mount(
+            None::<&str>,
+            &mount_point,
+            None::<&str>,
+            flags | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        );
+        if result.is_err() {
+            let _ = umount2(&mount_point, MntFlags::MNT_DETACH);
+        }
+    }
     if let Err(e) = result {
         let _ = std::fs::remove_dir(&mount_point);
         return Err(Error::internal(format!(

@@ -65,6 +65,8 @@ pub struct Config {
     pub rootfs_cache_entries: usize,
     /// mkfs.erofs binary (erofs-utils).
     pub mkfs_erofs: PathBuf,
+    /// virtiofsd binary (the Rust virtiofsd), the backend of every pod's shared file system.
+    pub virtiofsd: PathBuf,
     /// Log level of the shim (tracing filter), e.g. "info" or "debug".
     pub log_level: String,
 }
@@ -246,6 +248,7 @@ impl Default for Config {
             rootfs_cache_dir: PathBuf::from("/run/kata-like/rootfs-cache"),
             rootfs_cache_entries: 64,
             mkfs_erofs: PathBuf::from("/usr/bin/mkfs.erofs"),
+            virtiofsd: PathBuf::from("/usr/libexec/virtiofsd"),
             log_level: "info".into(),
         }
     }
@@ -349,6 +352,7 @@ impl Config {
             ("state_dir", &self.state_dir),
             ("rootfs_cache_dir", &self.rootfs_cache_dir),
             ("mkfs_erofs", &self.mkfs_erofs),
+            ("virtiofsd", &self.virtiofsd),
         ] {
             if !path.is_absolute() {
                 return bad(format!("{name} must be an absolute path, got {path:?}"));

@@ -55,6 +55,8 @@ pub struct KataArtifacts {
     /// The static VMM test init (`vmm/guest-test-init`), `/bin/vsock-probe` in
     /// [`VSOCK_PROBE_IMAGE`].
     pub test_init_static: PathBuf,
+    /// The Rust virtiofsd (`KATA_LIKE_VIRTIOFSD`).
+    pub virtiofsd: PathBuf,
 }
 
 impl KataArtifacts {
@@ -68,6 +70,7 @@ impl KataArtifacts {
             kernel: crate::artifact("KATA_LIKE_KERNEL"),
             initrd: crate::artifact("KATA_LIKE_INITRD"),
             test_init_static: crate::artifact("KATA_LIKE_TEST_INIT_STATIC"),
+            virtiofsd: crate::artifact("KATA_LIKE_VIRTIOFSD"),
         }
     }
 }
@@ -181,6 +184,7 @@ impl Containerd {
             &kata_config,
             format!(
                 "state_dir = {state:?}\nrootfs_cache_dir = {cache:?}\nlog_level = \"debug\"\n\
+                 virtiofsd = {virtiofsd:?}\n\
                  [jail]\nenabled = {jail}\n\
                  [vmm]\ndebug_console = {debug}\npath = {vmm:?}\nkernel = {kernel:?}\ninitrd = {initrd:?}\n",
                 state = kata_state_dir.display().to_string(),
@@ -188,6 +192,7 @@ impl Containerd {
                 vmm = kata.vmm.display().to_string(),
                 kernel = kata.kernel.display().to_string(),
                 initrd = kata.initrd.display().to_string(),
+                virtiofsd = kata.virtiofsd.display().to_string(),
             ),
         )
         .expect("write the kata-like config");
@@ -385,7 +390,10 @@ impl Containerd {
     fn leftovers(&self, kata: &KataArtifacts) -> Vec<String> {
         let mut found = Vec::new();
         for (pid, exe) in processes() {
-            if same_file(&exe, &kata.shim) || same_file(&exe, &kata.vmm) {
+            if same_file(&exe, &kata.shim)
+                || same_file(&exe, &kata.vmm)
+                || same_file(&exe, &kata.virtiofsd)
+            {
                 found.push(format!("process {pid} {}", exe.display()));
             }
         }

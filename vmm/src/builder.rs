@@ -20,6 +20,7 @@ use crate::devices::legacy::serial::{ConsoleWriter, SerialDevice};
 use crate::devices::virtio::block::device::Backing;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, Tap};
 use crate::devices::virtio::rng::Rng;
@@ -29,7 +30,9 @@ use crate::devices::DeviceInfo;
 use crate::persist::{HostInfo, MicrovmState};
 use crate::vmm::{thread_builder, Vmm, EXIT_TOKEN, REQUEST_TOKEN};
 use crate::vmm_requests::VmmRequests;
-use crate::vstate::memory::{create_guest_memory, map_snapshot_memory, GuestMemoryMmap};
+use crate::vstate::memory::{
+    create_guest_memory_with, map_snapshot_memory, GuestMemoryMmap, MemoryBacking,
+};
 use crate::vstate::vcpu::{ExitSignal, Vcpu, VcpuControl};
 use crate::vstate::vm::{open_kvm, Vm};
 use kata_like_vmm_contract::{ConsoleConfig, DriveConfig, NetBackend, VmConfig};
@@ -60,6 +63,8 @@ pub enum BuildError {
     Snapshot(#[from] crate::persist::Error),
     #[error("restoring the snapshot: {0}")]
     Restore(String),
+    #[error("virtio-fs: {0}")]
+    Fs(#[from] crate::devices::virtio::fs::FsBackendError),
 }
 
 /// Host resources opened before jailing.
@@ -74,6 +79,8 @@ pub struct OpenedResources {
     /// One TAP per `--net`, in order.
     pub taps: Vec<Tap>,
     pub vsock_listener: Option<UnixListener>,
+    /// One per `--fs`, in order, each already connected to its vhost-user backend.
+    pub fs: Vec<Fs>,
     pub api_listener: Option<UnixListener>,
     pub console: ConsoleSink,
 }
@@ -129,6 +136,10 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(BuildError::Tap)?;
     let vsock_listener = r.vsock.as_ref().map(|v| bind_unix(&v.uds)).transpose()?;
+    let fs =
+        r.fs.iter()
+            .map(|f| Fs::connect(&f.tag, &f.socket))
+            .collect::<Result<Vec<_>, _>>()?;
     let api_listener = r.api_sock.as_deref().map(bind_unix).transpose()?;
     let console = match &r.console {
         ConsoleConfig::Stdout => ConsoleSink::Stdout,
@@ -152,6 +163,7 @@ pub fn open_resources(r: &VmConfig) -> Result<OpenedResources, BuildError> {
         drives,
         taps,
         vsock_listener,
+        fs,
         api_listener,
         console,
     })
@@ -198,7 +210,13 @@ pub fn build_vmm(r: &VmConfig, mut o: OpenedResources) -> Result<Vmm, BuildError
     if let Some((state, memory)) = o.snapshot.take() {
         return build_restored(r, o, &state, &memory);
     }
-    let mem = create_guest_memory(r.machine.memory_mib << 20, r.machine.hugepages)?;
+    // A vhost-user backend maps guest RAM itself: it must be a shared memfd then.
+    let backing = if r.fs.is_empty() {
+        MemoryBacking::Anonymous
+    } else {
+        MemoryBacking::SharedMemfd
+    };
+    let mem = create_guest_memory_with(r.machine.memory_mib << 20, r.machine.hugepages, backing)?;
     tracing::debug!(mib = r.machine.memory_mib, "guest memory mapped");
     let vm = Vm::new_without_pit(&o.kvm)?;
     let host = HostInfo::probe(&o.kvm, vm.supported_cpuid());
@@ -234,6 +252,13 @@ fn build_restored(
     memory: &File,
 ) -> Result<Vmm, BuildError> {
     let started = std::time::Instant::now();
+    if !r.fs.is_empty() {
+        // A vhost-user backend maps guest RAM through a shared fd; a restored VM's RAM is a
+        // private copy-on-write mapping of the snapshot file, which the backend cannot share.
+        return Err(BuildError::Restore(
+            "a VM with a virtio-fs device (--fs) cannot be restored: boot it instead".into(),
+        ));
+    }
     let vm = Vm::new_without_pit(&o.kvm)?;
     let host = HostInfo::probe(&o.kvm, vm.supported_cpuid());
     let (_, state) = crate::persist::decode(state_bytes, &host)?;
@@ -428,6 +453,15 @@ fn assemble(
             DeviceInfo {
                 kind: "vsock",
                 id: None,
+            },
+        ));
+    }
+    for (fs, cfg) in o.fs.into_iter().zip(&r.fs) {
+        devices.push((
+            Box::new(fs),
+            DeviceInfo {
+                kind: "fs",
+                id: Some(cfg.tag.clone()),
             },
         ));
     }

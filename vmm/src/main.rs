@@ -7,7 +7,7 @@ use kata_like_vmm::vmm::SeccompSettings;
 const USAGE: &str =
     "usage: kata-like-vmm run --kernel PATH [--initrd PATH] [--cmdline STR] [--vcpus N] \
 [--memory-mib N] [--hugepages] [--console PATH|fd:N|stdout|null] [--drive id=ID,path=PATH[,ro]] \
-[--drive id=ID,empty[,ro]] [--net fd=N|tap=NAME[,mac=MAC]] [--vsock cid=N,uds=PATH] [--rng] \
+[--drive id=ID,empty[,ro]] [--net fd=N|tap=NAME[,mac=MAC]] [--vsock cid=N,uds=PATH] [--fs tag=TAG,socket=PATH] [--rng] \
 [--api-sock PATH] [--jail-dir DIR [--uid U --gid G] | --no-jail] [--log-level LEVEL]
        kata-like-vmm probe";
 

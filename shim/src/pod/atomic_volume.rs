@@ -23,7 +23,7 @@ use std::sync::Arc;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::unix::AsyncFd;
 
-use super::volumes::{walk_files, HostFile, Symlinks};
+use super::volumes::{walk_files, HostFile};
 use crate::error::{Error, Result};
 use crate::vm::vm::Vm;
 
@@ -95,12 +95,7 @@ pub fn read_generation(dir: &Path) -> Result<Generation> {
             target.display()
         )));
     }
-    let files = walk_files(
-        &dir.join(&name),
-        Symlinks::Refuse,
-        MAX_GENERATION_FILES,
-        MAX_GENERATION_BYTES,
-    )?;
+    let files = walk_files(&dir.join(&name), MAX_GENERATION_FILES, MAX_GENERATION_BYTES)?;
     Ok(Generation { name, files })
 }
 

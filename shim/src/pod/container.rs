@@ -310,36 +310,37 @@ impl Pod {
         })
     }
 
-    /// A host directory's guest tmpfs, filled as its kind asks (see `volumes::classify_dir`).
+    /// A host directory in the guest, as its kind asks (see `volumes::classify_dir`).
     async fn attach_shared_dir(
         &self,
         vm: &Vm,
         dir: &spec::SharedDir,
         container: &mut Container,
     ) -> Result<()> {
-        if let SharedDirKind::MemoryEmptyDir { tmpfs_options } = &dir.kind {
-            // The pod's: kept across its containers' restarts, released with the VM.
-            vm.attach_pod_tmpfs(&dir.storage_id, tmpfs_options.clone())
-                .await?;
-            return Ok(());
-        }
-        let (mount_point, fresh) = vm.attach_tmpfs(&dir.storage_id).await?;
-        container.dirs.push(dir.storage_id.clone());
-        if !fresh {
-            return Ok(());
-        }
-        match dir.kind {
-            SharedDirKind::AtomicWriter => {
-                let watched = super::atomic_volume::attach(
-                    self.vm()?,
-                    dir.host.clone(),
-                    dir.storage_id.clone(),
-                    mount_point,
-                )
-                .await?;
-                lock(&self.inner.watched_volumes).insert(dir.storage_id.clone(), watched);
+        match &dir.kind {
+            SharedDirKind::MemoryEmptyDir { tmpfs_options } => {
+                // The pod's: kept across its containers' restarts, released with the VM.
+                vm.attach_pod_tmpfs(&dir.storage_id, tmpfs_options.clone())
+                    .await?;
             }
-            _ => super::volumes::copy_dir(vm, &dir.host, &mount_point).await?,
+            SharedDirKind::SharedFs => {
+                super::volumes::attach_dir(vm, dir).await?;
+                container.dirs.push(dir.storage_id.clone());
+            }
+            SharedDirKind::AtomicWriter => {
+                let (mount_point, fresh) = vm.attach_tmpfs(&dir.storage_id).await?;
+                container.dirs.push(dir.storage_id.clone());
+                if fresh {
+                    let watched = super::atomic_volume::attach(
+                        self.vm()?,
+                        dir.host.clone(),
+                        dir.storage_id.clone(),
+                        mount_point,
+                    )
+                    .await?;
+                    lock(&self.inner.watched_volumes).insert(dir.storage_id.clone(), watched);
+                }
+            }
         }
         Ok(())
     }
@@ -370,8 +371,14 @@ impl Pod {
             }
         }
         for id in std::mem::take(&mut container.dirs) {
+            if id.starts_with(super::volumes::SHARED_FS_STORAGE_PREFIX) {
+                if let Err(e) = super::volumes::release_dir(vm, &id).await {
+                    tracing::warn!(storage_id = %id, error = %e, "releasing a shared dir failed");
+                }
+                continue;
+            }
             if let Err(e) = vm.release_tmpfs(&id).await {
-                tracing::warn!(storage_id = %id, error = %e, "releasing a shared dir failed");
+                tracing::warn!(storage_id = %id, error = %e, "releasing a volume tmpfs failed");
             }
             if !vm.has_tmpfs(&id).await {
                 // Its last user is gone: stop following the host volume.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::volumes::{classify_dir, SharedDirKind};
+use super::volumes::{classify_dir, SharedDirKind, SHARED_FS_STORAGE_PREFIX};
 use crate::error::{Error, Result};
 use crate::vm::storage::storage_mount_point;
 
@@ -157,14 +157,17 @@ pub struct FileCopy {
     pub guest: String,
 }
 
-/// A guest tmpfs standing in for a host directory.
+/// A host directory the guest sees through the pod's shared file system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedDir {
-    /// Storage id of the tmpfs (same for every container binding the same host directory).
+    /// Storage id (same for every container binding the same host directory the same way).
     pub storage_id: String,
     pub host: PathBuf,
-    /// How it is filled and how long it lives (see `volumes::classify_dir`).
+    /// How the guest gets it and how long it lives (see `volumes::classify_dir`).
     pub kind: SharedDirKind,
+    /// Bound read-only: the host side is read-only too, so the guest cannot write it even
+    /// through the shared file system's root.
+    pub read_only: bool,
 }
 
 /// The rewritten spec plus what must be put in the guest before the container is created.
@@ -289,18 +292,21 @@ fn rewrite_mount(
         guest
     } else if meta.is_dir() {
         let kind = classify_dir(source_path)?;
-        let prefix = match kind {
-            SharedDirKind::Copy => "dir",
-            SharedDirKind::AtomicWriter => "vol",
-            SharedDirKind::MemoryEmptyDir { .. } => "emptydir",
+        let storage_id = match kind {
+            SharedDirKind::SharedFs => {
+                let access = if read_only { "ro" } else { "rw" };
+                format!("{SHARED_FS_STORAGE_PREFIX}{}-{access}", short_hash(&source))
+            }
+            SharedDirKind::AtomicWriter => format!("vol-{}", short_hash(&source)),
+            SharedDirKind::MemoryEmptyDir { .. } => format!("emptydir-{}", short_hash(&source)),
         };
-        let storage_id = format!("{prefix}-{}", short_hash(&source));
         let guest = storage_mount_point(&storage_id);
         if !dirs.iter().any(|d| d.storage_id == storage_id) {
             dirs.push(SharedDir {
                 storage_id,
                 host: source_path.to_path_buf(),
                 kind,
+                read_only,
             });
         }
         guest

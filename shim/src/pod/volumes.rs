@@ -1,20 +1,24 @@
 //! Host volumes made visible in the guest. A host directory bind is one of three kinds
 //! ([`classify_dir`]):
 //! - an atomic-writer volume (configMap, secret, projected, downwardAPI): kubelet's layout and
-//!   its live updates are reproduced in a guest tmpfs (`atomic_volume.rs`);
+//!   its live updates are reproduced in a guest tmpfs (`atomic_volume.rs`), because inotify in
+//!   the guest never fires for changes made on the host side of a shared file system;
 //! - a memory emptyDir: a guest tmpfs of the host tmpfs's size, for the pod's lifetime;
-//! - anything else: a guest tmpfs filled once with a copy of the directory (frozen, as a
-//!   subPath is with kubelet).
+//! - anything else (hostPath, disk emptyDir, subPath binds): a directory of the pod's shared
+//!   file system (virtio-fs, `vm::shared_fs`): the container sees the host's files themselves,
+//!   both ways, for as long as a container of the pod binds it. A disk emptyDir is kubelet's
+//!   directory on the node's disk, so it outlives container restarts and dies with the pod, as
+//!   kubelet decides.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::spec::SharedDir;
 use crate::error::{Error, Result};
 use crate::vm::vm::Vm;
 
-/// Files copied into the guest for one host directory bind, at most.
-const MAX_DIR_FILES: usize = 4096;
-const MAX_DIR_BYTES: u64 = 256 * 1024 * 1024;
+/// Storage ids of shared-file-system directories start with this (the others are tmpfs).
+pub const SHARED_FS_STORAGE_PREFIX: &str = "dir-";
 
 /// The name of the directory under which kubelet puts a pod's emptyDir volumes
 /// (`<kubelet root>/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`).
@@ -23,8 +27,8 @@ const EMPTY_DIR_PLUGIN_DIR: &str = "kubernetes.io~empty-dir";
 /// What a host directory bind becomes in the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SharedDirKind {
-    /// A copy, made once.
-    Copy,
+    /// A directory of the pod's shared file system (virtio-fs).
+    SharedFs,
     /// kubelet's AtomicWriter layout (`..data`), kept up to date.
     AtomicWriter,
     /// A memory emptyDir: a guest tmpfs with these mount options (size, mode, uid, gid), for
@@ -39,7 +43,7 @@ pub enum SharedDirKind {
 /// `..data` symlink to a `..<timestamp>` directory beside it, which no plain hostPath has.
 /// A memory emptyDir needs both kubelet's plugin directory and a tmpfs (kubelet mounts one per
 /// `medium: Memory` volume); a disk emptyDir (no tmpfs) and a hostPath that happens to be on a
-/// tmpfs (`/run/...`) stay copies.
+/// tmpfs (`/run/...`) are shared.
 pub fn classify_dir(dir: &Path) -> Result<SharedDirKind> {
     if super::atomic_volume::is_atomic_writer_dir(dir) {
         return Ok(SharedDirKind::AtomicWriter);
@@ -49,13 +53,13 @@ pub fn classify_dir(dir: &Path) -> Result<SharedDirKind> {
         .and_then(Path::file_name)
         .is_some_and(|n| n == EMPTY_DIR_PLUGIN_DIR);
     if !in_empty_dir_plugin {
-        return Ok(SharedDirKind::Copy);
+        return Ok(SharedDirKind::SharedFs);
     }
     let fs = nix::sys::statfs::statfs(dir).map_err(|e| {
         Error::InvalidArgument(format!("statfs of emptyDir {}: {e}", dir.display()))
     })?;
     if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
-        return Ok(SharedDirKind::Copy);
+        return Ok(SharedDirKind::SharedFs);
     }
     let meta = std::fs::metadata(dir).map_err(Error::io(format!("stat {}", dir.display())))?;
     let size_bytes = fs.blocks().saturating_mul(fs.block_size() as u64);
@@ -75,15 +79,6 @@ fn memory_empty_dir_options(size_bytes: u64, mode: u32, uid: u32, gid: u32) -> V
     ]
 }
 
-/// What to do with a symlink met while walking a host directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Symlinks {
-    /// Leave it out (a plain copy: the guest cannot reach the host path it names).
-    Skip,
-    /// Fail, naming it (a payload kubelet wrote has none).
-    Refuse,
-}
-
 /// A regular file found under a walked directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostFile {
@@ -92,13 +87,9 @@ pub struct HostFile {
     pub relative: String,
 }
 
-/// The regular files under `root`, at most `max_files` of them and `max_bytes` in all.
-pub fn walk_files(
-    root: &Path,
-    symlinks: Symlinks,
-    max_files: usize,
-    max_bytes: u64,
-) -> Result<Vec<HostFile>> {
+/// The regular files under `root`, at most `max_files` of them and `max_bytes` in all. A
+/// symlink fails the walk, naming it: a volume payload kubelet wrote has none.
+pub fn walk_files(root: &Path, max_files: usize, max_bytes: u64) -> Result<Vec<HostFile>> {
     let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
     let mut files = Vec::new();
     let mut bytes = 0u64;
@@ -117,16 +108,13 @@ pub fn walk_files(
                 continue;
             }
             if ft.is_symlink() {
-                if symlinks == Symlinks::Refuse {
-                    let target = std::fs::read_link(&path).unwrap_or_default();
-                    return Err(Error::InvalidArgument(format!(
-                        "{} is a symlink (to {}); a volume's payload may hold only files and \
-                         directories, nothing that points elsewhere",
-                        path.display(),
-                        target.display()
-                    )));
-                }
-                continue;
+                let target = std::fs::read_link(&path).unwrap_or_default();
+                return Err(Error::InvalidArgument(format!(
+                    "{} is a symlink (to {}); a volume's payload may hold only files and \
+                     directories, nothing that points elsewhere",
+                    path.display(),
+                    target.display()
+                )));
             }
             if !ft.is_file() {
                 continue;
@@ -153,14 +141,16 @@ pub fn walk_files(
     Ok(files)
 }
 
-/// Copies a host directory's regular files into a guest directory (a tmpfs storage), keeping
-/// the relative layout. Bounded in file count and bytes.
-pub(super) async fn copy_dir(vm: &Vm, host: &Path, guest_root: &str) -> Result<()> {
-    for file in walk_files(host, Symlinks::Skip, MAX_DIR_FILES, MAX_DIR_BYTES)? {
-        vm.copy_file(&file.path, &format!("{guest_root}/{}", file.relative))
-            .await?;
-    }
+/// Shares `dir` with the guest (once per pod; later users count).
+pub(super) async fn attach_dir(vm: &Vm, dir: &SharedDir) -> Result<()> {
+    vm.attach_shared_dir(&dir.storage_id, &dir.host, dir.read_only)
+        .await?;
     Ok(())
+}
+
+/// A container that bound `storage_id` is gone.
+pub(super) async fn release_dir(vm: &Vm, storage_id: &str) -> Result<()> {
+    vm.release_shared_dir(storage_id).await
 }
 
 #[cfg(test)]
@@ -168,11 +158,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plain_directories_and_disk_empty_dirs_stay_copies() {
+    fn plain_directories_and_disk_empty_dirs_are_shared() {
         let dir = tempfile::tempdir().expect("tempdir");
         let plain = dir.path().join("data");
         std::fs::create_dir(&plain).expect("mkdir");
-        assert_eq!(classify_dir(&plain).expect("classify"), SharedDirKind::Copy);
+        assert_eq!(
+            classify_dir(&plain).expect("classify"),
+            SharedDirKind::SharedFs
+        );
         // The emptyDir plugin's directory, but not a tmpfs (tempdir is on the build's disk,
         // unless /tmp is a tmpfs: then this is a memory emptyDir, which the next test covers).
         let disk = dir.path().join(EMPTY_DIR_PLUGIN_DIR).join("cache");
@@ -209,23 +202,19 @@ mod tests {
     }
 
     #[test]
-    fn walks_list_relative_paths_and_refuse_symlinks_when_asked() {
+    fn walks_list_relative_paths_and_refuse_symlinks_and_excess() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
         std::fs::write(dir.path().join("a"), "1").expect("write");
         std::fs::write(dir.path().join("sub/b"), "22").expect("write");
-        std::os::unix::fs::symlink("/etc", dir.path().join("link")).expect("symlink");
-        let mut files = walk_files(dir.path(), Symlinks::Skip, 10, 100).expect("walk");
+        let mut files = walk_files(dir.path(), 10, 100).expect("walk");
         files.sort_by(|a, b| a.relative.cmp(&b.relative));
         let names: Vec<&str> = files.iter().map(|f| f.relative.as_str()).collect();
         assert_eq!(names, ["a", "sub/b"]);
-        let err = walk_files(dir.path(), Symlinks::Refuse, 10, 100)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("link") && err.contains("/etc"), "{err}");
-        let err = walk_files(dir.path(), Symlinks::Skip, 10, 2)
-            .unwrap_err()
-            .to_string();
+        let err = walk_files(dir.path(), 10, 2).unwrap_err().to_string();
         assert!(err.contains("too big"), "{err}");
+        std::os::unix::fs::symlink("/etc", dir.path().join("link")).expect("symlink");
+        let err = walk_files(dir.path(), 10, 100).unwrap_err().to_string();
+        assert!(err.contains("link") && err.contains("/etc"), "{err}");
     }
 }

@@ -21,6 +21,7 @@ use crate::vm::agent_client::{Agent, PodIdentity};
 use crate::vm::cgroup::{self, HostCgroup, PodCgroup};
 use crate::vm::console_log::{self, RotatingLog};
 use crate::vm::network::{self, PodNetwork};
+use crate::vm::shared_fs::{self, SharedFs};
 use crate::vm::storage::{storage_mount_point, LayerImage};
 use crate::vm::vmm_client::{self as vmm, VmmApi, VmmPaths};
 use crate::vm::vmm_ids;
@@ -70,6 +71,8 @@ pub fn cleanup_state_dir(state_dir: &Path) -> Result<()> {
         tracing::warn!(pid, state_dir = %state_dir.display(), "killed a VMM left behind");
     }
     network::disconnect_recorded(state_dir)?;
+    // Before anything is removed: a volume still bound there would lose its host files.
+    shared_fs::cleanup(state_dir)?;
     // Once the VMM is gone: the shim leaves the cgroup, which is then empty and removed.
     cgroup::leave_recorded(state_dir)?;
     // After the VMM's end: the id is free for another pod only once nothing runs as it.
@@ -92,6 +95,8 @@ struct Storages {
     slots: HashMap<u32, Slot>,
     /// tmpfs storages (shared directories) -> users.
     tmpfs: HashMap<String, usize>,
+    /// Host directories on the shared file system (virtio-fs) -> users.
+    shared_dirs: HashMap<String, usize>,
 }
 
 /// A running pod VM.
@@ -105,6 +110,8 @@ pub struct Vm {
     pub cgroup: Option<PodCgroup>,
     pub api: VmmApi,
     pub agent: Agent,
+    /// The pod's virtiofsd, serving its host volumes.
+    pub shared_fs: SharedFs,
     paths: VmmPaths,
     slot_count: u32,
     exited: watch::Receiver<Option<VmExit>>,
@@ -245,10 +252,18 @@ impl Vm {
         } else {
             None
         };
+        // Started for every pod: devices are fixed at boot, and volumes come with containers.
+        let shared_fs = SharedFs::start(config, state_dir, sandbox_id).await?;
         let spawned = vmm::spawn(config, shape, &paths, &nics, jail_id);
         // The VMM holds the TAPs now; with the shim's copies closed, they end with it.
         drop(nics);
-        let (mut child, console_pipe) = spawned?;
+        let (mut child, console_pipe) = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                shared_fs.stop().await;
+                return Err(e);
+            }
+        };
         let console_drain = tokio::spawn(console_log::drain(
             console_pipe,
             console,
@@ -290,6 +305,7 @@ impl Vm {
             cgroup,
             api: VmmApi::new(&paths.api_sock),
             agent,
+            shared_fs,
             paths,
             slot_count: config.vmm.drive_slots,
             exited: exit_rx,
@@ -455,6 +471,7 @@ impl Vm {
     /// Stops the VM if needed and removes the state dir.
     pub async fn destroy(&self) -> VmExit {
         let exit = self.stop(true).await;
+        self.shared_fs.stop().await;
         // The drain writes into the state dir until the pipe ends.
         self.console_flushed().await;
         if let Err(e) = cleanup_state_dir(&self.state_dir) {
@@ -612,6 +629,65 @@ impl Vm {
             return Ok(());
         }
         self.agent.remove_storage(storage_id).await
+    }
+
+    /// Makes host directory `host` a guest storage on the shared file system (hostPath, disk
+    /// emptyDir): the same files on both sides. Counted per user, like `attach_tmpfs`.
+    pub async fn attach_shared_dir(
+        &self,
+        storage_id: &str,
+        host: &Path,
+        read_only: bool,
+    ) -> Result<String> {
+        let mut storages = self.storages.lock().await;
+        if let Some(users) = storages.shared_dirs.get_mut(storage_id) {
+            *users += 1;
+            return Ok(storage_mount_point(storage_id));
+        }
+        self.shared_fs.add_dir(storage_id, host, read_only)?;
+        let added = self
+            .agent
+            .add_storage(pb::AddStorageRequest {
+                storage_id: storage_id.to_string(),
+                source: Some(pb::add_storage_request::Source::SharedFsDir(
+                    storage_id.to_string(),
+                )),
+                fs_type: "virtiofs".into(),
+                options: if read_only { vec!["ro".into()] } else { vec![] },
+                wait_ms: 0,
+            })
+            .await;
+        match added {
+            Ok(mount_point) => {
+                storages.shared_dirs.insert(storage_id.to_string(), 1);
+                Ok(mount_point)
+            }
+            Err(e) => {
+                if let Err(undo) = self.shared_fs.remove_dir(storage_id) {
+                    tracing::error!(sandbox_id = %self.sandbox_id, storage_id, error = %undo, "unsharing a volume failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn release_shared_dir(&self, storage_id: &str) -> Result<()> {
+        let mut storages = self.storages.lock().await;
+        let Some(users) = storages.shared_dirs.get_mut(storage_id) else {
+            return Ok(());
+        };
+        *users -= 1;
+        if *users > 0 {
+            return Ok(());
+        }
+        storages.shared_dirs.remove(storage_id);
+        let removed = if self.exit().is_some() {
+            Ok(())
+        } else {
+            self.agent.remove_storage(storage_id).await
+        };
+        self.shared_fs.remove_dir(storage_id)?;
+        removed
     }
 
     /// Copies one host file into the guest, in chunks the agent accepts.
@@ -780,6 +856,13 @@ mod tests {
         config.vmm.path = vmm;
         config.vmm.kernel = kernel;
         config.vmm.initrd = None;
+        // Every pod VM starts its virtiofsd first: the one tests/install-deps builds.
+        config.virtiofsd = std::env::var_os("KATA_LIKE_VIRTIOFSD")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/kata-like/virtiofsd/bin/virtiofsd")
+            });
         config
     }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use kata_like_vmm_contract::limits::MAX_LINE;
 use kata_like_vmm_contract::{
-    parse_response, ConsoleConfig, DriveConfig, JailConfig, MachineConfig, NetBackend, NetConfig,
-    Request, Response, VmConfig, VmMetrics, VsockConfig,
+    parse_response, ConsoleConfig, DriveConfig, FsConfig, JailConfig, MachineConfig, NetBackend,
+    NetConfig, Request, Response, VmConfig, VmMetrics, VsockConfig,
 };
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -20,6 +20,7 @@ use crate::config::{Config, VmShape};
 use crate::error::{Error, Result};
 use crate::vm::console_log;
 use crate::vm::network::Nic;
+use crate::vm::shared_fs::{SharedFsPaths, SHARED_FS_TAG};
 
 /// Guest context id of the pod VM (any value >= 3; each VM has its own vsock device).
 pub const GUEST_CID: u32 = 3;
@@ -45,6 +46,8 @@ pub struct VmmPaths {
     pub console_log: PathBuf,
     pub vmm_log: PathBuf,
     pub pid_file: PathBuf,
+    /// virtiofsd's socket: outside the jail (the VMM connects before jailing itself).
+    pub shared_fs_sock: PathBuf,
 }
 
 impl VmmPaths {
@@ -57,6 +60,7 @@ impl VmmPaths {
             console_log: state_dir.join("console.log"),
             vmm_log: state_dir.join("vmm.log"),
             pid_file: state_dir.join("vmm.pid"),
+            shared_fs_sock: SharedFsPaths::new(state_dir).socket,
         }
     }
 }
@@ -113,6 +117,10 @@ pub fn vm_config(
         cid: u64::from(GUEST_CID),
         uds: paths.vsock_sock.clone(),
     });
+    vm.fs = vec![FsConfig {
+        tag: SHARED_FS_TAG.into(),
+        socket: paths.shared_fs_sock.clone(),
+    }];
     vm.rng = true;
     vm.api_sock = Some(paths.api_sock.clone());
     vm.jail = if config.jail.enabled {
@@ -217,19 +225,24 @@ pub fn spawn(
 /// Kills a VMM recorded in a state dir by an earlier shim (after a crash), making sure the pid
 /// still belongs to that VMM: its command line must name this sandbox's API socket.
 pub fn kill_recorded(paths: &VmmPaths) -> Result<Option<u32>> {
-    let pid: u32 = match std::fs::read_to_string(&paths.pid_file) {
+    kill_recorded_pid(&paths.pid_file, &paths.api_sock.display().to_string())
+}
+
+/// Kills the process whose pid `pid_file` records if one of its arguments is `marker` (so a
+/// reused pid is spared); waits until it is gone or a zombie. Returns its pid if killed.
+pub fn kill_recorded_pid(pid_file: &Path, marker: &str) -> Result<Option<u32>> {
+    let pid: u32 = match std::fs::read_to_string(pid_file) {
         Ok(text) => match text.trim().parse() {
             Ok(pid) => pid,
             Err(_) => return Ok(None),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("read {}", paths.pid_file.display()))(e)),
+        Err(e) => return Err(Error::io(format!("read {}", pid_file.display()))(e)),
     };
     let cmdline = match std::fs::read(format!("/proc/{pid}/cmdline")) {
         Ok(c) => c,
         Err(_) => return Ok(None),
     };
-    let marker = paths.api_sock.display().to_string();
     let ours = cmdline
         .split(|b| *b == 0)
         .any(|arg| arg == marker.as_bytes());

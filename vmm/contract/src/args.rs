@@ -81,6 +81,22 @@ fn parse_vsock(v: &str) -> Result<VsockConfig, ConfigError> {
     })
 }
 
+fn parse_fs(v: &str) -> Result<FsConfig, ConfigError> {
+    let mut tag = None;
+    let mut socket = None;
+    for (k, val) in key_values(v) {
+        match k {
+            "tag" if !val.is_empty() => tag = Some(val.to_string()),
+            "socket" if !val.is_empty() => socket = Some(PathBuf::from(val)),
+            _ => return Err(invalid(format!("--fs: unknown or empty option {k:?}"))),
+        }
+    }
+    Ok(FsConfig {
+        tag: tag.ok_or_else(|| invalid("--fs needs tag=TAG"))?,
+        socket: socket.ok_or_else(|| invalid("--fs needs socket=PATH"))?,
+    })
+}
+
 fn parse_console(v: &str) -> Result<ConsoleConfig, ConfigError> {
     Ok(match v {
         "stdout" => ConsoleConfig::Stdout,
@@ -119,6 +135,7 @@ impl VmConfig {
                 "--drive" => c.drives.push(parse_drive(&value("--drive")?)?),
                 "--net" => c.net.push(parse_net(&value("--net")?)?),
                 "--vsock" => c.vsock = Some(parse_vsock(&value("--vsock")?)?),
+                "--fs" => c.fs.push(parse_fs(&value("--fs")?)?),
                 "--rng" => c.rng = true,
                 "--virtio-console" => c.virtio_console = true,
                 "--api-sock" => c.api_sock = Some(PathBuf::from(value("--api-sock")?)),
@@ -202,6 +219,12 @@ impl VmConfig {
                 format!("cid={},uds={}", v.cid, v.uds.display()),
             ]);
         }
+        for fs in &self.fs {
+            args.extend([
+                "--fs".into(),
+                format!("tag={},socket={}", fs.tag, fs.socket.display()),
+            ]);
+        }
         if self.rng {
             args.push("--rng".into());
         }
@@ -264,6 +287,8 @@ mod tests {
         "tap=tap0,mac=02:00:00:00:00:01",
         "--vsock",
         "cid=3,uds=/jail/v.sock",
+        "--fs",
+        "tag=shared,socket=/run/vfs.sock",
         "--rng",
         "--virtio-console",
         "--api-sock",

@@ -29,6 +29,9 @@ pub struct VmConfig {
     /// One virtio-net device per entry, in this order (the pod's interfaces).
     pub net: Vec<NetConfig>,
     pub vsock: Option<VsockConfig>,
+    /// One virtio-fs device per entry (vhost-user-fs: the file system is served by a
+    /// vhost-user backend such as virtiofsd on `socket`), after vsock.
+    pub fs: Vec<FsConfig>,
     pub rng: bool,
     /// A virtio-console device (the guest's hvc0) writing to the same sink as the 8250.
     pub virtio_console: bool,
@@ -109,6 +112,15 @@ pub struct VsockConfig {
     pub cid: u64,
     /// Host side of the hybrid vsock: a Unix socket path.
     pub uds: PathBuf,
+}
+
+/// A vhost-user-fs device: the guest mounts `tag` (`mount -t virtiofs TAG DIR`); the VMM
+/// connects to the backend's Unix socket `socket` before it jails itself, so the socket may lie
+/// outside `--jail-dir`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsConfig {
+    pub tag: String,
+    pub socket: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +221,7 @@ impl VmConfig {
         self.drives.len()
             + self.net.len()
             + usize::from(self.vsock.is_some())
+            + self.fs.len()
             + usize::from(self.rng)
             + usize::from(self.virtio_console)
     }
@@ -299,6 +312,19 @@ impl VmConfig {
                 )));
             }
         }
+        for fs in &self.fs {
+            validate_fs_tag(&fs.tag)?;
+            if fs.socket.as_os_str().is_empty() {
+                return Err(invalid("--fs needs socket=PATH"));
+            }
+        }
+        let mut tags: Vec<&str> = self.fs.iter().map(|f| f.tag.as_str()).collect();
+        tags.sort_unstable();
+        if tags.windows(2).any(|w| w[0] == w[1]) {
+            return Err(invalid(
+                "--fs tags must be unique (the guest mounts by tag)",
+            ));
+        }
         if self.virtio_devices() > MAX_VIRTIO_DEVICES {
             return Err(invalid(format!(
                 "at most {MAX_VIRTIO_DEVICES} virtio devices"
@@ -350,9 +376,45 @@ impl VmConfig {
     }
 }
 
+/// A virtio-fs tag: 1-36 bytes (the config space field), printable ASCII without `,` and `=`
+/// (the command line's separators) or spaces (the guest's mount source).
+pub fn validate_fs_tag(tag: &str) -> Result<(), ConfigError> {
+    if tag.is_empty()
+        || tag.len() > MAX_FS_TAG_LEN
+        || !tag
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b',' && b != b'=')
+    {
+        return Err(invalid(format!(
+            "--fs tag {tag:?} must be 1-{MAX_FS_TAG_LEN} printable ASCII characters without ',' '=' or spaces"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fs_tags_are_checked_and_unique() {
+        let mut c = VmConfig::new("/k");
+        c.jail.enabled = false;
+        let fs = |tag: &str| FsConfig {
+            tag: tag.into(),
+            socket: "/run/fs.sock".into(),
+        };
+        c.fs = vec![fs("kata-like-shared")];
+        assert_eq!(c.validate(), Ok(()));
+        c.fs = vec![fs("")];
+        assert!(c.validate().is_err());
+        c.fs = vec![fs(&"x".repeat(MAX_FS_TAG_LEN + 1))];
+        assert!(c.validate().is_err());
+        c.fs = vec![fs("a b")];
+        assert!(c.validate().is_err());
+        c.fs = vec![fs("a"), fs("a")];
+        assert!(c.validate().unwrap_err().0.contains("unique"));
+    }
 
     #[test]
     fn mac_parsing() {

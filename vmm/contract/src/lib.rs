@@ -22,10 +22,10 @@ pub use api::{
     parse_request, parse_response, Request, RequestError, Response, ResponseError, SnapshotInfo,
 };
 pub use config::{
-    parse_mac, BootConfig, ConfigError, ConsoleConfig, DriveConfig, JailConfig, MachineConfig,
-    NetBackend, NetConfig, SeccompViolation, VmConfig, VsockConfig, DEFAULT_MAC,
+    parse_mac, BootConfig, ConfigError, ConsoleConfig, DriveConfig, FsConfig, JailConfig,
+    MachineConfig, NetBackend, NetConfig, SeccompViolation, VmConfig, VsockConfig, DEFAULT_MAC,
 };
 pub use metrics::{
-    BlockMetrics, ConsoleMetrics, DeviceCounters, DeviceMetrics, NetMetrics, RngMetrics, VmMetrics,
-    VsockMetrics,
+    BlockMetrics, ConsoleMetrics, DeviceCounters, DeviceMetrics, FsMetrics, NetMetrics, RngMetrics,
+    VmMetrics, VsockMetrics,
 };

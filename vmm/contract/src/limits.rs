@@ -18,6 +18,8 @@ pub const MAX_VCPUS: u8 = 254;
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Longest drive id: the virtio-blk serial (VIRTIO_BLK_T_GET_ID) is 20 bytes.
 pub const MAX_DRIVE_ID_LEN: usize = 20;
+/// Longest virtio-fs tag: the config space's `tag` field is 36 bytes.
+pub const MAX_FS_TAG_LEN: usize = 36;
 /// Longest TAP interface name (IFNAMSIZ minus the terminating NUL).
 pub const MAX_TAP_NAME_LEN: usize = 15;
 /// Lowest guest vsock CID: 0-2 are reserved (hypervisor, local, host).

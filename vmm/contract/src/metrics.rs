@@ -48,6 +48,13 @@ pub enum DeviceCounters {
     },
     Rng(RngMetrics),
     Console(ConsoleMetrics),
+    /// virtio-fs (vhost-user-fs): the backend does the I/O, so these count the frontend's part.
+    Fs {
+        #[serde(default)]
+        tag: String,
+        #[serde(flatten)]
+        counters: FsMetrics,
+    },
     /// A device type this reader does not know.
     #[serde(other)]
     Other,
@@ -62,6 +69,7 @@ impl DeviceCounters {
             DeviceCounters::Vsock { .. } => "vsock",
             DeviceCounters::Rng(_) => "rng",
             DeviceCounters::Console(_) => "console",
+            DeviceCounters::Fs { .. } => "fs",
             DeviceCounters::Other => "other",
         }
     }
@@ -117,6 +125,17 @@ pub struct RngMetrics {
     pub requests: u64,
     pub bytes: u64,
     pub invalid_requests: u64,
+}
+
+/// virtio-fs counters: guest notifications passed to the backend, backend completion signals
+/// turned into interrupts, times the backend hung up, requests answered with ENOTCONN after.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FsMetrics {
+    pub kicks: u64,
+    pub interrupts: u64,
+    pub backend_failures: u64,
+    pub failed_requests: u64,
 }
 
 /// virtio-console counters.

@@ -1,10 +1,12 @@
 //! Guest memory: anonymous private mappings (optionally 2 MiB hugetlbfs pages), not dumped
 //! in cores (KSM merges only pages marked MADV_MERGEABLE, which we never set). A VM restored
 //! from a snapshot maps the snapshot's memory file instead (`map_snapshot_memory`), and a
-//! snapshot writes the RAM to that file (`write_snapshot_memory`).
+//! snapshot writes the RAM to that file (`write_snapshot_memory`). When a vhost-user device's
+//! backend must map guest RAM too, it is one memfd mapped MAP_SHARED instead.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::FromRawFd;
 
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
@@ -31,14 +33,38 @@ pub enum Error {
     File(std::io::Error),
     #[error("memory file is {file} bytes, the snapshot state says {state}: it is truncated or belongs to another snapshot")]
     FileSize { file: u64, state: u64 },
+    #[error("creating the shared guest memory file (memfd): {0}")]
+    Memfd(std::io::Error),
+}
+
+/// What backs guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Anonymous private memory: only the VMM maps it (the default).
+    Anonymous,
+    /// One memfd mapped MAP_SHARED, whose fd each region carries (`file_offset`), so that a
+    /// vhost-user backend (virtiofsd) can map the same pages through SET_MEM_TABLE.
+    SharedMemfd,
 }
 
 const MAP_HUGE_2MB: i32 = 21 << libc::MAP_HUGE_SHIFT;
 
-/// Maps `size` bytes of guest RAM.
+/// Maps `size` bytes of anonymous guest RAM.
 pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, Error> {
+    create_guest_memory_with(size, hugepages, MemoryBacking::Anonymous)
+}
+
+/// Maps `size` bytes of guest RAM backed as `backing` says.
+pub fn create_guest_memory_with(
+    size: u64,
+    hugepages: bool,
+    backing: MemoryBacking,
+) -> Result<GuestMemoryMmap, Error> {
     if size == 0 || (hugepages && !size.is_multiple_of(2 << 20)) || !size.is_multiple_of(4096) {
         return Err(Error::InvalidSize(size >> 20));
+    }
+    if backing == MemoryBacking::SharedMemfd {
+        return create_shared_memory(size, hugepages);
     }
     let mut regions = Vec::new();
     for (start, len) in arch_memory_regions(size) {
@@ -58,6 +84,52 @@ pub fn create_guest_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap
         // SAFETY: the mapping is ours, `len` bytes long; madvise only sets hints on it.
         unsafe {
             libc::madvise(mapping.as_ptr().cast(), len, libc::MADV_DONTDUMP);
+        }
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(Error::Region(start))?;
+        regions.push(region);
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// Guest RAM in one memfd (sealed against shrinking, so a mapping can never lose its pages),
+/// each region mapped MAP_SHARED at its own offset of the file.
+fn create_shared_memory(size: u64, hugepages: bool) -> Result<GuestMemoryMmap, Error> {
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if hugepages {
+        flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: the name is a NUL-terminated literal; memfd_create only returns a new fd.
+    let fd = unsafe { libc::memfd_create(c"kata-like-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh fd we own; the File closes it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(Error::Memfd)?;
+    if !hugepages {
+        // SAFETY: fcntl on our own fd with an integer argument.
+        unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+            )
+        };
+    }
+    let mut regions = Vec::new();
+    for (start, len) in arch_memory_regions(size) {
+        let len_usize = usize::try_from(len).map_err(|_| Error::InvalidSize(size >> 20))?;
+        // Regions are laid out back to back in the file, in guest address order.
+        let offset: u64 = regions
+            .iter()
+            .map(|r: &GuestRegionMmap| vm_memory::GuestMemoryRegion::len(r))
+            .sum();
+        let file = file.try_clone().map_err(Error::Memfd)?;
+        let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, offset), len_usize)?;
+        // SAFETY: the mapping is ours, `len` bytes long; madvise only sets a hint on it.
+        unsafe {
+            libc::madvise(mapping.as_ptr().cast(), len_usize, libc::MADV_DONTDUMP);
         }
         let region =
             GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(Error::Region(start))?;
@@ -207,6 +279,21 @@ fn map_thp_aligned(len: usize, flags: i32) -> Result<MmapRegion<()>, Error> {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn shared_memory_is_one_memfd_that_another_mapping_sees() {
+        use std::os::unix::fs::FileExt;
+        let mem = create_guest_memory_with(32 << 20, false, MemoryBacking::SharedMemfd).unwrap();
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
+        let region = mem.iter().next().unwrap();
+        let file_offset = region.file_offset().unwrap();
+        let mut got = [0u8; 4];
+        file_offset
+            .file()
+            .read_exact_at(&mut got, file_offset.start() + 0x1000)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(got), 0x1234_5678);
+    }
 
     #[test]
     fn memory_is_readable_and_writable_across_its_range() {

@@ -123,6 +123,11 @@ pub enum DeviceSnapshot {
     Console {
         ports: u32,
     },
+    /// virtio-fs: its tag. A VM with one cannot be restored (its backend would need shared
+    /// guest RAM; builder.rs refuses `--restore` with `--fs`), but it can be described.
+    Fs {
+        tag: String,
+    },
 }
 
 /// One split virtqueue as the driver set it up, and how far the device got in it.

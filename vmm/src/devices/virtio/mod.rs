@@ -5,6 +5,7 @@ pub mod chain;
 pub mod console;
 pub mod device_state;
 pub mod events;
+pub mod fs;
 pub mod irq;
 pub mod mmio;
 pub mod net;
@@ -27,6 +28,7 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
