@@ -77,6 +77,7 @@ pub fn run(i: &Inputs) -> Vec<Finding> {
             &c.mkfs_erofs,
             "apt install erofs-utils (the shim turns image layers into erofs images)",
         ));
+        out.push(virtiofsd(&c.virtiofsd));
     }
     out.push(containerd(i));
     out.push(cgroup_v2());
@@ -366,6 +367,35 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// virtiofsd must run here (it links libseccomp and libcap-ng), not just exist.
+fn virtiofsd(path: &Path) -> Finding {
+    match Command::new(path).arg("--version").output() {
+        Ok(out) if out.status.success() => ok(
+            "virtiofsd",
+            format!(
+                "{} runs ({})",
+                path.display(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        ),
+        Ok(out) => fail(
+            "virtiofsd",
+            format!(
+                "{} does not run: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            "apt install libseccomp2 libcap-ng0 (its libraries), or reinstall kata-like",
+        ),
+        Err(e) => fail(
+            "virtiofsd",
+            format!("cannot run {}: {e}", path.display()),
+            "install kata-like (kata-like install), or point the shim configuration's \
+             `virtiofsd` at the Rust virtiofsd (every pod's volumes are served by it)",
+        ),
+    }
 }
 
 fn tool(what: &'static str, path: &Path, fix: &str) -> Finding {

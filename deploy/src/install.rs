@@ -127,7 +127,8 @@ fn shim_config_text(layout: &Layout) -> String {
     format!(
         "# kata-like shim configuration (shim/README.md). Written by the first `kata-like \
          install`;\n# yours from now on: later installs keep it, uninstall removes it only if \
-         unchanged.\n[vmm]\npath = {:?}\nkernel = {:?}\ninitrd = {:?}\n",
+         unchanged.\nvirtiofsd = {:?}\n[vmm]\npath = {:?}\nkernel = {:?}\ninitrd = {:?}\n",
+        layout.installed(layout::VIRTIOFSD).display().to_string(),
         layout.installed(layout::VMM).display().to_string(),
         layout.installed(layout::KERNEL).display().to_string(),
         layout.installed(layout::INITRAMFS).display().to_string(),

@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 pub const SHIM: &str = "bin/containerd-shim-kata-like-v2";
 pub const VMM: &str = "bin/kata-like-vmm";
 pub const TOOL: &str = "bin/kata-like";
+/// The Rust virtiofsd: every pod's shared file system (hostPath, emptyDir volumes).
+pub const VIRTIOFSD: &str = "bin/virtiofsd";
 pub const KERNEL: &str = "share/kata-like/vmlinux";
 pub const INITRAMFS: &str = "share/kata-like/initramfs.cpio";
-pub const PAYLOAD: [&str; 5] = [SHIM, VMM, TOOL, KERNEL, INITRAMFS];
+pub const PAYLOAD: [&str; 6] = [SHIM, VMM, TOOL, VIRTIOFSD, KERNEL, INITRAMFS];
 /// The shim's configuration, written by the first install and kept (operator's) afterwards.
 pub const SHIM_CONFIG: &str = "etc/config.toml";
 /// What the install did, for uninstall.
