@@ -142,6 +142,24 @@ impl Cri {
             .into_inner())
     }
 
+    /// `sh -c script` in `container` through ExecSync: its stdout; a non-zero exit fails the
+    /// test with the script's output.
+    pub async fn exec_sh(&mut self, container: &str, script: &str) -> String {
+        let r = self
+            .exec_sync(container, &["sh", "-c", script], 60)
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync {script:?}: {e}"));
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        assert_eq!(
+            r.exit_code,
+            0,
+            "{script:?} failed: {}{}",
+            text(&r.stdout),
+            text(&r.stderr)
+        );
+        text(&r.stdout)
+    }
+
     pub async fn stop_container(&mut self, id: &str, timeout_s: i64) -> Result<(), tonic::Status> {
         self.runtime
             .stop_container(cri::StopContainerRequest {

@@ -324,7 +324,7 @@ impl Pod {
                     .await?;
             }
             SharedDirKind::SharedFs => {
-                super::volumes::attach_dir(vm, dir).await?;
+                super::volumes::attach_dir(vm, &dir.storage_id, &dir.host, dir.read_only).await?;
                 container.dirs.push(dir.storage_id.clone());
             }
             SharedDirKind::AtomicWriter => {

@@ -11,9 +11,8 @@
 //!   kubelet decides.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::spec::SharedDir;
 use crate::error::{Error, Result};
 use crate::vm::vm::Vm;
 
@@ -79,72 +78,15 @@ fn memory_empty_dir_options(size_bytes: u64, mode: u32, uid: u32, gid: u32) -> V
     ]
 }
 
-/// A regular file found under a walked directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFile {
-    pub path: PathBuf,
-    /// Its path relative to the walked directory (UTF-8, `/`-separated).
-    pub relative: String,
-}
-
-/// The regular files under `root`, at most `max_files` of them and `max_bytes` in all. A
-/// symlink fails the walk, naming it: a volume payload kubelet wrote has none.
-pub fn walk_files(root: &Path, max_files: usize, max_bytes: u64) -> Result<Vec<HostFile>> {
-    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
-    let mut files = Vec::new();
-    let mut bytes = 0u64;
-    while let Some(dir) = stack.pop() {
-        let entries =
-            std::fs::read_dir(&dir).map_err(Error::io(format!("read {}", dir.display())))?;
-        for entry in entries {
-            let entry = entry.map_err(Error::io(format!("read {}", dir.display())))?;
-            let path = entry.path();
-            let meta = entry
-                .metadata()
-                .map_err(Error::io(format!("stat {}", path.display())))?;
-            let ft = meta.file_type();
-            if ft.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            if ft.is_symlink() {
-                let target = std::fs::read_link(&path).unwrap_or_default();
-                return Err(Error::InvalidArgument(format!(
-                    "{} is a symlink (to {}); a volume's payload may hold only files and \
-                     directories, nothing that points elsewhere",
-                    path.display(),
-                    target.display()
-                )));
-            }
-            if !ft.is_file() {
-                continue;
-            }
-            let relative = path
-                .strip_prefix(root)
-                .ok()
-                .and_then(Path::to_str)
-                .ok_or_else(|| {
-                    Error::InvalidArgument(format!("{} is not a UTF-8 path", path.display()))
-                })?
-                .to_string();
-            bytes = bytes.saturating_add(meta.len());
-            files.push(HostFile { path, relative });
-            if files.len() > max_files || bytes > max_bytes {
-                return Err(Error::InvalidArgument(format!(
-                    "host directory {} is too big to copy into the pod VM \
-                     (more than {max_files} files or {max_bytes} bytes)",
-                    root.display()
-                )));
-            }
-        }
-    }
-    Ok(files)
-}
-
-/// Shares `dir` with the guest (once per pod; later users count).
-pub(super) async fn attach_dir(vm: &Vm, dir: &SharedDir) -> Result<()> {
-    vm.attach_shared_dir(&dir.storage_id, &dir.host, dir.read_only)
-        .await?;
+/// Shares host directory `host` with the guest as `storage_id` (once per pod; later users
+/// count).
+pub(super) async fn attach_dir(
+    vm: &Vm,
+    storage_id: &str,
+    host: &Path,
+    read_only: bool,
+) -> Result<()> {
+    vm.attach_shared_dir(storage_id, host, read_only).await?;
     Ok(())
 }
 
@@ -199,22 +141,5 @@ mod tests {
             memory_empty_dir_options(8 << 20, 0o40777, 0, 2000),
             ["size=8388608", "mode=777", "uid=0", "gid=2000"]
         );
-    }
-
-    #[test]
-    fn walks_list_relative_paths_and_refuse_symlinks_and_excess() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
-        std::fs::write(dir.path().join("a"), "1").expect("write");
-        std::fs::write(dir.path().join("sub/b"), "22").expect("write");
-        let mut files = walk_files(dir.path(), 10, 100).expect("walk");
-        files.sort_by(|a, b| a.relative.cmp(&b.relative));
-        let names: Vec<&str> = files.iter().map(|f| f.relative.as_str()).collect();
-        assert_eq!(names, ["a", "sub/b"]);
-        let err = walk_files(dir.path(), 10, 2).unwrap_err().to_string();
-        assert!(err.contains("too big"), "{err}");
-        std::os::unix::fs::symlink("/etc", dir.path().join("link")).expect("symlink");
-        let err = walk_files(dir.path(), 10, 100).unwrap_err().to_string();
-        assert!(err.contains("link") && err.contains("/etc"), "{err}");
     }
 }

@@ -4,6 +4,7 @@ pub mod agent_client;
 pub mod cgroup;
 pub mod console_log;
 pub mod network;
+pub mod pid_file;
 pub mod shared_fs;
 pub mod storage;
 // The file is named for what it holds (the pod VM), as vmm_client.rs and agent_client.rs are.

@@ -274,7 +274,7 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 pub fn cleanup(state_dir: &Path) -> Result<()> {
     let paths = SharedFsPaths::new(state_dir);
     let marker = format!("--socket-path={}", paths.socket.display());
-    if let Some(pid) = super::vmm_client::kill_recorded_pid(&paths.pid_file, &marker)? {
+    if let Some(pid) = super::pid_file::kill_recorded_pid(&paths.pid_file, &marker)? {
         tracing::warn!(pid, state_dir = %state_dir.display(), "killed a virtiofsd left behind");
     }
     // Twice: the shared dir is mounted on itself, and unmounting it may reveal nothing more.
