@@ -328,6 +328,68 @@ impl Containerd {
         text[start..].to_string()
     }
 
+    /// What the node shows about its pods while one seems stuck: each pod VM's console, VMM and
+    /// virtiofsd log tails, each sandbox cgroup's CPU and memory figures and pressure, the
+    /// node's load and pressure, then containerd's log tail. For a failure message.
+    pub fn pod_diagnostics(&self) -> String {
+        let tail = |path: &Path, bytes: usize| -> String {
+            let data = std::fs::read(path).unwrap_or_default();
+            String::from_utf8_lossy(&data[data.len().saturating_sub(bytes)..]).into_owned()
+        };
+        let mut out = String::new();
+        for file in [
+            "/proc/loadavg",
+            "/proc/pressure/cpu",
+            "/proc/pressure/memory",
+            "/proc/pressure/io",
+        ] {
+            out.push_str(&format!("--- {file}\n{}", tail(Path::new(file), 1024)));
+        }
+        for cgroup in sandbox_cgroups() {
+            for file in [
+                "cgroup.procs",
+                "cpu.weight",
+                "cpu.max",
+                "cpu.stat",
+                "cpu.pressure",
+                "memory.max",
+                "memory.current",
+                "memory.events",
+                "memory.pressure",
+                "io.pressure",
+            ] {
+                out.push_str(&format!(
+                    "--- {}\n{}",
+                    cgroup.join(file).display(),
+                    tail(&cgroup.join(file), 2048)
+                ));
+            }
+        }
+        for dir in std::fs::read_dir(&self.kata_state_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.push_str(&format!(
+                "--- VMM metrics of {}\n{}\n",
+                dir.path().display(),
+                vmm_metrics(&dir.path().join("jail/api.sock"))
+            ));
+            for (file, bytes) in [
+                ("console.log", 12 * 1024),
+                ("vmm.log", 8 * 1024),
+                ("virtiofsd.log", 4 * 1024),
+            ] {
+                let path = dir.path().join(file);
+                if path.exists() {
+                    out.push_str(&format!("--- {}\n{}\n", path.display(), tail(&path, bytes)));
+                }
+            }
+        }
+        out.push_str(&format!("--- containerd log\n{}", self.log_tail()));
+        out
+    }
+
     /// Adds `toml` (whole tables, e.g. `[annotations]` or `[limits]`, which the base config
     /// does not have) to the kata-like config until the returned guard is dropped. Each pod's
     /// shim reads the config when the pod starts, so pods started meanwhile get it and no
@@ -646,6 +708,20 @@ fn same_file(exe: &Path, binary: &Path) -> bool {
         Ok(b) => Path::new(exe) == b,
         Err(_) => false,
     }
+}
+
+/// The VMM's `metrics` answer on its API socket (or why there is none).
+fn vmm_metrics(api_sock: &Path) -> String {
+    use std::io::{BufRead, BufReader};
+    let ask = || -> std::io::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(api_sock)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"{\"op\":\"metrics\"}\n")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(line)
+    };
+    ask().unwrap_or_else(|e| format!("no answer: {e}"))
 }
 
 /// Where kubelet's pod cgroups are (cgroupfs driver): `<root>/<qos>/pod<uid>/`.

@@ -259,6 +259,9 @@ async fn exec_url(cri: &mut Cri, container: &str, cmd: &[&str], tty: bool, stdin
         .url
 }
 
+/// Lists the container's processes with their state and kernel wait channel.
+const GUEST_PROCESSES: &str = r#"for p in /proc/[0-9]*; do echo "${p#/proc/} $(cut -d' ' -f3 $p/stat) $(cat $p/wchan) $(tr '\0' ' ' < $p/cmdline)"; done"#;
+
 #[tokio::test]
 #[ignore = "needs a Linux-capable KVM: run through tests/run-e2e"]
 async fn exec_tty_and_attach_through_streaming() {
@@ -278,7 +281,9 @@ async fn exec_tty_and_attach_through_streaming() {
     echoer.stdin = true;
     let c = pod::start_container(&mut cri, &pod_id, &pod_config, &echoer).await;
 
-    tokio::time::timeout(EXCHANGE_LIMIT, async {
+    // Which exchange runs, for the message when one hangs.
+    let stage = std::cell::Cell::new("tty exec");
+    let exchanges = tokio::time::timeout(EXCHANGE_LIMIT, async {
         // exec with a tty: output, resizes seen by `stty size`, the exit code on the error
         // channel.
         let url = exec_url(
@@ -310,6 +315,7 @@ async fn exec_tty_and_attach_through_streaming() {
         assert_eq!(exit, 5, "tty exec exit code; output: {out}");
         socket.close().await;
 
+        stage.set("exec without a tty");
         // exec without a tty: stdin in, stdout and stderr apart, the exit code.
         let url = exec_url(
             &mut cri,
@@ -332,6 +338,7 @@ async fn exec_tty_and_attach_through_streaming() {
         );
         socket.close().await;
 
+        stage.set("successful exec");
         // A successful exec reports Success.
         let url = exec_url(&mut cri, &c, &["echo", "fine"], false, false).await;
         let mut socket = ChannelSocket::connect(&netns, &url, "").await;
@@ -339,6 +346,7 @@ async fn exec_tty_and_attach_through_streaming() {
         assert_eq!((stdout.as_str(), stderr.as_str(), exit), ("fine\n", "", 0));
         socket.close().await;
 
+        stage.set("attach");
         // attach to the running container's stdio.
         let url = cri
             .runtime
@@ -372,8 +380,26 @@ async fn exec_tty_and_attach_through_streaming() {
         }
         socket.close().await;
     })
-    .await
-    .expect("a streaming session hung");
+    .await;
+    if exchanges.is_err() {
+        // What the container's processes are doing (does the agent still answer at all?).
+        let listing = tokio::time::timeout(
+            Duration::from_secs(90),
+            cri.exec_sync(&c, &["sh", "-c", GUEST_PROCESSES], 60),
+        )
+        .await;
+        let listing = match listing {
+            Ok(Ok(r)) => format!("{}{}", text(&r.stdout), text(&r.stderr)),
+            Ok(Err(e)) => format!("ExecSync failed: {e}"),
+            Err(_) => "ExecSync did not answer within 90 s".to_string(),
+        };
+        panic!(
+            "a streaming session hung (the {} exchange, {EXCHANGE_LIMIT:?}); the container's \
+             processes:\n{listing}\nthe node:\n{}",
+            stage.get(),
+            containerd.pod_diagnostics()
+        );
+    }
 
     // Detaching left the container running.
     assert_eq!(
