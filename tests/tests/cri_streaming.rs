@@ -181,15 +181,19 @@ async fn forward_session(netns: &std::path::Path, url: &str, payload: &[u8]) -> 
     result
 }
 
-/// Reads until `out` (stdout, where a tty's output goes) has a `ROWS COLUMNS` line past
-/// `seen`; returns it and moves `seen` past it.
+/// Reads until `out` (stdout, where a tty's output goes) has the answer of one `stty size`
+/// past `seen`: a `ROWS COLUMNS` line, or busybox's "stty: standard input" when the terminal
+/// is still 0x0 (busybox counts a zero size as an error; the resize may reach the pty after
+/// the line does, so that answer only means "not yet"). Returns it and moves `seen` past it.
 async fn next_size_line(socket: &mut ChannelSocket, out: &mut String, seen: &mut usize) -> String {
     loop {
         while let Some(end) = out[*seen..].find('\n') {
             let line = out[*seen..*seen + end].trim_end_matches('\r').to_string();
             *seen += end + 1;
             let numbers: Vec<&str> = line.split(' ').collect();
-            if numbers.len() == 2 && numbers.iter().all(|n| n.parse::<u32>().is_ok()) {
+            if numbers.len() == 2 && numbers.iter().all(|n| n.parse::<u32>().is_ok())
+                || line.starts_with("stty: ")
+            {
                 return line;
             }
         }

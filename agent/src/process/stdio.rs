@@ -86,6 +86,7 @@ impl OutputPipe {
             }),
             OutputPhase::Idle => {
                 let fd = source.take();
+                tracing::debug!(container_id = %fields.0, exec_id = %fields.1, has_fd = fd.is_some(), "output stream attached");
                 self.phase.send_replace(OutputPhase::Streaming);
                 Ok(OutputStream {
                     pipe: Arc::clone(self),

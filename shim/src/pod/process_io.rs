@@ -237,8 +237,13 @@ impl Pod {
                 exec_id: p.exec_id.clone(),
             };
             tokio::spawn(async move {
-                if let Err(e) = stdio::pump_stdin(input, &mut sink, close_rx).await {
-                    tracing::warn!(container_id = %sink.container_id, exec_id = %sink.exec_id, error = %e, "stdin copy ended with an error");
+                match stdio::pump_stdin(input, &mut sink, close_rx).await {
+                    Ok(bytes) => {
+                        tracing::debug!(container_id = %sink.container_id, exec_id = %sink.exec_id, bytes, "stdin copied; the process's stdin is closed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(container_id = %sink.container_id, exec_id = %sink.exec_id, error = %e, "stdin copy ended with an error")
+                    }
                 }
             });
         }
