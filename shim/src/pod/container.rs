@@ -21,7 +21,7 @@ use crate::pod_limits;
 use crate::vm::agent_client::PodIdentity;
 use crate::vm::cgroup::HostCgroup;
 use crate::vm::network;
-use crate::vm::vm::Vm;
+use crate::vm::vm::{PodHost, Vm};
 
 /// How long RemoveContainer lets left-over processes live before SIGKILL.
 const REMOVE_TIMEOUT_MS: u32 = 5_000;
@@ -138,14 +138,19 @@ impl Pod {
                 let shape = config::vm_shape(&config, &bundle.annotations)?;
                 let netns = network::netns_of_spec(&bundle.spec)?;
                 let host_cgroup = HostCgroup::from_spec(&bundle.spec)?;
+                let pod_log_dir = bundle.pod_log_dir();
+                let host = PodHost {
+                    netns: netns.as_deref(),
+                    cgroup: host_cgroup.as_ref(),
+                    pod_log_dir: pod_log_dir.as_deref(),
+                };
                 let vm = Vm::start(
                     &config,
                     &shape,
                     &self.inner.namespace,
                     &new.id,
                     &identity,
-                    netns.as_deref(),
-                    host_cgroup.as_ref(),
+                    &host,
                 )
                 .await?;
                 let state_file = Path::new(&new.bundle).join(STATE_DIR_FILE);

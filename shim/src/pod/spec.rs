@@ -126,6 +126,15 @@ impl Bundle {
         }
     }
 
+    /// The pod's log directory as containerd passes it from CRI (kubelet's
+    /// `/var/log/pods/<ns>_<name>_<uid>`), unchecked: `console_log::create_kept` validates it.
+    pub fn pod_log_dir(&self) -> Option<PathBuf> {
+        self.annotations
+            .get(crate::vm::console_log::SANDBOX_LOG_DIRECTORY_ANNOTATION)
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from)
+    }
+
     pub fn hostname(&self) -> String {
         self.spec
             .get("hostname")

@@ -19,6 +19,11 @@ use tokio::io::AsyncReadExt;
 /// Bytes read from the pipe at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// The CRI annotation with the pod's log directory (containerd 1.6, pkg/cri/annotations).
+pub const SANDBOX_LOG_DIRECTORY_ANNOTATION: &str = "io.kubernetes.cri.sandbox-log-directory";
+/// The folder in the pod's log directory holding the kept guest console log.
+pub const KEPT_LOG_DIR: &str = "kata-like-vm";
+
 /// `console.log.<index>`: rotated file `index` (1 is the newest).
 pub fn rotated_path(path: &Path, index: u32) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -45,6 +50,10 @@ impl RotatingLog {
             file: open_truncated(path)?,
             len: 0,
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Appends `data`, rotating whenever the current file is full.
@@ -84,11 +93,65 @@ impl RotatingLog {
 }
 
 fn open_truncated(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NOFOLLOW: a symlink planted where the log goes is refused, not written through.
     OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// The console log kept with the pod's logs: `<pod_log_dir>/kata-like-vm/console.log`, rotated
+/// with the same limits as the state dir's. kubelet removes the pod's log directory with the pod,
+/// so this copy outlives StopPodSandbox and the shim. `pod_log_dir` comes from the sandbox's
+/// annotations (outside data): it must be an absolute, existing directory reached without `..`
+/// or symlinks.
+pub fn create_kept(pod_log_dir: &Path, max_bytes: u64, files: u32) -> io::Result<RotatingLog> {
+    let dir = checked_pod_log_dir(pod_log_dir)?;
+    let kept = dir.join(KEPT_LOG_DIR);
+    match std::fs::create_dir(&kept) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = std::fs::symlink_metadata(&kept)?;
+    if !meta.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a directory (a symlink?)", kept.display()),
+        ));
+    }
+    RotatingLog::create(&kept.join("console.log"), max_bytes, files)
+}
+
+/// `dir` if it is absolute, has no `..`, exists, is a directory and has no symlink on its way.
+fn checked_pod_log_dir(dir: &Path) -> io::Result<PathBuf> {
+    use std::path::Component;
+    let invalid = |why: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("pod log directory {:?} {why}", dir.display().to_string()),
+        ))
+    };
+    if !dir.is_absolute() {
+        return invalid("is not an absolute path");
+    }
+    if dir.components().any(|c| c == Component::ParentDir) {
+        return invalid("has a `..` component");
+    }
+    let real = match dir.canonicalize() {
+        Ok(real) => real,
+        Err(e) => return invalid(&format!("cannot be resolved: {e}")),
+    };
+    // Equal after resolving: no symlink anywhere on the path (they could lead anywhere).
+    if real != dir.components().collect::<PathBuf>() {
+        return invalid(&format!("goes through a symlink (to {})", real.display()));
+    }
+    if !real.is_dir() {
+        return invalid("is not a directory");
+    }
+    Ok(real)
 }
 
 /// A pipe for the console: (read end for the shim, write end for the VMM), both close-on-exec
@@ -101,10 +164,10 @@ pub fn console_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read, write))
 }
 
-/// Drains the console pipe into `log` until the VMM (every holder of the write end) is gone.
-/// A log that cannot be written (disk full) loses output but the pipe keeps being drained, so
-/// the VMM never sees a full pipe because of it.
-pub async fn drain(read: OwnedFd, mut log: RotatingLog, sandbox_id: String) {
+/// Drains the console pipe into every one of `logs` until the VMM (every holder of the write
+/// end) is gone. A log that cannot be written (disk full) loses output but the pipe keeps being
+/// drained, so the VMM never sees a full pipe because of it.
+pub async fn drain(read: OwnedFd, mut logs: Vec<RotatingLog>, sandbox_id: String) {
     let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
         Ok(pipe) => pipe,
         Err(e) => {
@@ -113,7 +176,7 @@ pub async fn drain(read: OwnedFd, mut log: RotatingLog, sandbox_id: String) {
         }
     };
     let mut buf = vec![0u8; READ_CHUNK];
-    let mut write_failed = false;
+    let mut write_failed = vec![false; logs.len()];
     loop {
         let n = match pipe.read(&mut buf).await {
             Ok(0) => break,
@@ -124,13 +187,15 @@ pub async fn drain(read: OwnedFd, mut log: RotatingLog, sandbox_id: String) {
                 break;
             }
         };
-        if let Err(e) = log.write(&buf[..n]) {
-            if !write_failed {
-                tracing::warn!(sandbox_id, path = %log.path.display(), error = %e, "writing the guest console log failed; its output is lost until a write succeeds");
+        for (log, failed) in logs.iter_mut().zip(write_failed.iter_mut()) {
+            if let Err(e) = log.write(&buf[..n]) {
+                if !*failed {
+                    tracing::warn!(sandbox_id, path = %log.path.display(), error = %e, "writing the guest console log failed; its output is lost until a write succeeds");
+                }
+                *failed = true;
+            } else {
+                *failed = false;
             }
-            write_failed = true;
-        } else {
-            write_failed = false;
         }
     }
 }
@@ -251,7 +316,10 @@ mod tests {
         let path = dir.path().join("console.log");
         let (read, write) = console_pipe().expect("pipe");
         let log = RotatingLog::create(&path, 1024, 1).expect("create");
-        let drained = tokio::spawn(drain(read, log, "pod".into()));
+        let kept_dir = tempfile::tempdir().expect("tempdir");
+        let kept = create_kept(kept_dir.path(), 1024, 1).expect("kept");
+        let kept_path = kept.path().to_path_buf();
+        let drained = tokio::spawn(drain(read, vec![log, kept], "pod".into()));
         let mut writer = File::from(write);
         // More than the cap through the pipe: the writer thread must not block forever, the
         // drain keeps up with it.
@@ -276,10 +344,73 @@ mod tests {
             .expect("writer");
         drained.await.expect("drain");
         assert!(read_tail(&path, 2048).ends_with(b"END"));
+        assert!(
+            read_tail(&kept_path, 2048).ends_with(b"END"),
+            "the kept copy too"
+        );
         let total = std::fs::metadata(&path).expect("stat").len()
             + std::fs::metadata(rotated_path(&path, 1))
                 .expect("stat")
                 .len();
         assert!(total <= 2048, "{total}");
+    }
+
+    #[test]
+    fn the_kept_log_goes_into_the_pod_log_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut kept = create_kept(dir.path(), 100, 1).expect("kept");
+        kept.write(b"agent ready").expect("write");
+        let path = dir.path().join(KEPT_LOG_DIR).join("console.log");
+        assert_eq!(kept.path(), path);
+        assert_eq!(read(&path), "agent ready");
+        // A second VM of the same pod (a restart) reuses the folder.
+        create_kept(dir.path(), 100, 1).expect("again");
+    }
+
+    #[test]
+    fn a_pod_log_dir_that_is_relative_dotted_missing_or_a_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").expect("write");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let dotted = sub.join("..").join("sub");
+        for (bad, why) in [
+            (PathBuf::from("var/log/pods/x"), "not an absolute path"),
+            (dotted, "`..`"),
+            (dir.path().join("missing"), "cannot be resolved"),
+            (file, "not a directory"),
+        ] {
+            let err = create_kept(&bad, 100, 1).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains(why)),
+                "{bad:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_symlink_in_the_pod_log_dir_or_its_kept_folder_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(elsewhere.path(), &link).expect("symlink");
+        let err = create_kept(&link, 100, 1).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("symlink")),
+            "{err:?}"
+        );
+        // A planted kata-like-vm symlink in a valid log dir, and a planted console.log symlink.
+        let pod_dir = dir.path().join("pod");
+        std::fs::create_dir(&pod_dir).expect("mkdir");
+        std::os::unix::fs::symlink(elsewhere.path(), pod_dir.join(KEPT_LOG_DIR)).expect("symlink");
+        assert!(create_kept(&pod_dir, 100, 1).is_err());
+        std::fs::remove_file(pod_dir.join(KEPT_LOG_DIR)).expect("rm");
+        std::fs::create_dir(pod_dir.join(KEPT_LOG_DIR)).expect("mkdir");
+        let target = elsewhere.path().join("victim");
+        std::os::unix::fs::symlink(&target, pod_dir.join(KEPT_LOG_DIR).join("console.log"))
+            .expect("symlink");
+        assert!(create_kept(&pod_dir, 100, 1).is_err());
+        assert!(!target.exists(), "nothing written through the symlink");
     }
 }

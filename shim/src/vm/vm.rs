@@ -99,6 +99,18 @@ struct Storages {
     shared_dirs: HashMap<String, usize>,
 }
 
+/// Where the pod VM attaches on the node, from the sandbox's OCI spec.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PodHost<'a> {
+    /// The pod's network namespace, whose interfaces become the VM's NICs.
+    pub netns: Option<&'a Path>,
+    /// The sandbox's host cgroup, which the shim, the VMM and its helpers join.
+    pub cgroup: Option<&'a HostCgroup>,
+    /// The pod's log directory (kubelet's, from CRI): the guest console is kept there too, so it
+    /// lives as long as the pod's container logs. Unchecked: outside data.
+    pub pod_log_dir: Option<&'a Path>,
+}
+
 /// A running pod VM.
 pub struct Vm {
     pub sandbox_id: String,
@@ -133,31 +145,20 @@ impl std::fmt::Debug for Vm {
 
 impl Vm {
     /// Boots the pod VM and waits for its agent; on any failure nothing is left running.
-    /// `netns`: the pod's network namespace, whose interfaces become the VM's NICs.
-    /// `host_cgroup`: the sandbox's host cgroup, which the shim, the VMM and its helpers join.
     pub async fn start(
         config: &Config,
         shape: &VmShape,
         namespace: &str,
         sandbox_id: &str,
         identity: &PodIdentity,
-        netns: Option<&Path>,
-        host_cgroup: Option<&HostCgroup>,
+        host: &PodHost<'_>,
     ) -> Result<Arc<Vm>> {
         let state_dir = state_dir_for(config, namespace, sandbox_id)?;
         // A state dir left by a shim that died is cleaned before reuse.
         cleanup_state_dir(&state_dir)?;
         std::fs::create_dir_all(&state_dir)
             .map_err(Error::io(format!("create {}", state_dir.display())))?;
-        let booted = Vm::boot(
-            config,
-            shape,
-            &state_dir,
-            sandbox_id,
-            identity,
-            netns,
-            host_cgroup,
-        );
+        let booted = Vm::boot(config, shape, &state_dir, sandbox_id, identity, host);
         match booted.await {
             Ok(vm) => Ok(vm),
             Err(e) => {
@@ -182,8 +183,7 @@ impl Vm {
         state_dir: &Path,
         sandbox_id: &str,
         identity: &PodIdentity,
-        netns: Option<&Path>,
-        host_cgroup: Option<&HostCgroup>,
+        host: &PodHost<'_>,
     ) -> Result<Arc<Vm>> {
         for (what, path) in [("VMM", &config.vmm.path), ("kernel", &config.vmm.kernel)] {
             if !path.exists() {
@@ -204,7 +204,7 @@ impl Vm {
         let paths = VmmPaths::new(state_dir);
         let started = std::time::Instant::now();
         // First: the VMM, its threads and helpers started from now on inherit the cgroup.
-        let cgroup = match host_cgroup {
+        let cgroup = match host.cgroup {
             Some(request) if cgroup::is_cgroup2(Path::new(cgroup::CGROUP_ROOT)) => {
                 let joined = PodCgroup::enter(Path::new(cgroup::CGROUP_ROOT), request, state_dir)?;
                 tracing::info!(sandbox_id, cgroup = %joined.dir.display(), "shim in the pod's cgroup");
@@ -220,7 +220,7 @@ impl Vm {
             }
             None => None,
         };
-        let network = match netns {
+        let network = match host.netns {
             Some(netns) => {
                 let (netns, sid) = (netns.to_path_buf(), sandbox_id.to_string());
                 let network =
@@ -244,6 +244,26 @@ impl Vm {
             config.console_log.files,
         )
         .map_err(Error::io(format!("create {}", paths.console_log.display())))?;
+        let mut console_logs = vec![console];
+        if let Some(dir) = host.pod_log_dir {
+            match console_log::create_kept(
+                dir,
+                config.console_log.max_bytes,
+                config.console_log.files,
+            ) {
+                Ok(kept) => {
+                    tracing::info!(sandbox_id, path = %kept.path().display(), "guest console kept with the pod's logs");
+                    console_logs.push(kept);
+                }
+                Err(e) => tracing::warn!(
+                    sandbox_id,
+                    pod_log_dir = %dir.display(),
+                    error = %e,
+                    "the guest console is not kept with the pod's logs (only in the pod's state dir, deleted with the pod): fix the pod's log directory ({})",
+                    console_log::SANDBOX_LOG_DIRECTORY_ANNOTATION
+                ),
+            }
+        }
         // The pod's own uid/gid for the jailed VMM, released by the state dir cleanup.
         let jail_id = if config.jail.enabled {
             let id = vmm_ids::lease(config.jail.id_range, state_dir)?;
@@ -266,7 +286,7 @@ impl Vm {
         };
         let console_drain = tokio::spawn(console_log::drain(
             console_pipe,
-            console,
+            console_logs,
             sandbox_id.to_string(),
         ));
         let pid = child.id().unwrap_or(0);
@@ -897,8 +917,7 @@ mod tests {
             "default",
             "pod1",
             &PodIdentity::default(),
-            None,
-            None,
+            &PodHost::default(),
         )
         .await
         .unwrap_err()
